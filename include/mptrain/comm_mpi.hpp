@@ -1,0 +1,71 @@
+// MpiCommunicator: the Communicator on host memory through MPI (Open MPI), and MpiSession, the RAII owner of
+// MPI_Init/MPI_Finalize.
+//
+// fp16/bf16 reductions use custom commutative MPI_Ops that compute each combine in FP32 and round to the
+// storage type once (NCCL's half add). avg pre-multiplies by the storage type's 1/N (NCCL's PreMulSum).
+// MPI counts are int: a call with more than INT_MAX elements throws mpt::Error rather than truncating.
+#pragma once
+
+#include <mpi.h>
+
+#include <cstddef>
+#include <memory>
+#include <vector>
+
+#include "mptrain/comm.hpp"
+
+namespace mpt {
+
+/// Initialises MPI (MPI_THREAD_FUNNELED) on construction unless already initialised, finalises on destruction
+/// if it initialised. One per process, created first in main().
+class MpiSession {
+ public:
+  MpiSession(int* argc, char*** argv);
+  ~MpiSession();
+  MpiSession(const MpiSession&) = delete;
+  MpiSession& operator=(const MpiSession&) = delete;
+
+ private:
+  bool owns_ = false;
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  /// Duplicates `comm` (so mptrain's traffic never mixes with the caller's) and sets MPI_ERRORS_RETURN on the
+  /// duplicate so failures become mpt::LibraryError. Collective over `comm`.
+  explicit MpiCommunicator(MPI_Comm comm = MPI_COMM_WORLD);
+  ~MpiCommunicator() override;
+  MpiCommunicator(const MpiCommunicator&) = delete;
+  MpiCommunicator& operator=(const MpiCommunicator&) = delete;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string name() const override { return "mpi"; }
+  /// The duplicated MPI communicator (for MPI-only helpers such as tests).
+  MPI_Comm handle() const { return comm_; }
+
+  // The typed span overloads of the base stay visible next to the overrides.
+  using Communicator::all_gather;
+  using Communicator::all_reduce;
+  using Communicator::broadcast;
+
+  void all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override;
+  void reduce_scatter(const void* send, void* recv, size_t recv_count, DType dtype, ReduceOp op) override;
+  void all_gather(const void* send, void* recv, size_t send_count, DType dtype) override;
+  void broadcast(void* buf, size_t count, DType dtype, int root) override;
+  void barrier() override;
+
+  std::unique_ptr<CommRequest> iall_reduce(const void* send, void* recv, size_t count, DType dtype,
+                                           ReduceOp op) override;
+  std::unique_ptr<CommRequest> ireduce_scatter(const void* send, void* recv, size_t recv_count, DType dtype,
+                                               ReduceOp op) override;
+  std::unique_ptr<CommRequest> iall_gather(const void* send, void* recv, size_t send_count,
+                                           DType dtype) override;
+
+ private:
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0;
+  int size_ = 1;
+};
+
+}  // namespace mpt

@@ -1,0 +1,209 @@
+// MpiCommunicator tests, run under mpiexec -n 1..4. Inputs are derived from the rank so every expected
+// result is known exactly (partial sums exactly representable in the dtype), or bounded in units of the
+// dtype's epsilon where the per-combine rounding of fp16/bf16 makes the result depend on the order.
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "mptrain/comm_mpi.hpp"
+
+namespace mpt {
+namespace {
+
+template <typename T>
+class CommTyped : public ::testing::Test {};
+using FloatTypes = ::testing::Types<float, half, bf16>;
+TYPED_TEST_SUITE(CommTyped, FloatTypes);
+
+template <typename T>
+std::vector<T> make(size_t n, auto&& value_of_index) {
+  std::vector<T> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = from_float<T>(static_cast<float>(value_of_index(i)));
+  return v;
+}
+
+// Small integers: rank r holds (r + 1) * k(i) with |k| <= 8, so sums over <= 4 ranks (<= 80) are exact in
+// every dtype.
+int k_of(size_t i) {
+  return static_cast<int>(i % 17) - 8;
+}
+
+template <typename T>
+double epsilon_of() {
+  if constexpr (std::is_same_v<T, half>)
+    return std::ldexp(1.0, -10);
+  else if constexpr (std::is_same_v<T, bf16>)
+    return std::ldexp(1.0, -7);
+  else
+    return std::ldexp(1.0, -23);
+}
+
+TYPED_TEST(CommTyped, AllReduceSumMaxExactBlockingAndNonBlocking) {
+  using T = TypeParam;
+  MpiCommunicator comm;
+  const int n = comm.size();
+  const int r = comm.rank();
+  for (size_t count : {size_t{1}, size_t{7}, size_t{1031}}) {
+    auto send = make<T>(count, [&](size_t i) { return (r + 1) * k_of(i); });
+    std::vector<T> out(count), inplace = send, nb(count);
+    comm.all_reduce(send.data(), out.data(), count, dtype_of<T>(), ReduceOp::sum);
+    comm.all_reduce(inplace.data(), inplace.data(), count, dtype_of<T>(), ReduceOp::sum);
+    comm.iall_reduce(send.data(), nb.data(), count, dtype_of<T>(), ReduceOp::sum)->wait();
+    for (size_t i = 0; i < count; ++i) {
+      const float expected = static_cast<float>(k_of(i) * n * (n + 1) / 2);
+      ASSERT_EQ(to_float(out[i]), expected) << "count " << count << " index " << i;
+      ASSERT_EQ(to_float(inplace[i]), expected) << "in place, index " << i;
+      ASSERT_EQ(to_float(nb[i]), expected) << "non-blocking, index " << i;
+    }
+    std::vector<T> mx(count);
+    comm.all_reduce(send.data(), mx.data(), count, dtype_of<T>(), ReduceOp::max);
+    for (size_t i = 0; i < count; ++i) {
+      const float expected = static_cast<float>(k_of(i) >= 0 ? n * k_of(i) : k_of(i));
+      ASSERT_EQ(to_float(mx[i]), expected) << "max, index " << i;
+    }
+  }
+}
+
+TYPED_TEST(CommTyped, AverageIsPreMultipliedSum) {
+  using T = TypeParam;
+  MpiCommunicator comm;
+  const int n = comm.size();
+  const int r = comm.rank();
+  const size_t count = 257;
+  auto send = make<T>(count, [&](size_t i) { return (r + 1) * k_of(i) * 0.5; });
+  std::vector<T> avg(count);
+  comm.all_reduce(send.data(), avg.data(), count, dtype_of<T>(), ReduceOp::avg);
+  const bool power_of_two = (n & (n - 1)) == 0;
+  for (size_t i = 0; i < count; ++i) {
+    const double exact = k_of(i) * 0.5 * (n + 1) / 2.0;  // mean of (r+1)*k/2 over r
+    const double got = to_float(avg[i]);
+    if (power_of_two) {
+      ASSERT_EQ(got, exact) << "index " << i;  // 1/N and every partial sum are exact
+    } else {
+      // N roundings of x*fp(1/N) plus N-1 roundings of partial sums, each <= eps/2 relative to <= 4*|x|.
+      const double bound = (2.0 * n) * epsilon_of<T>() * 4.0 * std::abs(k_of(i));
+      ASSERT_LE(std::abs(got - exact), bound) << "index " << i;
+    }
+  }
+}
+
+TYPED_TEST(CommTyped, ReduceScatterInPlaceOutOfPlaceAndNonBlocking) {
+  using T = TypeParam;
+  MpiCommunicator comm;
+  const int n = comm.size();
+  const int r = comm.rank();
+  for (size_t slice : {size_t{1}, size_t{5}, size_t{1003}}) {
+    const size_t total = slice * static_cast<size_t>(n);
+    auto send = make<T>(total, [&](size_t i) { return (r + 1) * k_of(i); });
+    std::vector<T> out(slice);
+    comm.reduce_scatter(send.data(), out.data(), slice, dtype_of<T>(), ReduceOp::sum);
+    auto inplace = send;
+    comm.reduce_scatter(inplace.data(), inplace.data() + r * slice, slice, dtype_of<T>(), ReduceOp::sum);
+    auto inplace_nb = send;
+    comm.ireduce_scatter(inplace_nb.data(), inplace_nb.data() + r * slice, slice, dtype_of<T>(),
+                         ReduceOp::avg)
+        ->wait();
+    for (size_t j = 0; j < slice; ++j) {
+      const size_t i = static_cast<size_t>(r) * slice + j;
+      const float expected = static_cast<float>(k_of(i) * n * (n + 1) / 2);
+      ASSERT_EQ(to_float(out[j]), expected) << "slice " << slice << " element " << j;
+      ASSERT_EQ(to_float(inplace[r * slice + j]), expected) << "in place, element " << j;
+      const double mean = k_of(i) * (n + 1) / 2.0;
+      const double got = to_float(inplace_nb[r * slice + j]);
+      ASSERT_LE(std::abs(got - mean), (2.0 * n) * epsilon_of<T>() * 8.0 * std::abs(k_of(i)))
+          << "non-blocking avg, element " << j;
+    }
+  }
+}
+
+TYPED_TEST(CommTyped, AllGatherAndBroadcast) {
+  using T = TypeParam;
+  MpiCommunicator comm;
+  const int n = comm.size();
+  const int r = comm.rank();
+  const size_t count = 33;
+  auto mine = make<T>(count, [&](size_t i) { return r * 32 + static_cast<int>(i % 32); });  // exact in bf16
+  std::vector<T> gathered(count * n), inplace(count * n), nb(count * n);
+  comm.all_gather(std::span<const T>(mine), std::span<T>(gathered));
+  std::copy(mine.begin(), mine.end(), inplace.begin() + r * count);
+  comm.all_gather(inplace.data() + r * count, inplace.data(), count, dtype_of<T>());
+  comm.iall_gather(mine.data(), nb.data(), count, dtype_of<T>())->wait();
+  for (int q = 0; q < n; ++q)
+    for (size_t i = 0; i < count; ++i) {
+      const float expected = static_cast<float>(q * 32 + static_cast<int>(i % 32));
+      ASSERT_EQ(to_float(gathered[q * count + i]), expected);
+      ASSERT_EQ(to_float(inplace[q * count + i]), expected);
+      ASSERT_EQ(to_float(nb[q * count + i]), expected);
+    }
+  const int root = n - 1;
+  auto buf = make<T>(count, [&](size_t i) { return r == root ? static_cast<int>(i) - 7 : 999; });
+  comm.broadcast(std::span<T>(buf), root);
+  for (size_t i = 0; i < count; ++i) ASSERT_EQ(to_float(buf[i]), static_cast<float>(static_cast<int>(i) - 7));
+  comm.barrier();
+}
+
+// NCCL-style fp16 average: every contribution is first multiplied by fp16(1/N), so four ranks holding 20000
+// average to 20000 where a plain fp16 sum overflows (80000 > 65504).
+TEST(CommHalf, AverageDoesNotOverflowWhereSumDoes) {
+  MpiCommunicator comm;
+  const int n = comm.size();
+  std::vector<half> x(3, half(20000.0f)), avg(3), sum(3);
+  comm.all_reduce(x.data(), avg.data(), 3, DType::f16, ReduceOp::avg);
+  comm.all_reduce(x.data(), sum.data(), 3, DType::f16, ReduceOp::sum);
+  for (int i = 0; i < 3; ++i) {
+    if ((n & (n - 1)) == 0)
+      EXPECT_EQ(to_float(avg[i]), 20000.0f);
+    else
+      EXPECT_NEAR(to_float(avg[i]), 20000.0f, 20000.0 * n * 2 * epsilon_of<half>());
+    if (n >= 4)
+      EXPECT_TRUE(std::isinf(to_float(sum[i])));
+    else
+      EXPECT_EQ(to_float(sum[i]), 20000.0f * static_cast<float>(n));
+  }
+}
+
+// One combine rounds to fp16 once, ties to even: 1 + 2^-11 -> 1, 1 + 3*2^-11 -> 1 + 2^-9; and 40000 + 40000
+// overflows to inf. With two ranks every element is exactly one combine.
+TEST(CommHalf, OneCombineRoundsToNearestEven) {
+  MpiCommunicator comm;
+  if (comm.size() != 2) GTEST_SKIP() << "needs exactly 2 ranks (one combine per element)";
+  const float small = comm.rank() == 0 ? 1.0f : std::ldexp(1.0f, -11);
+  const float three = comm.rank() == 0 ? 1.0f : 3 * std::ldexp(1.0f, -11);
+  std::vector<half> x = {half(small), half(three), half(40000.0f),
+                         half(comm.rank() == 0 ? 65504.0f : -65504.0f)};
+  comm.all_reduce(std::span<half>(x), ReduceOp::sum);
+  EXPECT_EQ(to_float(x[0]), 1.0f);
+  EXPECT_EQ(to_float(x[1]), 1.0f + std::ldexp(1.0f, -9));
+  EXPECT_TRUE(std::isinf(to_float(x[2])) && to_float(x[2]) > 0);
+  EXPECT_EQ(to_float(x[3]), 0.0f);
+}
+
+TEST(CommHalf, MaxPropagatesNaNAndInf) {
+  MpiCommunicator comm;
+  const int r = comm.rank();
+  const int last = comm.size() - 1;
+  std::vector<half> x = {half(r == last ? NAN : 1.0f), half(r == last ? INFINITY : -2.0f), half(float(-r))};
+  comm.all_reduce(std::span<half>(x), ReduceOp::max);
+  EXPECT_TRUE(std::isnan(to_float(x[0])));
+  EXPECT_TRUE(std::isinf(to_float(x[1])));
+  EXPECT_EQ(to_float(x[2]), 0.0f);
+}
+
+TEST(CommMisc, IntegerAndDoubleCollectives) {
+  MpiCommunicator comm;
+  const int n = comm.size();
+  std::vector<int64_t> v = {comm.rank(), 1};
+  comm.all_reduce(std::span<int64_t>(v), ReduceOp::sum);
+  EXPECT_EQ(v[0], static_cast<int64_t>(n) * (n - 1) / 2);
+  EXPECT_EQ(v[1], n);
+  std::vector<double> d = {0.1 * comm.rank()};
+  std::vector<double> all(n);
+  comm.all_gather(std::span<const double>(d), std::span<double>(all));
+  for (int q = 0; q < n; ++q) EXPECT_EQ(all[q], 0.1 * q);
+  EXPECT_THROW(comm.all_reduce(v.data(), v.data(), 2, DType::i64, ReduceOp::avg), Error);
+}
+
+}  // namespace
+}  // namespace mpt
