@@ -1,0 +1,147 @@
+// The mixed-precision engine: DESIGN.md phases 1 and 3-7 of the training step over three flat buffers.
+//
+//   params  : model weights in the storage dtype (fp16/bf16/fp32), full copy on every rank
+//   grads   : gradients in the storage dtype, full copy on every rank (loss-scaled in fp16 mode)
+//   shard   : this rank's FP32 master weights, Adam m and v (slice r of every bucket: ZeRO-1)
+//
+// Phase 3 reduces each bucket (reduce-scatter by default, all-reduce as an option) as soon as the caller
+// reports it ready; phase 4 checks this rank's reduced shard for inf/NaN and sums squares per fixed block;
+// phase 5 agrees on found_inf with a MAX all-reduce, so every rank takes the same decision in phase 6 (skip
+// and back off, or clip and AdamW) and the loss-scale state machine stays replicated; phase 7 casts the shard
+// back and all-gathers the weights. The global grad norm sums FP64 block sums in a fixed order, so it is
+// bitwise the same for any number of ranks.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "mptrain/backend.hpp"
+#include "mptrain/comm.hpp"
+#include "mptrain/layout.hpp"
+#include "mptrain/optimizer.hpp"
+#include "mptrain/scaler.hpp"
+
+namespace mpt {
+
+/// How gradients are reduced in phase 3.
+enum class GradSync : uint8_t {
+  reduce_scatter,  ///< rank r receives slice r of every bucket (2 x params bytes per step with the
+                   ///< all-gather)
+  all_reduce,      ///< every rank receives every bucket (3 x params bytes per step with the all-gather)
+};
+
+struct EngineConfig {
+  DType dtype = DType::f16;  ///< storage of params and grads: f16, bf16 or f32
+  GradSync grad_sync = GradSync::reduce_scatter;
+  size_t bucket_bytes = size_t{25} << 20;  ///< gradient bucket size in bytes of `dtype` (25 MiB)
+  size_t block_elements = 1024;            ///< grad-norm block and bucket padding alignment (elements)
+  AdamWConfig adamw;
+  LrSchedule schedule;
+  float grad_clip = 0.0f;   ///< max global grad norm (after unscaling); 0 = no clipping
+  LossScalerConfig scaler;  ///< ignored (scaler disabled) unless dtype is f16
+
+  /// Throws mpt::InputError naming the first bad field.
+  void validate() const;
+};
+
+/// What one optimizer step did. Identical on every rank.
+struct StepResult {
+  bool skipped = false;       ///< found_inf: no weight, Adam state, Adam t or LR-schedule change
+  float loss_scale = 1.0f;    ///< the scale the gradients carried
+  double grad_norm = 0.0;     ///< global L2 norm of the unscaled gradients (NaN when skipped)
+  float clip_factor = 1.0f;   ///< multiplier applied to the gradients (1 without clipping)
+  float lr = 0.0f;            ///< learning rate used (0 when skipped)
+  int64_t applied_steps = 0;  ///< Adam's t and the LR-schedule position after this step
+  // Wall-clock seconds of the phases on this rank (host clock; the CPU backend runs synchronously).
+  double check_seconds = 0;      ///< phases 4-5: inf/NaN check, block sums, found_inf agreement
+  double optimizer_seconds = 0;  ///< phase 6: block-sum gather, norm, clipping, AdamW
+  double gather_seconds = 0;     ///< phase 7: cast and weight all-gather
+};
+
+/// Bytes per rank of the engine's buffers, read from the buffers actually allocated.
+struct MemoryReport {
+  size_t num_parameters = 0;  ///< P
+  int world_size = 1;         ///< N
+  size_t params_bytes = 0;    ///< padded flat weights
+  size_t grads_bytes = 0;     ///< padded flat gradients
+  size_t master_bytes = 0;    ///< FP32 master shard
+  size_t adam_m_bytes = 0;    ///< FP32 Adam m shard
+  size_t adam_v_bytes = 0;    ///< FP32 Adam v shard
+  size_t scratch_bytes = 0;   ///< grad-norm block sums (local and gathered)
+  /// params + grads + master + m + v (the ZeRO-1 state: 4P + 12P/N plus padding in fp16 mode).
+  size_t state_bytes() const {
+    return params_bytes + grads_bytes + master_bytes + adam_m_bytes + adam_v_bytes;
+  }
+  /// state_bytes() minus the unpadded formula 2*esize*P + 12P/N (may be fractional: returned as double).
+  double padding_bytes(size_t element_bytes) const;
+};
+
+class MixedPrecisionEngine {
+ public:
+  /// Lays out `tensors` (forward order) and allocates the buffers on `backend`. Collective over `comm` only
+  /// in that every rank must construct it with the same arguments. Throws mpt::InputError for a bad config.
+  MixedPrecisionEngine(std::vector<TensorSpec> tensors, const EngineConfig& config, Communicator& comm,
+                       Backend& backend);
+  ~MixedPrecisionEngine();
+  MixedPrecisionEngine(const MixedPrecisionEngine&) = delete;
+  MixedPrecisionEngine& operator=(const MixedPrecisionEngine&) = delete;
+
+  const ParamLayout& layout() const { return layout_; }
+  const EngineConfig& config() const { return config_; }
+  const DynamicLossScaler& scaler() const { return scaler_; }
+  /// Loss scale to multiply the loss by before backward (1 unless fp16).
+  float loss_scale() const { return scaler_.scale(); }
+  /// Optimizer steps applied so far (Adam's t; the LR-schedule position).
+  int64_t applied_steps() const { return applied_steps_; }
+
+  /// Flat weights, padded_elements() of dtype, backend memory.
+  void* params() const { return params_.data(); }
+  /// Flat gradients, padded_elements() of dtype, backend memory. Backward accumulates here.
+  void* grads() const { return grads_.data(); }
+  /// FP32 master weights / Adam m / Adam v of this rank's shard, shard_elements() each, backend memory.
+  float* master() const { return master_.as<float>(); }
+  float* adam_m() const { return adam_m_.as<float>(); }
+  float* adam_v() const { return adam_v_.as<float>(); }
+
+  /// Sets every weight from FP32 host values in registration order, each tensor unpadded and contiguous
+  /// (values.size() == P): the master shard takes its part exactly, params get them rounded to dtype. Adam
+  /// state is zeroed. Throws mpt::Error on a size mismatch.
+  void set_parameters(std::span<const float> values);
+
+  /// Phase 1: grads = 0 (padding included).
+  void zero_grads();
+  /// Phase 3 for one bucket: starts its non-blocking collective now (backward has finished writing it).
+  /// Buckets may be reported in any order, each at most once per step.
+  void bucket_ready(size_t bucket);
+  /// Phase 3: starts the buckets not reported yet and waits for all. After it, this rank's slices of grads
+  /// hold the average over ranks (reduce-scatter mode: other slices are unspecified; all-reduce: all valid).
+  void sync_grads();
+  /// Phases 4-7 on the gradients as they stand. In data-parallel training call sync_grads() first; with no
+  /// bucket started the gradients are taken as already reduced (every rank must then hold the same values in
+  /// its slices). Throws mpt::Error when only some buckets were started. Throws mpt::NumericsError on every
+  /// rank alike when the scaler's minimum-scale rule fires.
+  StepResult step();
+
+  /// Memory accounting from the allocated buffers.
+  MemoryReport memory() const;
+
+ private:
+  EngineConfig config_;
+  Communicator& comm_;
+  Backend& backend_;
+  ParamLayout layout_;
+  DynamicLossScaler scaler_;
+  int64_t applied_steps_ = 0;
+
+  Buffer params_, grads_, master_, adam_m_, adam_v_;
+  std::vector<ElementRange> my_slices_;                // this rank's slice of every bucket, in shard order
+  std::vector<AdamWSegment> my_segments_;              // real-parameter parts of the shard
+  std::vector<double> block_sums_;                     // this rank's block sums (blocks_per_rank)
+  std::vector<double> gathered_block_sums_;            // every rank's, rank-major
+  std::vector<std::unique_ptr<CommRequest>> pending_;  // per bucket; null when not started this step
+};
+
+}  // namespace mpt

@@ -1,0 +1,209 @@
+// The mixed-precision engine (include/mptrain/engine.hpp): phases 1 and 3-7 of DESIGN.md's step.
+#include "mptrain/engine.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "mptrain/error.hpp"
+
+namespace mpt {
+
+void EngineConfig::validate() const {
+  MPT_INPUT_CHECK(dtype == DType::f16 || dtype == DType::bf16 || dtype == DType::f32,
+                  "engine: precision must be fp16, bf16 or fp32, got {}", dtype_name(dtype));
+  MPT_INPUT_CHECK(bucket_bytes >= dtype_size(dtype),
+                  "engine: bucket size must be at least one element, got {} bytes", bucket_bytes);
+  MPT_INPUT_CHECK(block_elements >= 1, "engine: block_elements must be >= 1");
+  MPT_INPUT_CHECK(std::isfinite(grad_clip) && grad_clip >= 0.0f, "engine: grad_clip must be >= 0, got {}",
+                  grad_clip);
+  adamw.validate();
+  schedule.validate(adamw.lr);
+  scaler.validate();
+}
+
+double MemoryReport::padding_bytes(size_t element_bytes) const {
+  const double p = static_cast<double>(num_parameters);
+  const double formula = 2.0 * static_cast<double>(element_bytes) * p + 12.0 * p / world_size;
+  return static_cast<double>(state_bytes()) - formula;
+}
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+EngineConfig effective(EngineConfig c) {
+  c.validate();
+  // Loss scaling exists for fp16's narrow range; bf16 and fp32 train unscaled (overflowing steps still skip).
+  if (c.dtype != DType::f16) c.scaler.enabled = false;
+  return c;
+}
+
+LayoutOptions layout_options(const EngineConfig& c) {
+  LayoutOptions o;
+  o.bucket_elements = c.bucket_bytes / dtype_size(c.dtype);
+  o.block_elements = c.block_elements;
+  return o;
+}
+
+}  // namespace
+
+MixedPrecisionEngine::MixedPrecisionEngine(std::vector<TensorSpec> tensors, const EngineConfig& config,
+                                           Communicator& comm, Backend& backend)
+    : config_(effective(config)),
+      comm_(comm),
+      backend_(backend),
+      layout_(std::move(tensors), layout_options(config_), comm.size()),
+      scaler_(config_.scaler) {
+  const size_t esize = dtype_size(config_.dtype);
+  const size_t shard = layout_.shard_elements();
+  params_ = backend_.allocate(layout_.padded_elements() * esize);
+  grads_ = backend_.allocate(layout_.padded_elements() * esize);
+  master_ = backend_.allocate(shard * sizeof(float));
+  adam_m_ = backend_.allocate(shard * sizeof(float));
+  adam_v_ = backend_.allocate(shard * sizeof(float));
+  for (size_t b = 0; b < layout_.buckets().size(); ++b)
+    my_slices_.push_back({layout_.slice_offset(b, comm_.rank()), layout_.buckets()[b].slice_elements});
+  for (const ShardSegment& s : layout_.shard_segments(comm_.rank()))
+    my_segments_.push_back({s.shard_offset, s.flat_offset, s.num_elements, s.decay});
+  block_sums_.assign(layout_.blocks_per_rank(), 0.0);
+  gathered_block_sums_.assign(layout_.blocks_per_rank() * static_cast<size_t>(comm_.size()), 0.0);
+  pending_.resize(layout_.buckets().size());
+}
+
+MixedPrecisionEngine::~MixedPrecisionEngine() = default;
+
+void MixedPrecisionEngine::set_parameters(std::span<const float> values) {
+  MPT_CHECK(values.size() == layout_.num_parameters(), "set_parameters: got {} values, the model has {}",
+            values.size(), layout_.num_parameters());
+  // Build the full padded flat vector on the host, then derive params and this rank's master shard from it.
+  std::vector<float> flat(layout_.padded_elements(), 0.0f);
+  size_t source = 0;
+  for (const TensorPlacement& t : layout_.tensors()) {
+    const size_t n = t.spec.num_elements();
+    std::copy(values.begin() + static_cast<std::ptrdiff_t>(source),
+              values.begin() + static_cast<std::ptrdiff_t>(source + n),
+              flat.begin() + static_cast<std::ptrdiff_t>(t.offset));
+    source += n;
+  }
+  std::vector<float> shard(layout_.shard_elements(), 0.0f);
+  size_t at = 0;
+  for (const ElementRange& r : my_slices_) {
+    std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(r.offset), r.num_elements,
+                shard.begin() + static_cast<std::ptrdiff_t>(at));
+    at += r.num_elements;
+  }
+  backend_.copy_from_host(master_.data(), shard.data(), shard.size() * sizeof(float));
+  backend_.fill_zero(adam_m_.data(), adam_m_.num_bytes());
+  backend_.fill_zero(adam_v_.data(), adam_v_.num_bytes());
+  // Every rank rounds the same FP32 values, so the full params copy needs no communication.
+  dispatch_float_dtype(config_.dtype, [&]<typename T>() {
+    std::vector<T> rounded(flat.size());
+    for (size_t i = 0; i < flat.size(); ++i) rounded[i] = from_float<T>(flat[i]);
+    backend_.copy_from_host(params_.data(), rounded.data(), rounded.size() * sizeof(T));
+  });
+}
+
+void MixedPrecisionEngine::zero_grads() {
+  backend_.fill_zero(grads_.data(), grads_.num_bytes());
+}
+
+void MixedPrecisionEngine::bucket_ready(size_t bucket) {
+  MPT_CHECK(bucket < pending_.size(), "bucket_ready: bucket {} out of range ({} buckets)", bucket,
+            pending_.size());
+  MPT_CHECK(!pending_[bucket], "bucket_ready: bucket {} reported twice in one step", bucket);
+  const Bucket& b = layout_.buckets()[bucket];
+  const size_t esize = dtype_size(config_.dtype);
+  auto* base = static_cast<std::byte*>(grads_.data()) + b.offset * esize;
+  if (config_.grad_sync == GradSync::reduce_scatter) {
+    void* mine = static_cast<std::byte*>(grads_.data()) + layout_.slice_offset(bucket, comm_.rank()) * esize;
+    pending_[bucket] = comm_.ireduce_scatter(base, mine, b.slice_elements, config_.dtype, ReduceOp::avg);
+  } else {
+    pending_[bucket] = comm_.iall_reduce(base, base, b.padded_elements, config_.dtype, ReduceOp::avg);
+  }
+}
+
+void MixedPrecisionEngine::sync_grads() {
+  for (size_t b = 0; b < pending_.size(); ++b)
+    if (!pending_[b]) bucket_ready(b);
+  for (auto& request : pending_) request->wait();
+}
+
+StepResult MixedPrecisionEngine::step() {
+  // Either no bucket was started (gradients already reduced by the caller, or one rank) or all were.
+  size_t started = 0;
+  for (const auto& request : pending_) started += request ? 1 : 0;
+  MPT_CHECK(started == 0 || started == pending_.size(),
+            "step: only {} of {} buckets were synchronised (call sync_grads first)", started,
+            pending_.size());
+  for (auto& request : pending_)
+    if (request) request->wait();  // no-op after sync_grads
+  for (auto& request : pending_) request.reset();
+
+  StepResult result;
+  result.loss_scale = scaler_.scale();
+  auto t0 = std::chrono::steady_clock::now();
+
+  // Phase 4: read-only pass over my shard.
+  const bool local_inf =
+      backend_.grad_check(grads_.data(), config_.dtype, my_slices_, config_.block_elements, block_sums_);
+  // Phase 5: agree. After this every rank holds the same found_inf, so the branches below match everywhere.
+  float found = local_inf ? 1.0f : 0.0f;
+  comm_.all_reduce(&found, &found, 1, DType::f32, ReduceOp::max);
+  result.skipped = found != 0.0f;
+  result.check_seconds = seconds_since(t0);
+
+  if (!result.skipped) {
+    // Phase 6: global norm from every rank's block sums, in a fixed order, unscaled; clip; AdamW.
+    comm_.all_gather(block_sums_.data(), gathered_block_sums_.data(), block_sums_.size(), DType::f64);
+    const double scale = static_cast<double>(result.loss_scale);
+    result.grad_norm = std::sqrt(layout_.sum_blocks_in_global_order(gathered_block_sums_)) / scale;
+    if (config_.grad_clip > 0.0f) {
+      // torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), clamped to 1.
+      const double coefficient = static_cast<double>(config_.grad_clip) / (result.grad_norm + 1e-6);
+      if (coefficient < 1.0) result.clip_factor = static_cast<float>(coefficient);
+    }
+    result.lr = config_.schedule.at(applied_steps_, config_.adamw.lr);
+    const AdamWConfig& a = config_.adamw;
+    const auto step =
+        common::make_adamw_step(result.lr, a.beta1, a.beta2, a.eps, a.weight_decay, applied_steps_ + 1,
+                                static_cast<float>(result.clip_factor / scale));
+    backend_.adamw(master(), adam_m(), adam_v(), grads_.data(), config_.dtype, my_segments_, step);
+    ++applied_steps_;
+    result.optimizer_seconds = seconds_since(t0) - result.check_seconds;
+    // Phase 7: my slices of params from the master shard, then everyone's slices to everyone.
+    backend_.cast_master(params_.data(), config_.dtype, master(), my_slices_);
+    const size_t esize = dtype_size(config_.dtype);
+    auto* params = static_cast<std::byte*>(params_.data());
+    for (size_t b = 0; b < layout_.buckets().size(); ++b) {
+      const Bucket& bucket = layout_.buckets()[b];
+      pending_[b] = comm_.iall_gather(params + layout_.slice_offset(b, comm_.rank()) * esize,
+                                      params + bucket.offset * esize, bucket.slice_elements, config_.dtype);
+    }
+    for (auto& request : pending_) request->wait();
+    for (auto& request : pending_) request.reset();
+    result.gather_seconds = seconds_since(t0) - result.check_seconds - result.optimizer_seconds;
+  } else {
+    result.grad_norm = std::nan("");
+  }
+  result.applied_steps = applied_steps_;
+  scaler_.update(result.skipped);  // may throw NumericsError, identically on every rank
+  return result;
+}
+
+MemoryReport MixedPrecisionEngine::memory() const {
+  MemoryReport r;
+  r.num_parameters = layout_.num_parameters();
+  r.world_size = comm_.size();
+  r.params_bytes = params_.num_bytes();
+  r.grads_bytes = grads_.num_bytes();
+  r.master_bytes = master_.num_bytes();
+  r.adam_m_bytes = adam_m_.num_bytes();
+  r.adam_v_bytes = adam_v_.num_bytes();
+  r.scratch_bytes = (block_sums_.capacity() + gathered_block_sums_.capacity()) * sizeof(double);
+  return r;
+}
+
+}  // namespace mpt

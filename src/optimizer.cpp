@@ -1,0 +1,41 @@
+// AdamW hyper-parameter validation and the warm-up + cosine learning-rate schedule.
+#include "mptrain/optimizer.hpp"
+
+#include <cmath>
+#include <numbers>
+
+#include "mptrain/error.hpp"
+
+namespace mpt {
+
+void AdamWConfig::validate() const {
+  MPT_INPUT_CHECK(std::isfinite(lr) && lr > 0.0f, "adamw: lr must be finite and > 0, got {}", lr);
+  MPT_INPUT_CHECK(beta1 >= 0.0f && beta1 < 1.0f, "adamw: beta1 must be in [0, 1), got {}", beta1);
+  MPT_INPUT_CHECK(beta2 >= 0.0f && beta2 < 1.0f, "adamw: beta2 must be in [0, 1), got {}", beta2);
+  MPT_INPUT_CHECK(std::isfinite(eps) && eps > 0.0f, "adamw: eps must be finite and > 0, got {}", eps);
+  MPT_INPUT_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0f,
+                  "adamw: weight_decay must be finite and >= 0, got {}", weight_decay);
+}
+
+void LrSchedule::validate(float peak_lr) const {
+  MPT_INPUT_CHECK(warmup_steps >= 0, "lr schedule: warmup_steps must be >= 0, got {}", warmup_steps);
+  MPT_INPUT_CHECK(decay_steps >= 0, "lr schedule: decay_steps must be >= 0, got {}", decay_steps);
+  MPT_INPUT_CHECK(decay_steps == 0 || decay_steps > warmup_steps,
+                  "lr schedule: decay_steps ({}) must exceed warmup_steps ({})", decay_steps, warmup_steps);
+  MPT_INPUT_CHECK(std::isfinite(min_lr) && min_lr >= 0.0f && min_lr <= peak_lr,
+                  "lr schedule: min_lr must be in [0, lr={}], got {}", peak_lr, min_lr);
+}
+
+float LrSchedule::at(int64_t step, float peak_lr) const {
+  if (step < warmup_steps)
+    return static_cast<float>(static_cast<double>(peak_lr) * static_cast<double>(step + 1) /
+                              static_cast<double>(warmup_steps));
+  if (decay_steps == 0) return peak_lr;
+  if (step >= decay_steps) return min_lr;
+  const double progress =
+      static_cast<double>(step - warmup_steps) / static_cast<double>(decay_steps - warmup_steps);
+  const double cosine = 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
+  return static_cast<float>(min_lr + (static_cast<double>(peak_lr) - min_lr) * cosine);
+}
+
+}  // namespace mpt
