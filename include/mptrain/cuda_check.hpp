@@ -1,0 +1,18 @@
+// MPT_CUDA_CHECK and MPT_CUDA_LAUNCH_CHECK: evaluate a CUDA runtime call once and throw mpt::LibraryError
+// with rank, host, file:line, the call and cudaGetErrorString's text. Include only from CUDA-enabled code.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "mptrain/error.hpp"
+
+#define MPT_CUDA_CHECK(call)                                                                             \
+  do {                                                                                                   \
+    const cudaError_t mpt_cuda_rc_ = (call);                                                             \
+    if (mpt_cuda_rc_ != cudaSuccess)                                                                     \
+      throw ::mpt::LibraryError(::mpt::detail::library_error_message("CUDA", __FILE__, __LINE__, #call,  \
+                                                                     cudaGetErrorString(mpt_cuda_rc_))); \
+  } while (0)
+
+/// After every kernel launch: reports a bad launch configuration at once (not at the next sync).
+#define MPT_CUDA_LAUNCH_CHECK() MPT_CUDA_CHECK(cudaGetLastError())
