@@ -53,8 +53,12 @@ int main(int argc, char** argv) {
   app.add_option("--sync", sync, "gradient sync")
       ->check(CLI::IsMember({"reduce-scatter", "all-reduce"}))
       ->capture_default_str();
-  app.add_option("--bucket-mib", bucket_mib, "gradient bucket size in MiB")->capture_default_str();
-  app.add_option("--warmup", warmup, "untimed iterations")->capture_default_str();
+  app.add_option("--bucket-mib", bucket_mib, "gradient bucket size in MiB")
+      ->check(CLI::Range(size_t{1}, size_t{1} << 20))
+      ->capture_default_str();
+  app.add_option("--warmup", warmup, "untimed iterations")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_option("--iters", iters, "timed iterations")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--threads", threads, "OpenMP threads per rank (set explicitly)")
       ->check(CLI::PositiveNumber)
@@ -65,88 +69,98 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  omp_set_num_threads(threads);
+  // Bad values that pass the flag checks (e.g. a model the layout rejects) are the same on every rank, so
+  // every rank reports and exits alike.
+  try {
+    omp_set_num_threads(threads);
 
-  mpt::MpiCommunicator comm;
-  auto backend = mpt::make_cpu_backend();
-  std::vector<mpt::TensorSpec> tensors;
-  for (size_t done = 0, k = 0; done < params; ++k) {
-    const size_t n = std::min(tensor_elements, params - done);
-    tensors.push_back({"t" + std::to_string(k), {static_cast<int64_t>(n)}, k % 2 == 0});
-    done += n;
-  }
-  mpt::EngineConfig config;
-  config.dtype = dtype_name == "fp16"   ? mpt::DType::f16
-                 : dtype_name == "bf16" ? mpt::DType::bf16
-                                        : mpt::DType::f32;
-  config.grad_sync = sync == "all-reduce" ? mpt::GradSync::all_reduce : mpt::GradSync::reduce_scatter;
-  config.bucket_bytes = bucket_mib << 20;
-  config.grad_clip = 1.0f;
-  mpt::MixedPrecisionEngine engine(tensors, config, comm, *backend);
-  engine.set_parameters(std::vector<float>(engine.layout().num_parameters(), 0.01f));
-
-  std::map<std::string, std::vector<double>> samples;
-  for (int it = 0; it < warmup + iters; ++it) {
-    engine.zero_grads();
-    // Small finite gradients, the same on every rank: every step is applied.
-    mpt::dispatch_float_dtype(config.dtype, [&]<typename T>() {
-      T* g = static_cast<T*>(engine.grads());
-      const T value = mpt::from_float<T>(1e-3f * engine.loss_scale());
-      for (const auto& t : engine.layout().tensors())
-        std::fill(g + t.offset, g + t.offset + t.spec.num_elements(), value);
-    });
-    comm.barrier();
-    const auto t0 = std::chrono::steady_clock::now();
-    engine.sync_grads();
-    const double sync_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const mpt::StepResult r = engine.step();
-    std::vector<double> t = {sync_seconds, r.check_seconds, r.optimizer_seconds, r.gather_seconds,
-                             sync_seconds + r.check_seconds + r.optimizer_seconds + r.gather_seconds};
-    comm.all_reduce(std::span<double>(t), mpt::ReduceOp::max);
-    if (it < warmup) continue;
-    samples["sync"].push_back(t[0]);
-    samples["check_agree"].push_back(t[1]);
-    samples["norm_adamw"].push_back(t[2]);
-    samples["allgather"].push_back(t[3]);
-    samples["total"].push_back(t[4]);
-  }
-
-  if (comm.rank() == 0) {
-    nlohmann::json report;
-    report["benchmark"] = "engine_step_phases";
-    report["backend"] = "cpu";
-    report["comm"] = comm.name();
-    report["ranks"] = comm.size();
-    report["threads_per_rank"] = threads;
-    report["params"] = engine.layout().num_parameters();
-    report["dtype"] = dtype_name;
-    report["sync"] = sync;
-    report["buckets"] = engine.layout().buckets().size();
-    report["iterations"] = iters;
-    report["time_reduction"] = "max over ranks per iteration";
-    for (const auto& [phase, v] : samples) {
-      const Stats s = stats(v);
-      report["seconds"][phase] = {{"median", s.median}, {"min", s.min}, {"max", s.max}};
+    mpt::MpiCommunicator comm;
+    auto backend = mpt::make_cpu_backend();
+    std::vector<mpt::TensorSpec> tensors;
+    for (size_t done = 0, k = 0; done < params; ++k) {
+      const size_t n = std::min(tensor_elements, params - done);
+      tensors.push_back({"t" + std::to_string(k), {static_cast<int64_t>(n)}, k % 2 == 0});
+      done += n;
     }
-    const Stats total = stats(samples["total"]);
-    const Stats check = stats(samples["check_agree"]);
-    report["check_agree_fraction_of_optimizer_phases"] = check.median / total.median;
-    const auto memory = engine.memory();
-    report["memory_bytes_per_rank"] = {
-        {"params", memory.params_bytes}, {"grads", memory.grads_bytes},
-        {"master", memory.master_bytes}, {"adam_m", memory.adam_m_bytes},
-        {"adam_v", memory.adam_v_bytes}, {"state_total", memory.state_bytes()}};
-    const std::string text = report.dump(2);
-    std::printf("%s\n", text.c_str());
-    if (!json_path.empty()) {
-      if (FILE* f = std::fopen(json_path.c_str(), "w")) {
-        std::fprintf(f, "%s\n", text.c_str());
-        std::fclose(f);
-      } else {
-        std::fprintf(stderr, "bench_engine: cannot write --json file '%s'\n", json_path.c_str());
-        return 1;
+    mpt::EngineConfig config;
+    config.dtype = dtype_name == "fp16"   ? mpt::DType::f16
+                   : dtype_name == "bf16" ? mpt::DType::bf16
+                                          : mpt::DType::f32;
+    config.grad_sync = sync == "all-reduce" ? mpt::GradSync::all_reduce : mpt::GradSync::reduce_scatter;
+    config.bucket_bytes = bucket_mib << 20;
+    config.grad_clip = 1.0f;
+    mpt::MixedPrecisionEngine engine(tensors, config, comm, *backend);
+    engine.set_parameters(std::vector<float>(engine.layout().num_parameters(), 0.01f));
+
+    std::map<std::string, std::vector<double>> samples;
+    for (int it = 0; it < warmup + iters; ++it) {
+      engine.zero_grads();
+      // Small finite gradients, the same on every rank: every step is applied.
+      mpt::dispatch_float_dtype(config.dtype, [&]<typename T>() {
+        T* g = static_cast<T*>(engine.grads());
+        const T value = mpt::from_float<T>(1e-3f * engine.loss_scale());
+        for (const auto& t : engine.layout().tensors())
+          std::fill(g + t.offset, g + t.offset + t.spec.num_elements(), value);
+      });
+      comm.barrier();
+      const auto t0 = std::chrono::steady_clock::now();
+      engine.sync_grads();
+      const double sync_seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const mpt::StepResult r = engine.step();
+      std::vector<double> t = {sync_seconds, r.check_seconds, r.optimizer_seconds, r.gather_seconds,
+                               sync_seconds + r.check_seconds + r.optimizer_seconds + r.gather_seconds};
+      comm.all_reduce(std::span<double>(t), mpt::ReduceOp::max);
+      if (it < warmup) continue;
+      samples["sync"].push_back(t[0]);
+      samples["check_agree"].push_back(t[1]);
+      samples["norm_adamw"].push_back(t[2]);
+      samples["allgather"].push_back(t[3]);
+      samples["total"].push_back(t[4]);
+    }
+
+    if (comm.rank() == 0) {
+      nlohmann::json report;
+      report["benchmark"] = "engine_step_phases";
+      report["backend"] = "cpu";
+      report["comm"] = comm.name();
+      report["ranks"] = comm.size();
+      report["threads_per_rank"] = threads;
+      report["params"] = engine.layout().num_parameters();
+      report["dtype"] = dtype_name;
+      report["sync"] = sync;
+      report["buckets"] = engine.layout().buckets().size();
+      report["iterations"] = iters;
+      report["time_reduction"] = "max over ranks per iteration";
+      for (const auto& [phase, v] : samples) {
+        const Stats s = stats(v);
+        report["seconds"][phase] = {{"median", s.median}, {"min", s.min}, {"max", s.max}};
+      }
+      const Stats total = stats(samples["total"]);
+      const Stats check = stats(samples["check_agree"]);
+      report["check_agree_fraction_of_optimizer_phases"] = check.median / total.median;
+      const auto memory = engine.memory();
+      report["memory_bytes_per_rank"] = {
+          {"params", memory.params_bytes}, {"grads", memory.grads_bytes},
+          {"master", memory.master_bytes}, {"adam_m", memory.adam_m_bytes},
+          {"adam_v", memory.adam_v_bytes}, {"state_total", memory.state_bytes()}};
+      const std::string text = report.dump(2);
+      std::printf("%s\n", text.c_str());
+      if (!json_path.empty()) {
+        if (FILE* f = std::fopen(json_path.c_str(), "w")) {
+          std::fprintf(f, "%s\n", text.c_str());
+          std::fclose(f);
+        } else {
+          std::fprintf(stderr, "bench_engine: cannot write --json file '%s'\n", json_path.c_str());
+          return 1;
+        }
       }
     }
+  } catch (const std::exception& e) {
+    int rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    if (rank == 0) std::fprintf(stderr, "bench_engine: %s\n", e.what());
+    return 2;
   }
   return 0;
 }

@@ -54,20 +54,21 @@ void sum16(void* in, void* inout, int* len, MPI_Datatype*) {
                    [](float x, float y) { return x + y; });
 }
 
+/// Max where NaN wins over everything, for every float dtype alike (MPI_MAX on floats keeps or drops a NaN
+/// depending on which rank holds it), so a max can never hide a NaN.
 template <typename T>
-void max16(void* in, void* inout, int* len, MPI_Datatype*) {
+void max_nan_wins(void* in, void* inout, int* len, MPI_Datatype*) {
   const auto* a = static_cast<const T*>(in);
   auto* b = static_cast<T*>(inout);
   for (int i = 0; i < *len; ++i) {
-    const float x = static_cast<float>(a[i]);
-    const float y = static_cast<float>(b[i]);
-    // NaN wins, so a max over found_inf-style data cannot hide a NaN.
+    const auto x = to_float(a[i]);
+    const auto y = to_float(b[i]);
     if (std::isnan(x) || (!std::isnan(y) && x > y)) b[i] = a[i];
   }
 }
 
 struct CustomOps {
-  MPI_Op half_sum, bf16_sum, half_max, bf16_max;
+  MPI_Op half_sum, bf16_sum, half_max, bf16_max, f32_max, f64_max;
 };
 
 const CustomOps& custom_ops() {
@@ -75,8 +76,10 @@ const CustomOps& custom_ops() {
     CustomOps o{};
     MPT_MPI_CHECK(MPI_Op_create(&sum16<half>, 1, &o.half_sum));
     MPT_MPI_CHECK(MPI_Op_create(&sum16<bf16>, 1, &o.bf16_sum));
-    MPT_MPI_CHECK(MPI_Op_create(&max16<half>, 1, &o.half_max));
-    MPT_MPI_CHECK(MPI_Op_create(&max16<bf16>, 1, &o.bf16_max));
+    MPT_MPI_CHECK(MPI_Op_create(&max_nan_wins<half>, 1, &o.half_max));
+    MPT_MPI_CHECK(MPI_Op_create(&max_nan_wins<bf16>, 1, &o.bf16_max));
+    MPT_MPI_CHECK(MPI_Op_create(&max_nan_wins<float>, 1, &o.f32_max));
+    MPT_MPI_CHECK(MPI_Op_create(&max_nan_wins<double>, 1, &o.f64_max));
     return o;
   }();
   return ops;
@@ -113,6 +116,8 @@ MPI_Op mpi_op(DType t, ReduceOp op) {
   const bool is_max = op == ReduceOp::max;
   if (t == DType::f16) return is_max ? custom_ops().half_max : custom_ops().half_sum;
   if (t == DType::bf16) return is_max ? custom_ops().bf16_max : custom_ops().bf16_sum;
+  if (is_max && t == DType::f32) return custom_ops().f32_max;
+  if (is_max && t == DType::f64) return custom_ops().f64_max;
   return is_max ? MPI_MAX : MPI_SUM;
 }
 

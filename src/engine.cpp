@@ -14,12 +14,14 @@ void EngineConfig::validate() const {
                   "engine: precision must be fp16, bf16 or fp32, got {}", dtype_name(dtype));
   MPT_INPUT_CHECK(bucket_bytes >= dtype_size(dtype),
                   "engine: bucket size must be at least one element, got {} bytes", bucket_bytes);
-  MPT_INPUT_CHECK(block_elements >= 1, "engine: block_elements must be >= 1");
+  MPT_INPUT_CHECK(block_elements >= 1 && block_elements <= (size_t{1} << 30),
+                  "engine: block_elements must be in [1, 2^30], got {}", block_elements);
   MPT_INPUT_CHECK(std::isfinite(grad_clip) && grad_clip >= 0.0f, "engine: grad_clip must be >= 0, got {}",
                   grad_clip);
   adamw.validate();
   schedule.validate(adamw.lr);
-  scaler.validate();
+  if (dtype == DType::f16)
+    scaler.validate();  // bf16/fp32 run with the scaler disabled; its options are unused
 }
 
 double MemoryReport::padding_bytes(size_t element_bytes) const {

@@ -10,7 +10,9 @@ namespace mpt {
 
 size_t TensorSpec::num_elements() const {
   size_t n = 1;
-  for (int64_t d : shape) n *= static_cast<size_t>(d);
+  for (int64_t d : shape)
+    if (__builtin_mul_overflow(n, static_cast<size_t>(d), &n))
+      throw InputError(fmt::format("tensor '{}': element count overflows 64 bits", name));
   return n;
 }
 
@@ -25,6 +27,11 @@ ParamLayout::ParamLayout(std::vector<TensorSpec> tensors, const LayoutOptions& o
   MPT_INPUT_CHECK(world_size >= 1, "parameter layout: world size must be >= 1, got {}", world_size);
   MPT_INPUT_CHECK(options.bucket_elements >= 1, "parameter layout: bucket size must be >= 1 element");
   MPT_INPUT_CHECK(options.block_elements >= 1, "parameter layout: block size must be >= 1 element");
+  size_t align = 0;  // buckets are padded to a multiple of N x block_elements
+  MPT_INPUT_CHECK(!__builtin_mul_overflow(options.block_elements, static_cast<size_t>(world_size), &align) &&
+                      align <= (size_t{1} << 40),
+                  "parameter layout: block size {} x world size {} is too large", options.block_elements,
+                  world_size);
   MPT_INPUT_CHECK(!tensors.empty(), "parameter layout: no tensors");
   std::unordered_set<std::string> names;
   for (const TensorSpec& t : tensors) {
@@ -36,7 +43,6 @@ ParamLayout::ParamLayout(std::vector<TensorSpec> tensors, const LayoutOptions& o
   }
 
   tensors_.resize(tensors.size());
-  const size_t align = options.block_elements * static_cast<size_t>(world_size);
   Bucket open;  // the bucket being filled
   size_t flat = 0;
   auto close = [&] {
@@ -51,6 +57,8 @@ ParamLayout::ParamLayout(std::vector<TensorSpec> tensors, const LayoutOptions& o
   // Reverse registration order: the last layer's tensors come first in the flat vector.
   for (size_t k = tensors.size(); k-- > 0;) {
     const size_t n = tensors[k].num_elements();
+    MPT_INPUT_CHECK(n <= (size_t{1} << 48) && num_parameters_ + n <= (size_t{1} << 48),
+                    "parameter layout: more than 2^48 parameters (at tensor '{}')", tensors[k].name);
     if (open.num_elements > 0 && open.num_elements + n > options.bucket_elements) close();
     tensors_[k].spec = std::move(tensors[k]);
     tensors_[k].offset = open.offset + open.num_elements;

@@ -54,8 +54,10 @@ T parse_field(const std::map<std::string, std::string>& fields, const char* key)
 
 void LossScalerConfig::validate() const {
   // Each condition is false for NaN, so a NaN in any float field is rejected too.
-  MPT_INPUT_CHECK(std::isfinite(init_scale) && init_scale > 0.0f,
-                  "loss scaler: init_scale must be finite and > 0, got {}", init_scale);
+  // A subnormal scale would make 1/scale infinite and turn zero gradients into NaN weights.
+  MPT_INPUT_CHECK(std::isfinite(init_scale) && init_scale >= std::numeric_limits<float>::min(),
+                  "loss scaler: init_scale must be finite and >= {} (the smallest normal float), got {}",
+                  std::numeric_limits<float>::min(), init_scale);
   MPT_INPUT_CHECK(std::isfinite(growth_factor) && growth_factor > 1.0f,
                   "loss scaler: growth_factor must be finite and > 1, got {}", growth_factor);
   MPT_INPUT_CHECK(backoff_factor > 0.0f && backoff_factor < 1.0f,

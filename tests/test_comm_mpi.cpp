@@ -191,6 +191,19 @@ TEST(CommHalf, MaxPropagatesNaNAndInf) {
   EXPECT_EQ(to_float(x[2]), 0.0f);
 }
 
+// NaN wins a max in every float dtype, whichever rank holds it.
+TEST(CommMisc, MaxPropagatesNaNFromAnyRankInF32AndF64) {
+  MpiCommunicator comm;
+  for (int holder = 0; holder < comm.size(); ++holder) {
+    std::vector<float> f = {comm.rank() == holder ? NAN : 1.0f + static_cast<float>(comm.rank())};
+    std::vector<double> d = {comm.rank() == holder ? NAN : 1.0 + comm.rank()};
+    comm.all_reduce(std::span<float>(f), ReduceOp::max);
+    comm.all_reduce(std::span<double>(d), ReduceOp::max);
+    EXPECT_TRUE(std::isnan(f[0])) << "NaN on rank " << holder;
+    EXPECT_TRUE(std::isnan(d[0])) << "NaN on rank " << holder;
+  }
+}
+
 TEST(CommMisc, IntegerAndDoubleCollectives) {
   MpiCommunicator comm;
   const int n = comm.size();

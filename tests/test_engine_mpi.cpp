@@ -394,6 +394,26 @@ TEST_F(EngineMpi, RepeatedOverflowAtMinScaleStopsEveryRank) {
   world.barrier();
 }
 
+// Config validation: the scaler's options matter only in fp16; a subnormal initial scale (1/scale = inf) and
+// an absurd block size are input errors.
+TEST_F(EngineMpi, ConfigValidation) {
+  EngineConfig bf = small_config();
+  bf.dtype = DType::bf16;
+  bf.scaler.min_scale = 1e6f;  // above init_scale: invalid for fp16, irrelevant for bf16
+  MixedPrecisionEngine e(small_model(), bf, world, *backend);
+  EXPECT_EQ(e.loss_scale(), 1.0f);
+  EngineConfig fp16 = small_config();
+  fp16.scaler.min_scale = 1e6f;
+  EXPECT_THROW(MixedPrecisionEngine(small_model(), fp16, world, *backend), InputError);
+  EngineConfig tiny_scale = small_config();
+  tiny_scale.scaler.init_scale = 1e-40f;
+  tiny_scale.scaler.min_scale = 0.0f;
+  EXPECT_THROW(MixedPrecisionEngine(small_model(), tiny_scale, world, *backend), InputError);
+  EngineConfig huge_block = small_config();
+  huge_block.block_elements = size_t{1} << 63;
+  EXPECT_THROW(MixedPrecisionEngine(small_model(), huge_block, world, *backend), InputError);
+}
+
 // Memory accounting: the buffers actually allocated equal 4P + 12P/N plus the padding, in fp16 mode.
 TEST_F(EngineMpi, MemoryAccountingMatchesAllocations) {
   const size_t before = backend->bytes_in_use();

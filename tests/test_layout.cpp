@@ -151,6 +151,15 @@ TEST(Layout, RejectsBadInput) {
   EXPECT_THROW(ParamLayout({{"a", {3}, true}}, options(10, 4), 0), InputError);
   EXPECT_THROW(ParamLayout({{"a", {3}, true}}, options(0, 4), 1), InputError);
   EXPECT_THROW(ParamLayout({{"a", {3}, true}}, options(10, 0), 1), InputError);
+  // Element counts and the padding alignment that overflow 64 bits are input errors, not wrapped sizes.
+  EXPECT_THROW(ParamLayout({{"huge", {int64_t{1} << 32, int64_t{1} << 32}, true}}, options(10, 4), 1),
+               InputError);
+  EXPECT_THROW(
+      ParamLayout({{"a", {int64_t{1} << 47}, true}, {"b", {int64_t{1} << 47}, true}, {"c", {5}, true}},
+                  options(10, 4), 1),
+      InputError);
+  EXPECT_THROW(ParamLayout({{"a", {3}, true}}, options(10, size_t{1} << 63), 2), InputError);
+  EXPECT_THROW(ParamLayout({{"a", {3}, true}}, options(10, (size_t{1} << 62) + 1), 4), InputError);
   try {
     ParamLayout({{"w", {3}, true}, {"w", {2}, true}}, options(10, 4), 1);
   } catch (const InputError& e) {

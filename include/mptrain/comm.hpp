@@ -8,6 +8,7 @@
 //    exact only for N a power of two, and four ranks holding 20000 in fp16 average to 20000 (no overflow);
 //  - reduce-scatter: rank r receives element range [r*recv_count, (r+1)*recv_count) of the reduced vector;
 //    in-place when recv == send + r*recv_count (bytes of dtype), as with ncclReduceScatter;
+//  - max over floating-point dtypes returns NaN wherever any rank holds NaN (whichever rank it is);
 //  - all-gather: rank r's send_count elements land at recv + r*send_count; in-place when
 //    send == recv + r*send_count.
 // Every call is collective: all ranks must call it in the same order with the same counts and dtype.
