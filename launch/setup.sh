@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# mptrain set-up: installs what the build and the tests need from Debian/Ubuntu packages (apt, through sudo
+# mptrain set-up: installs what the build and the tests need from Debian/Ubuntu packages (python3-torch is
+# the independent reference the model is checked against) (apt, through sudo
 # when not root), then configures and builds into build/ (Release). Idempotent: installed packages are not
 # reinstalled and the build is incremental (ccache). Reports whether the CUDA toolkit was found.
 #
@@ -11,10 +12,11 @@ cd "$(dirname "$0")/.."
 packages=(
   build-essential cmake ccache pkg-config git python3
   openmpi-bin libopenmpi-dev
-  libopenblas-dev
+  libopenblas-openmp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev nlohmann-json3-dev libfmt-dev
   clang-format
+  python3-torch
 )
 
 missing=()

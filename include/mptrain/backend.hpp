@@ -79,6 +79,59 @@ class Backend {
   /// Waits until every op issued so far has finished.
   virtual void synchronize() = 0;
 
+  // ---- model ops (GPT-2); shapes: B batch, T sequence, C channels, NH heads, V vocab, Vp padded vocab ----
+
+  /// out[B,T,C] = wte[tokens[b,t], :] + wpe[t, :]. tokens: int32 [B,T] in [0, V), backend memory.
+  virtual void embedding_forward(void* out, const int32_t* tokens, const void* wte, const void* wpe,
+                                 int64_t B, int64_t T, int64_t C, DType dtype) = 0;
+  /// dwte[tokens[b,t], :] += dout[b,t,:]; dwpe[t, :] += sum over b of dout[b,t,:].
+  virtual void embedding_backward(void* dwte, void* dwpe, const void* dout, const int32_t* tokens, int64_t B,
+                                  int64_t T, int64_t C, DType dtype) = 0;
+
+  /// LayerNorm over the last dimension (eps 1e-5, torch.nn.LayerNorm): out[rows,C], saves mean[rows] and
+  /// rstd[rows] (FP32, 1/sqrt(var + eps), biased variance).
+  virtual void layernorm_forward(void* out, float* mean, float* rstd, const void* inp, const void* weight,
+                                 const void* bias, int64_t rows, int64_t C, DType dtype) = 0;
+  /// dinp[rows,C] +=, dweight[C] +=, dbias[C] += the LayerNorm gradients given dout and the saved statistics.
+  virtual void layernorm_backward(void* dinp, void* dweight, void* dbias, const void* dout, const void* inp,
+                                  const void* weight, const float* mean, const float* rstd, int64_t rows,
+                                  int64_t C, DType dtype) = 0;
+
+  /// torch.nn.Linear: out[rows,OC] = inp[rows,IC] @ weight[OC,IC]^T + bias[OC] (bias may be null).
+  virtual void matmul_forward(void* out, const void* inp, const void* weight, const void* bias, int64_t rows,
+                              int64_t IC, int64_t OC, DType dtype) = 0;
+  /// dinp[rows,IC] += dout @ weight; dweight[OC,IC] += dout^T @ inp; dbias[OC] += column sums of dout (dbias
+  /// may be null). dinp may be null when the input needs no gradient.
+  virtual void matmul_backward(void* dinp, void* dweight, void* dbias, const void* dout, const void* inp,
+                               const void* weight, int64_t rows, int64_t IC, int64_t OC, DType dtype) = 0;
+
+  /// Causal multi-head self-attention (GPT-2, scale 1/sqrt(C/NH)). qkv[B,T,3C] holds q, k, v (each [NH, hs]
+  /// per position, hs = C/NH); out[B,T,C]; saves the softmax probabilities att[B,NH,T,T] (entries above the
+  /// diagonal are zero).
+  virtual void attention_forward(void* out, void* att, const void* qkv, int64_t B, int64_t T, int64_t C,
+                                 int64_t NH, DType dtype) = 0;
+  /// dqkv[B,T,3C] += gradient of attention_forward given dout[B,T,C] and the saved att.
+  virtual void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* att, int64_t B,
+                                  int64_t T, int64_t C, int64_t NH, DType dtype) = 0;
+
+  /// out[n] = GELU with the tanh approximation (torch.nn.GELU(approximate="tanh")).
+  virtual void gelu_forward(void* out, const void* inp, int64_t n, DType dtype) = 0;
+  /// dinp[n] += dout * GELU'(inp).
+  virtual void gelu_backward(void* dinp, const void* inp, const void* dout, int64_t n, DType dtype) = 0;
+
+  /// out[n] = a + b (residual connection).
+  virtual void residual_forward(void* out, const void* a, const void* b, int64_t n, DType dtype) = 0;
+  /// acc[n] += x (the residual's backward, and any gradient fan-in).
+  virtual void accumulate(void* acc, const void* x, int64_t n, DType dtype) = 0;
+
+  /// Fused softmax cross-entropy over logits[rows,Vp] of which the first V columns are real: losses[r] (FP32)
+  /// = -log softmax(logits[r, :V])[targets[r]]. When dlogits is non-null also writes (overwrites) dlogits[r,
+  /// j] = (softmax_j - [j == target]) * dloss for j < V and 0 for the padding, in the same pass over each
+  /// row; dlogits may alias logits. targets: int32 [rows] in [0, V).
+  virtual void crossentropy_forward_backward(void* dlogits, float* losses, const void* logits,
+                                             const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
+                                             float dloss, DType dtype) = 0;
+
   /// Phase 4: one read-only pass over `ranges` of the flat gradient buffer `grads` (dtype `grad_dtype`).
   /// Each range's length is a multiple of `block_elements`. Writes, for every block in range order, the FP64
   /// sum of squares of its elements in an order fixed by the element positions within the block (so the

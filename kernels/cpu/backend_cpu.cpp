@@ -2,6 +2,7 @@
 // the storage dtype.
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "cpu/ops.hpp"
 #include "mptrain/error.hpp"
@@ -59,6 +60,93 @@ class CpuBackend final : public Backend {
   }
   void synchronize() override {}
 
+  // ---- model ops: dispatch on dtype to the templates in kernels/cpu/*.cpp ----
+
+  void embedding_forward(void* out, const int32_t* tokens, const void* wte, const void* wpe, int64_t B,
+                         int64_t T, int64_t C, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::embedding_forward(static_cast<S*>(out), tokens, static_cast<const S*>(wte),
+                             static_cast<const S*>(wpe), B, T, C);
+    });
+  }
+  void embedding_backward(void* dwte, void* dwpe, const void* dout, const int32_t* tokens, int64_t B,
+                          int64_t T, int64_t C, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::embedding_backward(static_cast<S*>(dwte), static_cast<S*>(dwpe), static_cast<const S*>(dout),
+                              tokens, B, T, C);
+    });
+  }
+  void layernorm_forward(void* out, float* mean, float* rstd, const void* inp, const void* weight,
+                         const void* bias, int64_t rows, int64_t C, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::layernorm_forward(static_cast<S*>(out), mean, rstd, static_cast<const S*>(inp),
+                             static_cast<const S*>(weight), static_cast<const S*>(bias), rows, C);
+    });
+  }
+  void layernorm_backward(void* dinp, void* dweight, void* dbias, const void* dout, const void* inp,
+                          const void* weight, const float* mean, const float* rstd, int64_t rows, int64_t C,
+                          DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::layernorm_backward(static_cast<S*>(dinp), static_cast<S*>(dweight), static_cast<S*>(dbias),
+                              static_cast<const S*>(dout), static_cast<const S*>(inp),
+                              static_cast<const S*>(weight), mean, rstd, rows, C);
+    });
+  }
+  void matmul_forward(void* out, const void* inp, const void* weight, const void* bias, int64_t rows,
+                      int64_t IC, int64_t OC, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::matmul_forward(static_cast<S*>(out), static_cast<const S*>(inp), static_cast<const S*>(weight),
+                          static_cast<const S*>(bias), rows, IC, OC, workspace_);
+    });
+  }
+  void matmul_backward(void* dinp, void* dweight, void* dbias, const void* dout, const void* inp,
+                       const void* weight, int64_t rows, int64_t IC, int64_t OC, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::matmul_backward(static_cast<S*>(dinp), static_cast<S*>(dweight), static_cast<S*>(dbias),
+                           static_cast<const S*>(dout), static_cast<const S*>(inp),
+                           static_cast<const S*>(weight), rows, IC, OC, workspace_);
+    });
+  }
+  void attention_forward(void* out, void* att, const void* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
+                         DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::attention_forward(static_cast<S*>(out), static_cast<S*>(att), static_cast<const S*>(qkv), B, T, C,
+                             NH);
+    });
+  }
+  void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* att, int64_t B,
+                          int64_t T, int64_t C, int64_t NH, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::attention_backward(static_cast<S*>(dqkv), static_cast<const S*>(dout), static_cast<const S*>(qkv),
+                              static_cast<const S*>(att), B, T, C, NH, workspace_);
+    });
+  }
+  void gelu_forward(void* out, const void* inp, int64_t n, DType dtype) override {
+    dispatch_float_dtype(
+        dtype, [&]<typename S>() { cpu::gelu_forward(static_cast<S*>(out), static_cast<const S*>(inp), n); });
+  }
+  void gelu_backward(void* dinp, const void* inp, const void* dout, int64_t n, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::gelu_backward(static_cast<S*>(dinp), static_cast<const S*>(inp), static_cast<const S*>(dout), n);
+    });
+  }
+  void residual_forward(void* out, const void* a, const void* b, int64_t n, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::residual_forward(static_cast<S*>(out), static_cast<const S*>(a), static_cast<const S*>(b), n);
+    });
+  }
+  void accumulate(void* acc, const void* x, int64_t n, DType dtype) override {
+    dispatch_float_dtype(
+        dtype, [&]<typename S>() { cpu::accumulate(static_cast<S*>(acc), static_cast<const S*>(x), n); });
+  }
+  void crossentropy_forward_backward(void* dlogits, float* losses, const void* logits, const int32_t* targets,
+                                     int64_t rows, int64_t V, int64_t Vp, float dloss, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::crossentropy_forward_backward(static_cast<S*>(dlogits), losses, static_cast<const S*>(logits),
+                                         targets, rows, V, Vp, dloss);
+    });
+  }
+
   bool grad_check(const void* grads, DType grad_dtype, std::span<const ElementRange> ranges,
                   size_t block_elements, std::span<double> block_sums_out) override {
     return dispatch_float_dtype(grad_dtype, [&]<typename T>() {
@@ -79,6 +167,7 @@ class CpuBackend final : public Backend {
 
  private:
   size_t bytes_in_use_ = 0;
+  std::vector<float> workspace_;  // grow-only scratch of the GEMMs and attention backward
 };
 
 }  // namespace

@@ -1,7 +1,11 @@
 // CPU backend op templates (internal): instantiated for float, half and bf16 storage, computing in FP32/FP64.
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
 #include <span>
+#include <type_traits>
+#include <vector>
 
 #include "mptrain/backend.hpp"
 
@@ -21,5 +25,92 @@ void adamw(float* master, float* m, float* v, const T* grads, std::span<const Ad
 /// See Backend::cast_master.
 template <typename T>
 void cast_master(T* params, const float* master, std::span<const ElementRange> ranges);
+
+}  // namespace mpt::cpu
+
+// ---- model ops: see the Backend methods of the same names for shapes and semantics. Instantiated for
+// float, half, bf16 and double (double for finite-difference tests; it computes in double). ----
+
+namespace mpt::cpu {
+
+/// FP32 for float/half/bf16 storage, double for double: the type every op computes and accumulates in.
+template <typename T>
+using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+/// Widens a stored value to opmath_t<T> (exact).
+template <typename T>
+inline opmath_t<T> load(T x) {
+  return to_float(x);
+}
+/// Rounds an opmath_t<T> value to storage type T (round to nearest even; identity for float and double).
+template <typename T>
+inline T store(opmath_t<T> x) {
+  if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>)
+    return x;
+  else
+    return T(x);
+}
+
+/// dst[i] = load(src[i]) for i < n: SIMD bulk conversion for half/bf16 (bit-identical to load<T>).
+template <typename T>
+inline void load_n(const T* src, opmath_t<T>* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, opmath_t<T>>)
+    std::copy_n(src, n, dst);
+  else
+    convert(src, dst, static_cast<size_t>(n));
+}
+
+/// dst[i] = store<T>(src[i]) for i < n (round to nearest even, bit-identical to store<T>).
+template <typename T>
+inline void store_n(const opmath_t<T>* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, opmath_t<T>>)
+    std::copy_n(src, n, dst);
+  else
+    convert(src, dst, static_cast<size_t>(n));
+}
+
+template <typename T>
+void embedding_forward(T* out, const int32_t* tokens, const T* wte, const T* wpe, int64_t B, int64_t T_,
+                       int64_t C);
+template <typename T>
+void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, int64_t B, int64_t T_,
+                        int64_t C);
+
+/// mean/rstd are opmath_t<T> (float for the Backend's dtypes, double in double tests).
+template <typename T>
+void layernorm_forward(T* out, opmath_t<T>* mean, opmath_t<T>* rstd, const T* inp, const T* weight,
+                       const T* bias, int64_t rows, int64_t C);
+template <typename T>
+void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
+                        const opmath_t<T>* mean, const opmath_t<T>* rstd, int64_t rows, int64_t C);
+
+/// `workspace` grows as needed (FP32 copies of FP16/BF16 operands for SGEMM; float uses SGEMM and double
+/// DGEMM directly on the operands).
+template <typename T>
+void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int64_t rows, int64_t IC,
+                    int64_t OC, std::vector<float>& workspace);
+template <typename T>
+void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
+                     int64_t rows, int64_t IC, int64_t OC, std::vector<float>& workspace);
+
+template <typename T>
+void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int64_t C, int64_t NH);
+template <typename T>
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int64_t B, int64_t T_, int64_t C,
+                        int64_t NH, std::vector<opmath_t<T>>& workspace);
+
+template <typename T>
+void gelu_forward(T* out, const T* inp, int64_t n);
+template <typename T>
+void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n);
+
+template <typename T>
+void residual_forward(T* out, const T* a, const T* b, int64_t n);
+template <typename T>
+void accumulate(T* acc, const T* x, int64_t n);
+
+template <typename T>
+void crossentropy_forward_backward(T* dlogits, opmath_t<T>* losses, const T* logits, const int32_t* targets,
+                                   int64_t rows, int64_t V, int64_t Vp, opmath_t<T> dloss);
 
 }  // namespace mpt::cpu
