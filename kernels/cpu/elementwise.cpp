@@ -1,0 +1,113 @@
+// CPU elementwise ops of the GPT-2 block: tanh-GELU forward/backward (element math in
+// kernels/common/gelu.hpp), the residual add and gradient accumulation.
+//
+// Every op walks its n elements in fixed chunks split across OpenMP threads; a chunk is widened to opmath
+// with the SIMD bulk converters, computed, and rounded once on store. No element depends on another, so
+// results do not depend on the thread count. Each chunk is read completely before it is written, so an output
+// may alias an input (in-place gelu_forward, or residual_forward into a or b).
+#include <algorithm>
+#include <cstdint>
+
+#include "common/gelu.hpp"
+#include "cpu/ops.hpp"
+#include "mptrain/error.hpp"
+
+namespace mpt::cpu {
+
+namespace {
+
+constexpr int64_t kChunk = 1024;
+
+/// Runs body(begin, count) over [0, n) in chunks of kChunk, chunks spread over the OpenMP threads.
+template <typename Body>
+void for_each_chunk(int64_t n, Body&& body) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t begin = c * kChunk;
+    body(begin, std::min(kChunk, n - begin));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void gelu_forward(T* out, const T* inp, int64_t n) {
+  MPT_CHECK(n > 0, "gelu_forward: n must be positive, got {}", n);
+  MPT_CHECK(out != nullptr, "gelu_forward: out is null");
+  MPT_CHECK(inp != nullptr, "gelu_forward: inp is null");
+  using F = opmath_t<T>;
+  for_each_chunk(n, [&](int64_t begin, int64_t count) {
+    F x[kChunk];
+    load_n(inp + begin, x, count);
+    for (int64_t i = 0; i < count; ++i) x[i] = common::gelu_tanh(x[i]);
+    store_n<T>(x, out + begin, count);
+  });
+}
+
+template <typename T>
+void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
+  MPT_CHECK(n > 0, "gelu_backward: n must be positive, got {}", n);
+  MPT_CHECK(dinp != nullptr, "gelu_backward: dinp is null");
+  MPT_CHECK(inp != nullptr, "gelu_backward: inp is null");
+  MPT_CHECK(dout != nullptr, "gelu_backward: dout is null");
+  using F = opmath_t<T>;
+  for_each_chunk(n, [&](int64_t begin, int64_t count) {
+    F x[kChunk];
+    F dy[kChunk];
+    F acc[kChunk];
+    load_n(inp + begin, x, count);
+    load_n(dout + begin, dy, count);
+    load_n(dinp + begin, acc, count);
+    for (int64_t i = 0; i < count; ++i) acc[i] += dy[i] * common::gelu_tanh_derivative(x[i]);
+    store_n<T>(acc, dinp + begin, count);
+  });
+}
+
+template <typename T>
+void residual_forward(T* out, const T* a, const T* b, int64_t n) {
+  MPT_CHECK(n > 0, "residual_forward: n must be positive, got {}", n);
+  MPT_CHECK(out != nullptr, "residual_forward: out is null");
+  MPT_CHECK(a != nullptr, "residual_forward: a is null");
+  MPT_CHECK(b != nullptr, "residual_forward: b is null");
+  using F = opmath_t<T>;
+  for_each_chunk(n, [&](int64_t begin, int64_t count) {
+    F x[kChunk];
+    F y[kChunk];
+    load_n(a + begin, x, count);
+    load_n(b + begin, y, count);
+    for (int64_t i = 0; i < count; ++i) x[i] += y[i];
+    store_n<T>(x, out + begin, count);
+  });
+}
+
+template <typename T>
+void accumulate(T* acc, const T* x, int64_t n) {
+  MPT_CHECK(n > 0, "accumulate: n must be positive, got {}", n);
+  MPT_CHECK(acc != nullptr, "accumulate: acc is null");
+  MPT_CHECK(x != nullptr, "accumulate: x is null");
+  using F = opmath_t<T>;
+  for_each_chunk(n, [&](int64_t begin, int64_t count) {
+    F sum[kChunk];
+    F y[kChunk];
+    load_n(acc + begin, sum, count);
+    load_n(x + begin, y, count);
+    for (int64_t i = 0; i < count; ++i) sum[i] += y[i];
+    store_n<T>(sum, acc + begin, count);
+  });
+}
+
+#define MPT_INSTANTIATE_ELEMENTWISE(T)                                \
+  template void gelu_forward<T>(T*, const T*, int64_t);               \
+  template void gelu_backward<T>(T*, const T*, const T*, int64_t);    \
+  template void residual_forward<T>(T*, const T*, const T*, int64_t); \
+  template void accumulate<T>(T*, const T*, int64_t);
+
+MPT_INSTANTIATE_ELEMENTWISE(float)
+MPT_INSTANTIATE_ELEMENTWISE(half)
+MPT_INSTANTIATE_ELEMENTWISE(bf16)
+MPT_INSTANTIATE_ELEMENTWISE(double)
+
+#undef MPT_INSTANTIATE_ELEMENTWISE
+
+}  // namespace mpt::cpu
