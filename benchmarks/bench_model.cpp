@@ -1,0 +1,146 @@
+// bench_model: forward + backward time of the GPT model on the CPU backend, per storage dtype and thread
+// count, with tokens/s and achieved FLOP/s (6N + 12 L C T per token, PaLM appendix B). Thread counts are set
+// explicitly (omp_set_num_threads) for every configuration; the report gives median, min and max over
+// iterations as JSON.
+//
+//   build/benchmarks/bench_model --layers 4 --channels 128 --heads 4 --seq 128 --batch 16 --threads 1,2
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <omp.h>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "mptrain/model.hpp"
+
+namespace {
+
+struct Stats {
+  double median, min, max;
+};
+
+Stats stats(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return {n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]), v.front(), v.back()};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Times GPT forward + backward on the CPU backend per dtype and thread count"};
+  mpt::GPTConfig cfg;
+  cfg.vocab_size = 256;
+  cfg.num_layers = 4;
+  cfg.channels = 128;
+  cfg.num_heads = 4;
+  int64_t T = 128, B = 16;
+  std::vector<int> threads = {1, 2};
+  std::vector<std::string> dtypes = {"fp32", "fp16", "bf16"};
+  int warmup = 1, iters = 5;
+  std::string json_path;
+  app.add_option("--vocab", cfg.vocab_size, "vocabulary size V")->capture_default_str();
+  app.add_option("--layers", cfg.num_layers, "transformer blocks L")->capture_default_str();
+  app.add_option("--channels", cfg.channels, "channels C")->capture_default_str();
+  app.add_option("--heads", cfg.num_heads, "attention heads NH")->capture_default_str();
+  app.add_option("--seq", T, "sequence length T (tokens)")->capture_default_str();
+  app.add_option("--batch", B, "sequences per forward B")->capture_default_str();
+  app.add_option("--threads", threads, "OpenMP thread counts to run (comma separated)")
+      ->delimiter(',')
+      ->capture_default_str();
+  app.add_option("--dtypes", dtypes, "storage dtypes (fp32, fp16, bf16; comma separated)")
+      ->delimiter(',')
+      ->capture_default_str();
+  app.add_option("--warmup", warmup, "untimed iterations per configuration")->capture_default_str();
+  app.add_option("--iters", iters, "timed iterations per configuration")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--json", json_path, "also write the JSON report to this file");
+  CLI11_PARSE(app, argc, argv);
+  cfg.max_seq_len = T;
+  try {
+    cfg.validate();
+  } catch (const mpt::Error& e) {
+    std::fprintf(stderr, "bench_model: %s\n", e.what());
+    return 2;
+  }
+
+  nlohmann::json report;
+  report["benchmark"] = "gpt_forward_backward";
+  report["backend"] = "cpu";
+  report["model"] = {{"V", cfg.vocab_size},
+                     {"L", cfg.num_layers},
+                     {"C", cfg.channels},
+                     {"NH", cfg.num_heads},
+                     {"T", T},
+                     {"B", B}};
+  const double flops_per_token = mpt::gpt_flops_per_token(cfg, T);
+  report["flops_per_token"] = flops_per_token;
+  report["flops_formula"] = "6N + 12 L C T (PaLM appendix B), N = all parameters";
+  std::mt19937 rng(1);
+  std::vector<int32_t> tokens(static_cast<size_t>(B * T)), targets(tokens.size());
+  for (auto& x : tokens) x = static_cast<int32_t>(rng() % static_cast<uint32_t>(cfg.vocab_size));
+  for (auto& x : targets) x = static_cast<int32_t>(rng() % static_cast<uint32_t>(cfg.vocab_size));
+
+  for (const std::string& name : dtypes) {
+    const mpt::DType dt = name == "fp16"   ? mpt::DType::f16
+                          : name == "bf16" ? mpt::DType::bf16
+                                           : mpt::DType::f32;
+    auto backend = mpt::make_cpu_backend();
+    const mpt::ParamLayout layout(mpt::gpt_tensors(cfg), mpt::LayoutOptions{}, 1);
+    mpt::Buffer params = backend->allocate(layout.padded_elements() * mpt::dtype_size(dt));
+    mpt::Buffer grads = backend->allocate(layout.padded_elements() * mpt::dtype_size(dt));
+    const auto values = mpt::gpt_init(cfg, 1);
+    mpt::dispatch_float_dtype(dt, [&]<typename S>() {
+      size_t at = 0;
+      for (const auto& t : layout.tensors())
+        for (size_t i = 0; i < t.spec.num_elements(); ++i)
+          params.as<S>()[t.offset + i] = mpt::from_float<S>(values[at++]);
+    });
+    mpt::GPT model(cfg, layout, *backend, dt);
+    for (int nt : threads) {
+      omp_set_num_threads(nt);
+      std::vector<double> fwd, bwd;
+      for (int it = 0; it < warmup + iters; ++it) {
+        const auto t0 = std::chrono::steady_clock::now();
+        model.forward(params.data(), tokens.data(), targets.data(), B, T, 1.0f);
+        const auto t1 = std::chrono::steady_clock::now();
+        model.backward(params.data(), grads.data());
+        const auto t2 = std::chrono::steady_clock::now();
+        if (it < warmup) continue;
+        fwd.push_back(std::chrono::duration<double>(t1 - t0).count());
+        bwd.push_back(std::chrono::duration<double>(t2 - t1).count());
+      }
+      std::vector<double> total(fwd.size());
+      for (size_t i = 0; i < fwd.size(); ++i) total[i] = fwd[i] + bwd[i];
+      const Stats f = stats(fwd), b = stats(bwd), t = stats(total);
+      const double tokens_per_second = static_cast<double>(B * T) / t.median;
+      report["runs"].push_back({{"dtype", name},
+                                {"threads", nt},
+                                {"forward_seconds", {{"median", f.median}, {"min", f.min}, {"max", f.max}}},
+                                {"backward_seconds", {{"median", b.median}, {"min", b.min}, {"max", b.max}}},
+                                {"total_seconds", {{"median", t.median}, {"min", t.min}, {"max", t.max}}},
+                                {"tokens_per_second", tokens_per_second},
+                                {"gflops_per_second", tokens_per_second * flops_per_token / 1e9}});
+      std::fprintf(stderr, "%-5s threads %d: fwd+bwd %.1f ms median (min %.1f, max %.1f), %.0f tokens/s\n",
+                   name.c_str(), nt, 1e3 * t.median, 1e3 * t.min, 1e3 * t.max, tokens_per_second);
+    }
+  }
+  const std::string text = report.dump(2);
+  std::printf("%s\n", text.c_str());
+  if (!json_path.empty()) {
+    FILE* f = std::fopen(json_path.c_str(), "w");
+    if (!f) {
+      std::fprintf(stderr, "bench_model: cannot write --json file '%s'\n", json_path.c_str());
+      return 1;
+    }
+    std::fprintf(f, "%s\n", text.c_str());
+    std::fclose(f);
+  }
+  return 0;
+}

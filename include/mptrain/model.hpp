@@ -1,0 +1,92 @@
+// The GPT-2 model of DESIGN.md (Model section), written once against the Backend interface.
+//
+// Token + position embeddings; L pre-LN blocks (LayerNorm -> causal multi-head attention with a fused QKV
+// projection and an output projection -> residual; LayerNorm -> MLP 4C with tanh-GELU -> residual); final
+// LayerNorm; LM head tied to the token embedding; mean cross-entropy. Parameters are views into the engine's
+// flat buffer (ParamLayout); activations are allocated once per (B, T) and reused.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "mptrain/backend.hpp"
+#include "mptrain/layout.hpp"
+
+namespace mpt {
+
+struct GPTConfig {
+  int64_t vocab_size = 256;    ///< V: 256 for byte-level text, 50257 for GPT-2 tokens
+  int64_t max_seq_len = 1024;  ///< largest T (rows of the position embedding)
+  int64_t num_layers = 12;     ///< L
+  int64_t num_heads = 12;      ///< NH, must divide channels
+  int64_t channels = 768;      ///< C
+
+  /// Vp: vocab_size rounded up to a multiple of 128 (rows of wte, columns of the logits), for the GEMMs.
+  int64_t padded_vocab_size() const { return (vocab_size + 127) / 128 * 128; }
+  /// Throws mpt::InputError naming the first bad field and its value.
+  void validate() const;
+};
+
+/// The parameter tensors in registration (forward) order, named as GPT-2 ("wte.weight", "h.0.ln_1.weight",
+/// "h.0.attn.c_attn.weight" [3C, C], ..., "ln_f.bias"); weights in torch.nn.Linear layout [out, in]. Matrices
+/// and embeddings decay; biases and LayerNorm parameters do not.
+std::vector<TensorSpec> gpt_tensors(const GPTConfig& config);
+
+/// Initial FP32 values in registration order (DESIGN.md): N(0, 0.02); attn.c_proj and mlp.c_proj weights
+/// N(0, 0.02/sqrt(2L)); biases 0; LayerNorm weight 1 and bias 0; wte's padding rows [V, Vp) 0. Deterministic
+/// in `seed` (mt19937_64 + Box-Muller, independent of the C++ library's distributions).
+std::vector<float> gpt_init(const GPTConfig& config, uint64_t seed);
+
+/// FLOPs per token of one training step (forward + backward): 6N + 12 L C T, N = all parameters (PaLM
+/// appendix B's formula with llm.c's choice of N), T the sequence length. For MFU.
+double gpt_flops_per_token(const GPTConfig& config, int64_t T);
+
+class GPT {
+ public:
+  /// `layout` must hold gpt_tensors(config) (throws mpt::Error otherwise); `dtype` is the storage type of
+  /// params, grads and activations (f32, f16 or bf16). Validates the config (mpt::InputError).
+  GPT(const GPTConfig& config, const ParamLayout& layout, Backend& backend, DType dtype);
+  ~GPT();
+  GPT(const GPT&) = delete;
+  GPT& operator=(const GPT&) = delete;
+
+  const GPTConfig& config() const { return config_; }
+
+  /// Runs the model on tokens [B, T] (host int32). With targets [B, T] (host int32) returns the mean
+  /// cross-entropy loss over B*T positions (computed in FP64 from FP32 per-position losses); without, NaN.
+  /// `params` is the flat padded parameter buffer (backend memory). When `backward_factor` > 0 (targets
+  /// required), the fused cross-entropy pass also writes dlogits = factor * dLoss/dlogits in place of the
+  /// logits (llm.c's fused classifier: one pass, no second logits-sized buffer), ready for backward().
+  /// factor is loss_scale / accumulation_steps. Throws mpt::InputError for B < 1, T outside [1, max_seq_len]
+  /// or a token/target outside [0, V), naming the position and value.
+  float forward(const void* params, const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
+                float backward_factor = 0.0f);
+
+  /// Accumulates backward_factor * dLoss/dparams of the last forward into `grads` (flat padded buffer).
+  /// Throws mpt::Error when the last forward was not run with backward_factor > 0.
+  void backward(const void* params, void* grads);
+
+  /// Logits [B, T, Vp] of the last forward (backend memory; dlogits after a forward with backward_factor).
+  const void* logits() const;
+  /// Bytes of activation memory currently allocated (forward activations + backward scratch).
+  size_t activation_bytes() const;
+
+ private:
+  struct Activations;
+  void ensure_activations(int64_t B, int64_t T);
+  const void* param(const void* base, size_t index) const;
+  void* grad(void* base, size_t index) const;
+
+  GPTConfig config_;
+  const ParamLayout& layout_;
+  Backend& backend_;
+  DType dtype_;
+  std::vector<size_t> offsets_;  // flat offset of every tensor, registration order
+  std::unique_ptr<Activations> acts_;
+  int64_t B_ = 0, T_ = 0;
+  bool dlogits_ready_ = false;
+};
+
+}  // namespace mpt

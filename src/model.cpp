@@ -1,0 +1,327 @@
+// GPT-2 forward and backward over the Backend ops (include/mptrain/model.hpp). The op sequence follows the
+// model definition; the backward runs it in reverse, with one running residual-stream gradient that every
+// branch adds into (Backend backward ops accumulate).
+#include "mptrain/model.hpp"
+
+#include <cmath>
+#include <numbers>
+#include <random>
+
+#include "mptrain/error.hpp"
+
+namespace mpt {
+
+void GPTConfig::validate() const {
+  MPT_INPUT_CHECK(vocab_size >= 1, "model: vocab_size must be >= 1, got {}", vocab_size);
+  MPT_INPUT_CHECK(max_seq_len >= 1, "model: max_seq_len must be >= 1, got {}", max_seq_len);
+  MPT_INPUT_CHECK(num_layers >= 1, "model: num_layers must be >= 1, got {}", num_layers);
+  MPT_INPUT_CHECK(num_heads >= 1, "model: num_heads must be >= 1, got {}", num_heads);
+  MPT_INPUT_CHECK(channels >= 1, "model: channels must be >= 1, got {}", channels);
+  MPT_INPUT_CHECK(channels % num_heads == 0, "model: num_heads ({}) must divide channels ({})", num_heads,
+                  channels);
+}
+
+namespace {
+
+constexpr size_t kPerLayer = 12;
+enum LayerTensor : size_t {
+  kLn1W,
+  kLn1B,
+  kQkvW,
+  kQkvB,
+  kAttProjW,
+  kAttProjB,
+  kLn2W,
+  kLn2B,
+  kFcW,
+  kFcB,
+  kFcProjW,
+  kFcProjB
+};
+size_t layer_index(int64_t l, LayerTensor k) {
+  return 2 + kPerLayer * static_cast<size_t>(l) + k;
+}
+
+}  // namespace
+
+std::vector<TensorSpec> gpt_tensors(const GPTConfig& c) {
+  c.validate();
+  const int64_t C = c.channels;
+  std::vector<TensorSpec> t = {{"wte.weight", {c.padded_vocab_size(), C}, true},
+                               {"wpe.weight", {c.max_seq_len, C}, true}};
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string h = fmt::format("h.{}.", l);
+    t.push_back({h + "ln_1.weight", {C}, false});
+    t.push_back({h + "ln_1.bias", {C}, false});
+    t.push_back({h + "attn.c_attn.weight", {3 * C, C}, true});
+    t.push_back({h + "attn.c_attn.bias", {3 * C}, false});
+    t.push_back({h + "attn.c_proj.weight", {C, C}, true});
+    t.push_back({h + "attn.c_proj.bias", {C}, false});
+    t.push_back({h + "ln_2.weight", {C}, false});
+    t.push_back({h + "ln_2.bias", {C}, false});
+    t.push_back({h + "mlp.c_fc.weight", {4 * C, C}, true});
+    t.push_back({h + "mlp.c_fc.bias", {4 * C}, false});
+    t.push_back({h + "mlp.c_proj.weight", {C, 4 * C}, true});
+    t.push_back({h + "mlp.c_proj.bias", {C}, false});
+  }
+  t.push_back({"ln_f.weight", {C}, false});
+  t.push_back({"ln_f.bias", {C}, false});
+  return t;
+}
+
+std::vector<float> gpt_init(const GPTConfig& c, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  // Box-Muller on 53-bit uniforms: the same numbers with any C++ standard library.
+  auto uniform = [&] { return (static_cast<double>(rng() >> 11) + 0.5) * 0x1.0p-53; };
+  auto normal = [&](double stddev) {
+    const double r = std::sqrt(-2.0 * std::log(uniform()));
+    return static_cast<float>(stddev * r * std::cos(2.0 * std::numbers::pi * uniform()));
+  };
+  const double residual_std = 0.02 / std::sqrt(2.0 * static_cast<double>(c.num_layers));
+  std::vector<float> values;
+  for (const TensorSpec& t : gpt_tensors(c)) {
+    const size_t n = t.num_elements();
+    const bool is_bias = t.name.ends_with(".bias");
+    const bool is_ln_weight =
+        t.name.ends_with("ln_1.weight") || t.name.ends_with("ln_2.weight") || t.name == "ln_f.weight";
+    const bool is_residual_proj =
+        t.name.ends_with("attn.c_proj.weight") || t.name.ends_with("mlp.c_proj.weight");
+    for (size_t i = 0; i < n; ++i) {
+      if (is_bias)
+        values.push_back(0.0f);
+      else if (is_ln_weight)
+        values.push_back(1.0f);
+      else if (t.name == "wte.weight" && i >= static_cast<size_t>(c.vocab_size * c.channels))
+        values.push_back(0.0f);
+      else
+        values.push_back(normal(is_residual_proj ? residual_std : 0.02));
+    }
+  }
+  return values;
+}
+
+double gpt_flops_per_token(const GPTConfig& c, int64_t T) {
+  double n = 0;
+  for (const TensorSpec& t : gpt_tensors(c)) n += static_cast<double>(t.num_elements());
+  return 6.0 * n + 12.0 * static_cast<double>(c.num_layers * c.channels * T);
+}
+
+// ---- activations ----------------------------------------------------------------------------------------
+
+struct GPT::Activations {
+  // Forward, per layer where indexed by l.
+  Buffer tokens, targets;  // int32 [B,T]
+  Buffer encoded;          // [B,T,C]
+  std::vector<Buffer> ln1, ln1_mean, ln1_rstd, qkv, atty, att, attproj, residual2, ln2, ln2_mean, ln2_rstd,
+      fch, fch_gelu, fcproj, residual3;
+  Buffer lnf, lnf_mean, lnf_rstd;  // [B,T,C], [B,T], [B,T]
+  Buffer logits;                   // [B,T,Vp] (dlogits in place)
+  Buffer losses;                   // FP32 [B,T]
+  // Backward scratch, reused by every layer.
+  Buffer dresidual, dln, datty, dqkv, dfch, dfch_gelu;
+  size_t bytes = 0;
+};
+
+GPT::GPT(const GPTConfig& config, const ParamLayout& layout, Backend& backend, DType dtype)
+    : config_(config), layout_(layout), backend_(backend), dtype_(dtype) {
+  config_.validate();
+  MPT_CHECK(dtype == DType::f32 || dtype == DType::f16 || dtype == DType::bf16,
+            "GPT: storage dtype must be f32, f16 or bf16, got {}", dtype_name(dtype));
+  const auto specs = gpt_tensors(config_);
+  MPT_CHECK(specs.size() == layout.tensors().size(), "GPT: layout has {} tensors, the model {}",
+            layout.tensors().size(), specs.size());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const TensorSpec& have = layout.tensors()[i].spec;
+    MPT_CHECK(have.name == specs[i].name && have.shape == specs[i].shape,
+              "GPT: layout tensor {} is '{}', expected '{}'", i, have.name, specs[i].name);
+    offsets_.push_back(layout.tensors()[i].offset);
+  }
+}
+
+GPT::~GPT() = default;
+
+const void* GPT::param(const void* base, size_t index) const {
+  return static_cast<const std::byte*>(base) + offsets_[index] * dtype_size(dtype_);
+}
+void* GPT::grad(void* base, size_t index) const {
+  return static_cast<std::byte*>(base) + offsets_[index] * dtype_size(dtype_);
+}
+
+void GPT::ensure_activations(int64_t B, int64_t T) {
+  if (acts_ && B == B_ && T == T_) return;
+  acts_.reset();  // free the old set first: peak memory is one set
+  auto a = std::make_unique<Activations>();
+  const size_t es = dtype_size(dtype_);
+  const auto BT = static_cast<size_t>(B * T);
+  const auto C = static_cast<size_t>(config_.channels);
+  const auto NH = static_cast<size_t>(config_.num_heads);
+  const auto Vp = static_cast<size_t>(config_.padded_vocab_size());
+  auto alloc = [&](size_t bytes) {
+    a->bytes += bytes;
+    return backend_.allocate(bytes);
+  };
+  a->tokens = alloc(BT * sizeof(int32_t));
+  a->targets = alloc(BT * sizeof(int32_t));
+  a->encoded = alloc(BT * C * es);
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    a->ln1.push_back(alloc(BT * C * es));
+    a->ln1_mean.push_back(alloc(BT * sizeof(float)));
+    a->ln1_rstd.push_back(alloc(BT * sizeof(float)));
+    a->qkv.push_back(alloc(BT * 3 * C * es));
+    a->atty.push_back(alloc(BT * C * es));
+    a->att.push_back(alloc(static_cast<size_t>(B) * NH * static_cast<size_t>(T * T) * es));
+    a->attproj.push_back(alloc(BT * C * es));
+    a->residual2.push_back(alloc(BT * C * es));
+    a->ln2.push_back(alloc(BT * C * es));
+    a->ln2_mean.push_back(alloc(BT * sizeof(float)));
+    a->ln2_rstd.push_back(alloc(BT * sizeof(float)));
+    a->fch.push_back(alloc(BT * 4 * C * es));
+    a->fch_gelu.push_back(alloc(BT * 4 * C * es));
+    a->fcproj.push_back(alloc(BT * C * es));
+    a->residual3.push_back(alloc(BT * C * es));
+  }
+  a->lnf = alloc(BT * C * es);
+  a->lnf_mean = alloc(BT * sizeof(float));
+  a->lnf_rstd = alloc(BT * sizeof(float));
+  a->logits = alloc(BT * Vp * es);
+  a->losses = alloc(BT * sizeof(float));
+  a->dresidual = alloc(BT * C * es);
+  a->dln = alloc(BT * C * es);
+  a->datty = alloc(BT * C * es);
+  a->dqkv = alloc(BT * 3 * C * es);
+  a->dfch = alloc(BT * 4 * C * es);
+  a->dfch_gelu = alloc(BT * 4 * C * es);
+  acts_ = std::move(a);
+  B_ = B;
+  T_ = T;
+}
+
+size_t GPT::activation_bytes() const {
+  return acts_ ? acts_->bytes : 0;
+}
+
+const void* GPT::logits() const {
+  MPT_CHECK(acts_ != nullptr, "GPT::logits: no forward has run");
+  return acts_->logits.data();
+}
+
+float GPT::forward(const void* params, const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
+                   float backward_factor) {
+  MPT_INPUT_CHECK(B >= 1, "model: batch size must be >= 1, got {}", B);
+  MPT_INPUT_CHECK(T >= 1 && T <= config_.max_seq_len, "model: sequence length {} outside [1, max_seq_len={}]",
+                  T, config_.max_seq_len);
+  MPT_CHECK(!(backward_factor > 0.0f) || targets != nullptr, "GPT::forward: backward_factor needs targets");
+  const int64_t V = config_.vocab_size;
+  for (int64_t i = 0; i < B * T; ++i) {
+    MPT_INPUT_CHECK(tokens[i] >= 0 && tokens[i] < V,
+                    "model: token {} at position {} outside [0, vocab_size={})", tokens[i], i, V);
+    if (targets)
+      MPT_INPUT_CHECK(targets[i] >= 0 && targets[i] < V,
+                      "model: target {} at position {} outside [0, vocab_size={})", targets[i], i, V);
+  }
+  ensure_activations(B, T);
+  Activations& a = *acts_;
+  const int64_t C = config_.channels, NH = config_.num_heads, Vp = config_.padded_vocab_size();
+  const int64_t BT = B * T;
+  const DType dt = dtype_;
+  backend_.copy_from_host(a.tokens.data(), tokens, static_cast<size_t>(BT) * sizeof(int32_t));
+
+  backend_.embedding_forward(a.encoded.data(), a.tokens.as<int32_t>(), param(params, 0), param(params, 1), B,
+                             T, C, dt);
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    const auto p = [&](LayerTensor k) { return param(params, layer_index(l, k)); };
+    const auto ul = static_cast<size_t>(l);
+    const void* residual = l == 0 ? a.encoded.data() : a.residual3[ul - 1].data();
+    backend_.layernorm_forward(a.ln1[ul].data(), a.ln1_mean[ul].as<float>(), a.ln1_rstd[ul].as<float>(),
+                               residual, p(kLn1W), p(kLn1B), BT, C, dt);
+    backend_.matmul_forward(a.qkv[ul].data(), a.ln1[ul].data(), p(kQkvW), p(kQkvB), BT, C, 3 * C, dt);
+    backend_.attention_forward(a.atty[ul].data(), a.att[ul].data(), a.qkv[ul].data(), B, T, C, NH, dt);
+    backend_.matmul_forward(a.attproj[ul].data(), a.atty[ul].data(), p(kAttProjW), p(kAttProjB), BT, C, C,
+                            dt);
+    backend_.residual_forward(a.residual2[ul].data(), residual, a.attproj[ul].data(), BT * C, dt);
+    backend_.layernorm_forward(a.ln2[ul].data(), a.ln2_mean[ul].as<float>(), a.ln2_rstd[ul].as<float>(),
+                               a.residual2[ul].data(), p(kLn2W), p(kLn2B), BT, C, dt);
+    backend_.matmul_forward(a.fch[ul].data(), a.ln2[ul].data(), p(kFcW), p(kFcB), BT, C, 4 * C, dt);
+    backend_.gelu_forward(a.fch_gelu[ul].data(), a.fch[ul].data(), BT * 4 * C, dt);
+    backend_.matmul_forward(a.fcproj[ul].data(), a.fch_gelu[ul].data(), p(kFcProjW), p(kFcProjB), BT, 4 * C,
+                            C, dt);
+    backend_.residual_forward(a.residual3[ul].data(), a.residual2[ul].data(), a.fcproj[ul].data(), BT * C,
+                              dt);
+  }
+  const size_t lnf = layer_index(config_.num_layers, kLn1W);  // ln_f.weight follows the last layer
+  backend_.layernorm_forward(a.lnf.data(), a.lnf_mean.as<float>(), a.lnf_rstd.as<float>(),
+                             a.residual3.back().data(), param(params, lnf), param(params, lnf + 1), BT, C,
+                             dt);
+  backend_.matmul_forward(a.logits.data(), a.lnf.data(), param(params, 0), nullptr, BT, C, Vp, dt);
+
+  dlogits_ready_ = false;
+  if (!targets) return std::nanf("");
+  backend_.copy_from_host(a.targets.data(), targets, static_cast<size_t>(BT) * sizeof(int32_t));
+  const bool train = backward_factor > 0.0f;
+  const float dloss =
+      train ? static_cast<float>(static_cast<double>(backward_factor) / static_cast<double>(BT)) : 0.0f;
+  backend_.crossentropy_forward_backward(train ? a.logits.data() : nullptr, a.losses.as<float>(),
+                                         a.logits.data(), a.targets.as<int32_t>(), BT, V, Vp, dloss, dt);
+  dlogits_ready_ = train;
+  std::vector<float> losses(static_cast<size_t>(BT));
+  backend_.copy_to_host(losses.data(), a.losses.data(), losses.size() * sizeof(float));
+  double sum = 0.0;  // FP64, in position order: deterministic
+  for (float x : losses) sum += x;
+  return static_cast<float>(sum / static_cast<double>(BT));
+}
+
+void GPT::backward(const void* params, void* grads) {
+  MPT_CHECK(dlogits_ready_,
+            "GPT::backward: the last forward did not prepare a backward (backward_factor > 0)");
+  dlogits_ready_ = false;  // dlogits are consumed: a second backward would need a new forward
+  Activations& a = *acts_;
+  const int64_t B = B_, T = T_, BT = B * T;
+  const int64_t C = config_.channels, NH = config_.num_heads, Vp = config_.padded_vocab_size();
+  const DType dt = dtype_;
+  const size_t es = dtype_size(dt);
+  const auto bytes = [&](int64_t elements) { return static_cast<size_t>(elements) * es; };
+
+  // LM head (tied to wte): d(lnf) and dwte from dlogits.
+  backend_.fill_zero(a.dln.data(), bytes(BT * C));
+  backend_.matmul_backward(a.dln.data(), grad(grads, 0), nullptr, a.logits.data(), a.lnf.data(),
+                           param(params, 0), BT, C, Vp, dt);
+  const size_t lnf = layer_index(config_.num_layers, kLn1W);
+  backend_.fill_zero(a.dresidual.data(), bytes(BT * C));
+  backend_.layernorm_backward(a.dresidual.data(), grad(grads, lnf), grad(grads, lnf + 1), a.dln.data(),
+                              a.residual3.back().data(), param(params, lnf), a.lnf_mean.as<float>(),
+                              a.lnf_rstd.as<float>(), BT, C, dt);
+
+  for (int64_t l = config_.num_layers - 1; l >= 0; --l) {
+    const auto p = [&](LayerTensor k) { return param(params, layer_index(l, k)); };
+    const auto g = [&](LayerTensor k) { return grad(grads, layer_index(l, k)); };
+    const auto ul = static_cast<size_t>(l);
+    const void* residual = l == 0 ? a.encoded.data() : a.residual3[ul - 1].data();
+    // residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))): dresidual flows to both terms.
+    backend_.fill_zero(a.dfch_gelu.data(), bytes(BT * 4 * C));
+    backend_.matmul_backward(a.dfch_gelu.data(), g(kFcProjW), g(kFcProjB), a.dresidual.data(),
+                             a.fch_gelu[ul].data(), p(kFcProjW), BT, 4 * C, C, dt);
+    backend_.fill_zero(a.dfch.data(), bytes(BT * 4 * C));
+    backend_.gelu_backward(a.dfch.data(), a.fch[ul].data(), a.dfch_gelu.data(), BT * 4 * C, dt);
+    backend_.fill_zero(a.dln.data(), bytes(BT * C));
+    backend_.matmul_backward(a.dln.data(), g(kFcW), g(kFcB), a.dfch.data(), a.ln2[ul].data(), p(kFcW), BT, C,
+                             4 * C, dt);
+    backend_.layernorm_backward(a.dresidual.data(), g(kLn2W), g(kLn2B), a.dln.data(), a.residual2[ul].data(),
+                                p(kLn2W), a.ln2_mean[ul].as<float>(), a.ln2_rstd[ul].as<float>(), BT, C, dt);
+    // residual2 = residual + attproj(attention(qkv(ln1(residual)))).
+    backend_.fill_zero(a.datty.data(), bytes(BT * C));
+    backend_.matmul_backward(a.datty.data(), g(kAttProjW), g(kAttProjB), a.dresidual.data(),
+                             a.atty[ul].data(), p(kAttProjW), BT, C, C, dt);
+    backend_.fill_zero(a.dqkv.data(), bytes(BT * 3 * C));
+    backend_.attention_backward(a.dqkv.data(), a.datty.data(), a.qkv[ul].data(), a.att[ul].data(), B, T, C,
+                                NH, dt);
+    backend_.fill_zero(a.dln.data(), bytes(BT * C));
+    backend_.matmul_backward(a.dln.data(), g(kQkvW), g(kQkvB), a.dqkv.data(), a.ln1[ul].data(), p(kQkvW), BT,
+                             C, 3 * C, dt);
+    backend_.layernorm_backward(a.dresidual.data(), g(kLn1W), g(kLn1B), a.dln.data(), residual, p(kLn1W),
+                                a.ln1_mean[ul].as<float>(), a.ln1_rstd[ul].as<float>(), BT, C, dt);
+  }
+  backend_.embedding_backward(grad(grads, 0), grad(grads, 1), a.dresidual.data(), a.tokens.as<int32_t>(), B,
+                              T, C, dt);
+}
+
+}  // namespace mpt

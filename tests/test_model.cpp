@@ -1,0 +1,240 @@
+// GPT model tests on the CPU backend: config validation, initialisation, input checks, gradient accumulation
+// equivalence, bitwise determinism, activation memory reuse, and the fp16/bf16 model against fp32.
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "mptrain/error.hpp"
+#include "mptrain/model.hpp"
+
+namespace mpt {
+namespace {
+
+GPTConfig tiny() {
+  GPTConfig c;
+  c.vocab_size = 37;
+  c.max_seq_len = 9;
+  c.num_layers = 2;
+  c.num_heads = 3;
+  c.channels = 12;
+  return c;
+}
+
+/// A model with its flat parameter and gradient buffers (one rank, no engine).
+struct ModelSetup {
+  GPTConfig config;
+  DType dtype;
+  std::unique_ptr<Backend> backend = make_cpu_backend();
+  ParamLayout layout;
+  Buffer params, grads;
+  std::unique_ptr<GPT> model;
+
+  ModelSetup(const GPTConfig& c, DType dt, uint64_t seed = 42)
+      : config(c), dtype(dt), layout(gpt_tensors(c), LayoutOptions{}, 1) {
+    const size_t es = dtype_size(dt);
+    params = backend->allocate(layout.padded_elements() * es);
+    grads = backend->allocate(layout.padded_elements() * es);
+    const auto values = gpt_init(c, seed);
+    size_t at = 0;
+    dispatch_float_dtype(dt, [&]<typename T>() {
+      for (const TensorPlacement& t : layout.tensors())
+        for (size_t i = 0; i < t.spec.num_elements(); ++i)
+          params.as<T>()[t.offset + i] = from_float<T>(values[at++]);
+    });
+    model = std::make_unique<GPT>(c, layout, *backend, dt);
+  }
+  std::vector<float> grads_as_float() const {
+    std::vector<float> out;
+    dispatch_float_dtype(dtype, [&]<typename T>() {
+      for (const TensorPlacement& t : layout.tensors())
+        for (size_t i = 0; i < t.spec.num_elements(); ++i)
+          out.push_back(to_float(grads.as<T>()[t.offset + i]));
+    });
+    return out;
+  }
+  void zero_grads() { backend->fill_zero(grads.data(), grads.num_bytes()); }
+};
+
+std::vector<int32_t> random_tokens(size_t n, int64_t V, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(rng() % static_cast<uint32_t>(V));
+  return t;
+}
+
+double max_abs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::max(m, static_cast<double>(std::abs(x)));
+  return m;
+}
+
+TEST(GptConfig, RejectsBadShapesWithClearErrors) {
+  auto expect_error = [](GPTConfig c, const std::string& needle) {
+    try {
+      c.validate();
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  GPTConfig c = tiny();
+  c.num_heads = 5;
+  expect_error(c, "num_heads (5) must divide channels (12)");
+  c = tiny();
+  c.channels = 0;
+  expect_error(c, "channels");
+  c = tiny();
+  c.num_layers = -1;
+  expect_error(c, "num_layers");
+  c = tiny();
+  c.vocab_size = 0;
+  expect_error(c, "vocab_size");
+  c = tiny();
+  c.max_seq_len = 0;
+  expect_error(c, "max_seq_len");
+  EXPECT_EQ(tiny().padded_vocab_size(), 128);
+  GPTConfig gpt2;
+  gpt2.vocab_size = 50257;
+  EXPECT_EQ(gpt2.padded_vocab_size(), 50304);
+}
+
+TEST(GptInit, FollowsTheDesign) {
+  GPTConfig c = tiny();
+  c.channels = 48;
+  c.num_heads = 4;
+  c.num_layers = 3;
+  const auto specs = gpt_tensors(c);
+  ASSERT_EQ(specs.size(), 2 + 12 * 3 + 2u);
+  const auto v = gpt_init(c, 5);
+  EXPECT_EQ(v, gpt_init(c, 5));
+  EXPECT_NE(v, gpt_init(c, 6));
+  size_t at = 0;
+  for (const TensorSpec& t : specs) {
+    const size_t n = t.num_elements();
+    double sum = 0, sq = 0;
+    for (size_t i = 0; i < n; ++i) {
+      sum += v[at + i];
+      sq += static_cast<double>(v[at + i]) * v[at + i];
+    }
+    if (t.name.ends_with(".bias")) {
+      EXPECT_EQ(sq, 0.0) << t.name;
+    } else if (t.name.ends_with("ln_1.weight") || t.name.ends_with("ln_2.weight") ||
+               t.name == "ln_f.weight") {
+      EXPECT_EQ(sum, static_cast<double>(n)) << t.name;
+    } else {
+      size_t real = n;
+      if (t.name == "wte.weight") {
+        real = static_cast<size_t>(c.vocab_size * c.channels);
+        for (size_t i = real; i < n; ++i) EXPECT_EQ(v[at + i], 0.0f) << "wte padding row";
+      }
+      const double expected = t.name.ends_with("c_proj.weight") ? 0.02 / std::sqrt(6.0) : 0.02;
+      EXPECT_NEAR(std::sqrt(sq / static_cast<double>(real)), expected, 0.15 * expected) << t.name;
+      EXPECT_EQ(t.decay, true) << t.name;
+    }
+    at += n;
+  }
+}
+
+TEST(GptForward, RejectsBadInput) {
+  ModelSetup s(tiny(), DType::f32);
+  auto tokens = random_tokens(2 * 9, 37, 1);
+  EXPECT_THROW(s.model->forward(s.params.data(), tokens.data(), tokens.data(), 2, 10), InputError);
+  EXPECT_THROW(s.model->forward(s.params.data(), tokens.data(), tokens.data(), 0, 9), InputError);
+  tokens[5] = 37;
+  try {
+    s.model->forward(s.params.data(), tokens.data(), nullptr, 2, 9);
+    ADD_FAILURE() << "no error for a token >= vocab";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("token 37 at position 5"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(s.model->backward(s.params.data(), s.grads.data()), Error);  // no forward prepared a backward
+}
+
+// K micro-batches of B sequences with factor 1/K give the gradients of one batch of K*B with factor 1.
+TEST(GptBackward, GradientAccumulationEqualsOneLargeBatch) {
+  const int64_t K = 3, B = 2, T = 9;
+  ModelSetup big(tiny(), DType::f32), small(tiny(), DType::f32);
+  const auto tokens = random_tokens(K * B * T, 37, 2), targets = random_tokens(K * B * T, 37, 3);
+  big.zero_grads();
+  const float big_loss = big.model->forward(big.params.data(), tokens.data(), targets.data(), K * B, T, 1.0f);
+  big.model->backward(big.params.data(), big.grads.data());
+  small.zero_grads();
+  double mean = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    mean += small.model->forward(small.params.data(), tokens.data() + k * B * T, targets.data() + k * B * T,
+                                 B, T, 1.0f / K) /
+            K;
+    small.model->backward(small.params.data(), small.grads.data());
+  }
+  EXPECT_NEAR(mean, big_loss, 1e-6 * big_loss);
+  const auto a = big.grads_as_float(), b = small.grads_as_float();
+  double diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff = std::max(diff, std::abs(static_cast<double>(a[i]) - b[i]));
+  EXPECT_LE(diff, 1e-5 * max_abs(a));
+}
+
+// Same binary, same thread count, same seed: bitwise identical loss and gradients, in every dtype.
+TEST(GptBackward, TwoRunsAreBitwiseIdentical) {
+  for (DType dt : {DType::f32, DType::f16, DType::bf16}) {
+    const auto tokens = random_tokens(4 * 9, 37, 4), targets = random_tokens(4 * 9, 37, 5);
+    std::vector<float> losses;
+    std::vector<std::vector<float>> grads;
+    for (int run = 0; run < 2; ++run) {
+      ModelSetup s(tiny(), dt);
+      s.zero_grads();
+      losses.push_back(s.model->forward(s.params.data(), tokens.data(), targets.data(), 4, 9, 256.0f));
+      s.model->backward(s.params.data(), s.grads.data());
+      grads.push_back(s.grads_as_float());
+    }
+    EXPECT_EQ(std::memcmp(&losses[0], &losses[1], sizeof(float)), 0) << dtype_name(dt);
+    EXPECT_EQ(std::memcmp(grads[0].data(), grads[1].data(), grads[0].size() * sizeof(float)), 0)
+        << dtype_name(dt);
+  }
+}
+
+// Activation memory is allocated once per (B, T) and reused.
+TEST(GptForward, ActivationsAllocatedOncePerShape) {
+  ModelSetup s(tiny(), DType::f16);
+  const auto tokens = random_tokens(2 * 9, 37, 6);
+  s.model->forward(s.params.data(), tokens.data(), tokens.data(), 2, 9, 1.0f);
+  s.model->backward(s.params.data(), s.grads.data());
+  const size_t in_use = s.backend->bytes_in_use();
+  const size_t activations = s.model->activation_bytes();
+  EXPECT_GT(activations, 0u);
+  for (int i = 0; i < 3; ++i) {
+    s.model->forward(s.params.data(), tokens.data(), tokens.data(), 2, 9, 1.0f);
+    s.model->backward(s.params.data(), s.grads.data());
+    EXPECT_EQ(s.backend->bytes_in_use(), in_use);
+  }
+  s.model->forward(s.params.data(), tokens.data(), tokens.data(), 1, 7);  // a new shape replaces the set
+  EXPECT_LT(s.model->activation_bytes(), activations);
+}
+
+// fp16 and bf16 models track the fp32 one; fp16 gradients carry the factor (loss scale).
+TEST(GptMixedPrecision, HalfAndBf16TrackFp32) {
+  const auto tokens = random_tokens(2 * 9, 37, 8), targets = random_tokens(2 * 9, 37, 9);
+  ModelSetup ref(tiny(), DType::f32);
+  ref.zero_grads();
+  const float ref_loss = ref.model->forward(ref.params.data(), tokens.data(), targets.data(), 2, 9, 1.0f);
+  ref.model->backward(ref.params.data(), ref.grads.data());
+  const auto g32 = ref.grads_as_float();
+  for (auto [dt, rel] : {std::pair{DType::f16, 1e-2}, std::pair{DType::bf16, 5e-2}}) {
+    ModelSetup s(tiny(), dt);
+    s.zero_grads();
+    const float scale = dt == DType::f16 ? 1024.0f : 1.0f;
+    const float loss = s.model->forward(s.params.data(), tokens.data(), targets.data(), 2, 9, scale);
+    s.model->backward(s.params.data(), s.grads.data());
+    EXPECT_NEAR(loss, ref_loss, rel * ref_loss) << dtype_name(dt);
+    const auto g = s.grads_as_float();
+    double diff = 0;
+    for (size_t i = 0; i < g.size(); ++i)
+      diff = std::max(diff, std::abs(g[i] / scale - static_cast<double>(g32[i])));
+    EXPECT_LE(diff, 10 * rel * max_abs(g32)) << dtype_name(dt);
+  }
+}
+
+}  // namespace
+}  // namespace mpt
