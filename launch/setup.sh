@@ -17,6 +17,7 @@ packages=(
   libcli11-dev nlohmann-json3-dev libfmt-dev
   clang-format
   python3-torch
+  bible-kjv gnuplot-nox  # default corpus (launch/corpus.sh), plots (benchmarks/plot.py)
 )
 
 missing=()
@@ -42,6 +43,7 @@ else
 fi
 
 if [ "${MPTRAIN_SKIP_BUILD:-0}" != "1" ]; then
+  # shellcheck disable=SC2086  # MPTRAIN_CMAKE_ARGS is split into words on purpose
   cmake -S . -B build -DCMAKE_BUILD_TYPE=Release ${MPTRAIN_CMAKE_ARGS:-}
   cmake --build build -j "$(nproc)"
 fi

@@ -77,35 +77,88 @@ MixedPrecisionEngine::MixedPrecisionEngine(std::vector<TensorSpec> tensors, cons
 
 MixedPrecisionEngine::~MixedPrecisionEngine() = default;
 
-void MixedPrecisionEngine::set_parameters(std::span<const float> values) {
-  MPT_CHECK(values.size() == layout_.num_parameters(), "set_parameters: got {} values, the model has {}",
-            values.size(), layout_.num_parameters());
-  // Build the full padded flat vector on the host, then derive params and this rank's master shard from it.
-  std::vector<float> flat(layout_.padded_elements(), 0.0f);
-  size_t source = 0;
-  for (const TensorPlacement& t : layout_.tensors()) {
-    const size_t n = t.spec.num_elements();
-    std::copy(values.begin() + static_cast<std::ptrdiff_t>(source),
-              values.begin() + static_cast<std::ptrdiff_t>(source + n),
-              flat.begin() + static_cast<std::ptrdiff_t>(t.offset));
-    source += n;
-  }
+std::vector<float> MixedPrecisionEngine::shard_of(std::span<const float> values) const {
+  MPT_CHECK(values.size() == layout_.num_parameters(), "got {} values, the model has {}", values.size(),
+            layout_.num_parameters());
+  // Registration order -> flat offsets -> this rank's slices, through the segments (padding stays zero).
+  std::vector<size_t> source(layout_.tensors().size());
+  for (size_t k = 1; k < source.size(); ++k)
+    source[k] = source[k - 1] + layout_.tensors()[k - 1].spec.num_elements();
   std::vector<float> shard(layout_.shard_elements(), 0.0f);
-  size_t at = 0;
-  for (const ElementRange& r : my_slices_) {
-    std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(r.offset), r.num_elements,
-                shard.begin() + static_cast<std::ptrdiff_t>(at));
-    at += r.num_elements;
-  }
+  for (const ShardSegment& s : layout_.shard_segments(comm_.rank()))
+    std::copy_n(values.begin() + static_cast<std::ptrdiff_t>(source[s.tensor] + s.tensor_offset),
+                s.num_elements, shard.begin() + static_cast<std::ptrdiff_t>(s.shard_offset));
+  return shard;
+}
+
+void MixedPrecisionEngine::set_parameters(std::span<const float> values) {
+  const std::vector<float> shard = shard_of(values);
   backend_.copy_from_host(master_.data(), shard.data(), shard.size() * sizeof(float));
   backend_.fill_zero(adam_m_.data(), adam_m_.num_bytes());
   backend_.fill_zero(adam_v_.data(), adam_v_.num_bytes());
   // Every rank rounds the same FP32 values, so the full params copy needs no communication.
   dispatch_float_dtype(config_.dtype, [&]<typename T>() {
-    std::vector<T> rounded(flat.size());
-    for (size_t i = 0; i < flat.size(); ++i) rounded[i] = from_float<T>(flat[i]);
+    std::vector<T> rounded(layout_.padded_elements(), from_float<T>(0.0f));
+    size_t source = 0;
+    for (const TensorPlacement& t : layout_.tensors())
+      for (size_t i = 0; i < t.spec.num_elements(); ++i)
+        rounded[t.offset + i] = from_float<T>(values[source++]);
     backend_.copy_from_host(params_.data(), rounded.data(), rounded.size() * sizeof(T));
   });
+}
+
+std::vector<std::vector<float>> MixedPrecisionEngine::gather_tensors(ShardState which) {
+  const Buffer& buffer = which == ShardState::master   ? master_
+                         : which == ShardState::adam_m ? adam_m_
+                                                       : adam_v_;
+  const size_t shard = layout_.shard_elements();
+  std::vector<float> mine(shard);
+  backend_.copy_to_host(mine.data(), buffer.data(), shard * sizeof(float));
+  std::vector<float> all(shard * static_cast<size_t>(comm_.size()));
+  comm_.all_gather(mine.data(), all.data(), shard, DType::f32);
+  // Rank-major shards -> the padded flat vector -> tensors.
+  std::vector<float> flat(layout_.padded_elements(), 0.0f);
+  for (int r = 0; r < comm_.size(); ++r)
+    for (size_t b = 0; b < layout_.buckets().size(); ++b) {
+      const Bucket& bucket = layout_.buckets()[b];
+      std::copy_n(
+          all.begin() + static_cast<std::ptrdiff_t>(static_cast<size_t>(r) * shard + bucket.shard_offset),
+          bucket.slice_elements, flat.begin() + static_cast<std::ptrdiff_t>(layout_.slice_offset(b, r)));
+    }
+  std::vector<std::vector<float>> tensors;
+  for (const TensorPlacement& t : layout_.tensors())
+    tensors.emplace_back(flat.begin() + static_cast<std::ptrdiff_t>(t.offset),
+                         flat.begin() + static_cast<std::ptrdiff_t>(t.offset + t.spec.num_elements()));
+  return tensors;
+}
+
+void MixedPrecisionEngine::load_state(const std::vector<std::vector<float>>& master,
+                                      const std::vector<std::vector<float>>& adam_m,
+                                      const std::vector<std::vector<float>>& adam_v, int64_t applied_steps,
+                                      const std::map<std::string, std::string>& scaler_fields) {
+  const auto& tensors = layout_.tensors();
+  auto concat = [&](const std::vector<std::vector<float>>& parts, const char* what) {
+    MPT_INPUT_CHECK(parts.size() == tensors.size(), "checkpoint: {} has {} tensors, the model {}", what,
+                    parts.size(), tensors.size());
+    std::vector<float> all;
+    for (size_t k = 0; k < parts.size(); ++k) {
+      MPT_INPUT_CHECK(parts[k].size() == tensors[k].spec.num_elements(),
+                      "checkpoint: {} of tensor '{}' has {} elements, the model needs {}", what,
+                      tensors[k].spec.name, parts[k].size(), tensors[k].spec.num_elements());
+      all.insert(all.end(), parts[k].begin(), parts[k].end());
+    }
+    return all;
+  };
+  MPT_INPUT_CHECK(applied_steps >= 0, "checkpoint: negative optimizer step {}", applied_steps);
+  DynamicLossScaler restored = scaler_;
+  restored.deserialize(scaler_fields);
+  set_parameters(concat(master, "master weights"));  // master shard + params cast from it
+  const std::vector<float> m = shard_of(concat(adam_m, "Adam m"));
+  const std::vector<float> v = shard_of(concat(adam_v, "Adam v"));
+  backend_.copy_from_host(adam_m_.data(), m.data(), m.size() * sizeof(float));
+  backend_.copy_from_host(adam_v_.data(), v.data(), v.size() * sizeof(float));
+  applied_steps_ = applied_steps;
+  scaler_ = restored;
 }
 
 void MixedPrecisionEngine::zero_grads() {

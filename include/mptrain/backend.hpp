@@ -78,6 +78,9 @@ class Backend {
   virtual void copy_to_host(void* dst, const void* src, size_t num_bytes) = 0;
   /// Waits until every op issued so far has finished.
   virtual void synchronize() = 0;
+  /// Peak FP32-accumulate GEMM rate of this backend in FLOP/s, the denominator of MFU: the CPU backend
+  /// measures OpenBLAS SGEMM (1024^3, current OpenMP thread count) once and caches it.
+  virtual double peak_flops() = 0;
 
   // ---- model ops (GPT-2); shapes: B batch, T sequence, C channels, NH heads, V vocab, Vp padded vocab ----
 

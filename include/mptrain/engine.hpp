@@ -14,8 +14,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "mptrain/backend.hpp"
@@ -90,6 +92,8 @@ class MixedPrecisionEngine {
   MixedPrecisionEngine& operator=(const MixedPrecisionEngine&) = delete;
 
   const ParamLayout& layout() const { return layout_; }
+  /// This process's rank in the engine's communicator.
+  int rank() const { return comm_.rank(); }
   const EngineConfig& config() const { return config_; }
   const DynamicLossScaler& scaler() const { return scaler_; }
   /// Loss scale to multiply the loss by before backward (1 unless fp16).
@@ -111,6 +115,20 @@ class MixedPrecisionEngine {
   /// state is zeroed. Throws mpt::Error on a size mismatch.
   void set_parameters(std::span<const float> values);
 
+  /// Which FP32 shard state gather_tensors() collects.
+  enum class ShardState : uint8_t { master, adam_m, adam_v };
+  /// Every tensor's FP32 `which` state, unpadded, in registration order, assembled from all ranks' shards
+  /// (an all-gather: collective, and every rank gets the full copy). For checkpoints.
+  std::vector<std::vector<float>> gather_tensors(ShardState which);
+  /// Restores the optimizer state written by a checkpoint: this rank's shard of master, m and v from full
+  /// unpadded tensors (registration order; sizes checked, mpt::InputError naming the tensor), the weights
+  /// re-cast from the master weights, Adam's t / LR-schedule position, and the loss scaler
+  /// (DynamicLossScaler::deserialize fields). No communication.
+  void load_state(const std::vector<std::vector<float>>& master,
+                  const std::vector<std::vector<float>>& adam_m,
+                  const std::vector<std::vector<float>>& adam_v, int64_t applied_steps,
+                  const std::map<std::string, std::string>& scaler_fields);
+
   /// Phase 1: grads = 0 (padding included).
   void zero_grads();
   /// Phase 3 for one bucket: starts its non-blocking collective now (backward has finished writing it).
@@ -129,6 +147,9 @@ class MixedPrecisionEngine {
   MemoryReport memory() const;
 
  private:
+  /// This rank's shard of a full set of unpadded tensors (registration order), padding zero.
+  std::vector<float> shard_of(std::span<const float> values) const;
+
   EngineConfig config_;
   Communicator& comm_;
   Backend& backend_;

@@ -59,6 +59,10 @@ class CpuBackend final : public Backend {
     if (num_bytes) std::memcpy(dst, src, num_bytes);
   }
   void synchronize() override {}
+  double peak_flops() override {
+    if (peak_flops_ == 0.0) peak_flops_ = cpu::measure_sgemm_flops(1024, 3);
+    return peak_flops_;
+  }
 
   // ---- model ops: dispatch on dtype to the templates in kernels/cpu/*.cpp ----
 
@@ -167,6 +171,7 @@ class CpuBackend final : public Backend {
 
  private:
   size_t bytes_in_use_ = 0;
+  double peak_flops_ = 0.0;
   std::vector<float> workspace_;  // grow-only scratch of the GEMMs and attention backward
 };
 

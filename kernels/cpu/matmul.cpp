@@ -7,6 +7,7 @@
 // is a column sum in FP32 (FP64 for double) over fixed column chunks, each summed in row order, so it does
 // not depend on the thread count.
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstring>
 #include <type_traits>
@@ -194,5 +195,20 @@ MPT_INSTANTIATE_MATMUL(half)
 MPT_INSTANTIATE_MATMUL(bf16)
 MPT_INSTANTIATE_MATMUL(double)
 #undef MPT_INSTANTIATE_MATMUL
+
+double measure_sgemm_flops(int n, int repeats) {
+  MPT_CHECK(n >= 1 && repeats >= 1, "measure_sgemm_flops: n and repeats must be >= 1");
+  const auto elements = static_cast<size_t>(n) * static_cast<size_t>(n);
+  std::vector<float> a(elements, 0.5f), b(elements, 0.25f), c(elements, 0.0f);
+  double best = 0.0;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f,
+                c.data(), n);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * n * static_cast<double>(elements) / seconds);
+  }
+  return best;
+}
 
 }  // namespace mpt::cpu

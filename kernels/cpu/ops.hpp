@@ -93,6 +93,9 @@ template <typename T>
 void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
                      int64_t rows, int64_t IC, int64_t OC, std::vector<float>& workspace);
 
+/// FLOP/s of an n x n x n SGEMM on the current OpenMP thread count (best of `repeats`).
+double measure_sgemm_flops(int n, int repeats);
+
 template <typename T>
 void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int64_t C, int64_t NH);
 template <typename T>

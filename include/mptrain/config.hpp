@@ -1,0 +1,92 @@
+// The run configuration of the mptrain executable: every flag of `train`, `eval` and `sample`, parsed with
+// CLI11 from the command line on top of an optional JSON config file whose keys are the flag names.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "mptrain/engine.hpp"
+#include "mptrain/model.hpp"
+
+namespace mpt {
+
+/// Everything a run needs; defaults are the default run of launch/train.sh (byte-level KJV, 2 CPU ranks).
+struct RunConfig {
+  std::string command;  ///< "train", "eval" or "sample"
+
+  // Model (vocab comes from the data: 256 for text, 50257 for token shards).
+  int64_t layers = 4, heads = 4, channels = 128;
+  int64_t seq_len = 128;  ///< T, tokens per sequence (also the model's maximum)
+
+  // Batch.
+  int64_t global_batch = 32;  ///< sequences per optimizer step, over all ranks
+  int64_t micro_batch = 16;   ///< sequences per rank per forward
+
+  // Optimisation.
+  int64_t steps = 800;
+  float lr = 3e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
+  int64_t warmup_steps = 100;
+  float min_lr_ratio = 0.1f;  ///< cosine decays to lr * min_lr_ratio at the last step
+  float grad_clip = 1.0f;
+
+  // Mixed precision.
+  std::string precision = "fp16";
+  float loss_scale_init = 65536.0f, loss_scale_growth = 2.0f, loss_scale_backoff = 0.5f;
+  int64_t loss_scale_window = 2000;  ///< growth interval (clean steps)
+  int64_t loss_scale_hysteresis = 1;
+  bool loss_scale_consecutive_hysteresis = false;
+  float loss_scale_min = 1.0f;
+  int64_t loss_scale_max_min_overflows = 10;
+  float static_loss_scale = 0.0f;  ///< > 0: a static scale instead of the dynamic one
+  std::string grad_sync = "reduce-scatter";
+  double bucket_mib = 25.0;
+
+  // Data and evaluation.
+  std::string data = "data/kjv.txt";
+  double val_fraction = 0.05;
+  int64_t eval_interval = 200, eval_batches = 8;
+
+  // Checkpoints.
+  std::string checkpoint_dir;  ///< default runs/<run_name>/checkpoints
+  int64_t checkpoint_interval = 200, keep_checkpoints = 2;
+  std::string resume = "auto";  ///< "auto", "none" or a checkpoint path
+
+  // Run.
+  uint64_t seed = 1337;
+  int64_t log_interval = 20;
+  std::string run_name = "default";
+  std::string device = "auto";
+  int threads = 0;           ///< OpenMP threads per rank; 0 = OMP_NUM_THREADS or 1
+  double peak_tflops = 0.0;  ///< per rank, for MFU; 0 = measured (CPU SGEMM) or 989 (CUDA bf16 dense)
+  int64_t sample_tokens = 200;
+
+  // eval / sample.
+  std::string checkpoint;  ///< checkpoint to read (eval, sample)
+  std::string prompt;      ///< sample: text prompt (text data) or space-separated token ids
+  float temperature = 1.0f;
+  std::string tokenizer;  ///< sample on token shards: llm.c tokenizer .bin file
+
+  /// The engine settings these flags describe.
+  EngineConfig engine_config() const;
+  /// The model shape for a vocabulary of `vocab_size`.
+  GPTConfig model_config(int64_t vocab_size) const;
+  /// Storage dtype of --precision.
+  DType dtype() const;
+  /// Checks values that do not depend on the world size or the data; throws mpt::InputError naming the flag.
+  void validate() const;
+  /// Gradient-accumulation steps for `world_size` ranks; throws mpt::InputError when micro_batch x ranks
+  /// does not divide the global batch.
+  int64_t accumulation_steps(int world_size) const;
+  /// The effective configuration (flag names as keys).
+  nlohmann::json to_json() const;
+};
+
+/// Parses argv (`mptrain <train|eval|sample> [--config FILE] [flags]`). Returns false after printing --help
+/// (the caller exits 0). Throws mpt::InputError with one line for an unknown flag or key, a bad value, a
+/// config file that does not parse (with line and column) or holds a key of the wrong type.
+bool parse_command_line(int argc, char** argv, RunConfig& config);
+
+}  // namespace mpt

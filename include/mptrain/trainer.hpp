@@ -1,0 +1,27 @@
+// The mptrain subcommands: train, eval and sample (DESIGN.md "The step" and "Output a user sees").
+#pragma once
+
+#include "mptrain/comm.hpp"
+#include "mptrain/config.hpp"
+
+namespace mpt {
+
+/// Exit request agreed by every rank (input errors found during set-up): the ranks that saw the error
+/// printed it; main() returns `code` on every rank.
+struct AgreedExit {
+  int code;
+};
+
+/// `mptrain train`: data-parallel mixed-precision training with logging, evaluation, checkpoints and resume.
+/// Collective over `comm`. Returns the process exit code (0). Throws mpt::InputError (same on every rank),
+/// AgreedExit (set-up errors seen by some ranks), mpt::NumericsError (the loss scale stuck at its minimum).
+int run_train(const RunConfig& config, Communicator& comm);
+
+/// `mptrain eval`: the validation loss of --checkpoint on --data (--eval-batches batches of --global-batch
+/// sequences), printed by rank 0 as "val_loss <value>" and as JSON. Collective over `comm`.
+int run_eval(const RunConfig& config, Communicator& comm);
+
+/// `mptrain sample`: --sample-tokens tokens from --checkpoint after --prompt (rank 0 computes and prints).
+int run_sample(const RunConfig& config, Communicator& comm);
+
+}  // namespace mpt

@@ -1,0 +1,359 @@
+// Command-line and JSON-config parsing of the mptrain executable (include/mptrain/config.hpp).
+//
+// A JSON config file is turned into "--key=value" arguments placed before the command line's own, and every
+// option keeps the LAST value it is given, so flags override the file. A key that names no flag of the
+// subcommand is an error, as is a value CLI11 cannot convert or validate.
+#include "mptrain/config.hpp"
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+
+#include "mptrain/error.hpp"
+
+namespace mpt {
+
+EngineConfig RunConfig::engine_config() const {
+  EngineConfig e;
+  e.dtype = dtype();
+  e.grad_sync = grad_sync == "all-reduce" ? GradSync::all_reduce : GradSync::reduce_scatter;
+  e.bucket_bytes = static_cast<size_t>(bucket_mib * 1024.0 * 1024.0);
+  e.adamw = {lr, beta1, beta2, eps, weight_decay};
+  e.schedule.warmup_steps = warmup_steps;
+  e.schedule.decay_steps = steps > warmup_steps ? steps : 0;
+  e.schedule.min_lr = lr * min_lr_ratio;
+  e.grad_clip = grad_clip;
+  LossScalerConfig& s = e.scaler;
+  s.dynamic = static_loss_scale <= 0.0f;
+  s.init_scale = s.dynamic ? loss_scale_init : static_loss_scale;
+  s.growth_factor = loss_scale_growth;
+  s.backoff_factor = loss_scale_backoff;
+  s.growth_interval = loss_scale_window;
+  s.hysteresis = loss_scale_hysteresis;
+  s.consecutive_hysteresis = loss_scale_consecutive_hysteresis;
+  s.min_scale = loss_scale_min;
+  s.max_overflows_at_min_scale = loss_scale_max_min_overflows;
+  return e;
+}
+
+GPTConfig RunConfig::model_config(int64_t vocab_size) const {
+  GPTConfig g;
+  g.vocab_size = vocab_size;
+  g.max_seq_len = seq_len;
+  g.num_layers = layers;
+  g.num_heads = heads;
+  g.channels = channels;
+  return g;
+}
+
+DType RunConfig::dtype() const {
+  if (precision == "fp32") return DType::f32;
+  if (precision == "bf16") return DType::bf16;
+  return DType::f16;
+}
+
+void RunConfig::validate() const {
+  MPT_INPUT_CHECK(global_batch >= 1, "--global-batch must be >= 1, got {}", global_batch);
+  MPT_INPUT_CHECK(micro_batch >= 1, "--micro-batch must be >= 1, got {}", micro_batch);
+  MPT_INPUT_CHECK(seq_len >= 1, "--seq-len must be >= 1, got {}", seq_len);
+  MPT_INPUT_CHECK(steps >= 1, "--steps must be >= 1, got {}", steps);
+  MPT_INPUT_CHECK(min_lr_ratio >= 0.0f && min_lr_ratio <= 1.0f, "--min-lr-ratio must be in [0, 1], got {}",
+                  min_lr_ratio);
+  MPT_INPUT_CHECK(val_fraction >= 0.0 && val_fraction < 1.0, "--val-fraction must be in [0, 1), got {}",
+                  val_fraction);
+  MPT_INPUT_CHECK(eval_interval >= 0, "--eval-interval must be >= 0, got {}", eval_interval);
+  MPT_INPUT_CHECK(eval_batches >= 0, "--eval-batches must be >= 0, got {}", eval_batches);
+  MPT_INPUT_CHECK(checkpoint_interval >= 0, "--checkpoint-interval must be >= 0, got {}",
+                  checkpoint_interval);
+  MPT_INPUT_CHECK(keep_checkpoints >= 1, "--keep-checkpoints must be >= 1, got {}", keep_checkpoints);
+  MPT_INPUT_CHECK(log_interval >= 1, "--log-interval must be >= 1, got {}", log_interval);
+  MPT_INPUT_CHECK(bucket_mib > 0.0 && bucket_mib <= 65536.0, "--bucket-mib must be in (0, 65536], got {}",
+                  bucket_mib);
+  MPT_INPUT_CHECK(threads >= 0, "--threads must be >= 0, got {}", threads);
+  MPT_INPUT_CHECK(peak_tflops >= 0.0, "--peak-tflops must be >= 0, got {}", peak_tflops);
+  MPT_INPUT_CHECK(std::isfinite(temperature) && temperature > 0.0f, "--temperature must be > 0, got {}",
+                  temperature);
+  MPT_INPUT_CHECK(sample_tokens >= 0, "--sample-tokens must be >= 0, got {}", sample_tokens);
+  MPT_INPUT_CHECK(!run_name.empty() && run_name.find('/') == std::string::npos,
+                  "--run-name must be a non-empty name without '/', got '{}'", run_name);
+  MPT_INPUT_CHECK(command == "train" || !checkpoint.empty(), "{}: --checkpoint is required", command);
+  // The model and engine validate their own fields with messages naming them.
+  if (command == "train") {
+    model_config(256).validate();
+    engine_config().validate();
+  }
+}
+
+int64_t RunConfig::accumulation_steps(int world_size) const {
+  const int64_t per_step = micro_batch * world_size;
+  MPT_INPUT_CHECK(global_batch % per_step == 0,
+                  "--global-batch {} is not divisible by --micro-batch {} x {} ranks = {}", global_batch,
+                  micro_batch, world_size, per_step);
+  return global_batch / per_step;
+}
+
+namespace {
+/// A float as the JSON number of its shortest decimal form (0.9, not 0.8999999761581421).
+double shortest(float x) {
+  return std::stod(fmt::format("{}", x));
+}
+}  // namespace
+
+nlohmann::json RunConfig::to_json() const {
+  return {{"command", command},
+          {"layers", layers},
+          {"heads", heads},
+          {"channels", channels},
+          {"seq-len", seq_len},
+          {"global-batch", global_batch},
+          {"micro-batch", micro_batch},
+          {"steps", steps},
+          {"lr", shortest(lr)},
+          {"beta1", shortest(beta1)},
+          {"beta2", shortest(beta2)},
+          {"eps", shortest(eps)},
+          {"weight-decay", shortest(weight_decay)},
+          {"warmup-steps", warmup_steps},
+          {"min-lr-ratio", shortest(min_lr_ratio)},
+          {"grad-clip", shortest(grad_clip)},
+          {"precision", precision},
+          {"loss-scale-init", shortest(loss_scale_init)},
+          {"loss-scale-growth", shortest(loss_scale_growth)},
+          {"loss-scale-backoff", shortest(loss_scale_backoff)},
+          {"loss-scale-window", loss_scale_window},
+          {"loss-scale-hysteresis", loss_scale_hysteresis},
+          {"loss-scale-consecutive-hysteresis", loss_scale_consecutive_hysteresis},
+          {"loss-scale-min", shortest(loss_scale_min)},
+          {"loss-scale-max-min-overflows", loss_scale_max_min_overflows},
+          {"static-loss-scale", shortest(static_loss_scale)},
+          {"grad-sync", grad_sync},
+          {"bucket-mib", bucket_mib},
+          {"data", data},
+          {"val-fraction", val_fraction},
+          {"eval-interval", eval_interval},
+          {"eval-batches", eval_batches},
+          {"checkpoint-dir", checkpoint_dir},
+          {"checkpoint-interval", checkpoint_interval},
+          {"keep-checkpoints", keep_checkpoints},
+          {"resume", resume},
+          {"seed", seed},
+          {"log-interval", log_interval},
+          {"run-name", run_name},
+          {"device", device},
+          {"threads", threads},
+          {"peak-tflops", peak_tflops},
+          {"sample-tokens", sample_tokens},
+          {"checkpoint", checkpoint},
+          {"prompt", prompt},
+          {"temperature", shortest(temperature)},
+          {"tokenizer", tokenizer}};
+}
+
+namespace {
+
+void add_common(CLI::App* app, RunConfig& c) {
+  app->add_option("--device", c.device,
+                  "where to run: auto (CUDA when built and present, else CPU), cpu, cuda")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
+  app->add_option("--threads", c.threads, "OpenMP threads per rank (0: OMP_NUM_THREADS, else 1)")
+      ->capture_default_str();
+  app->add_option("--precision", c.precision, "storage precision of weights, activations and gradients")
+      ->check(CLI::IsMember({"fp16", "bf16", "fp32"}))
+      ->capture_default_str();
+  app->add_option("--seed", c.seed, "seed of initialisation, data order and sampling")->capture_default_str();
+}
+
+void add_data(CLI::App* app, RunConfig& c) {
+  app->add_option("--data", c.data,
+                  "text file (bytes, vocab 256) or llm.c .bin token shard(s), a glob allowed")
+      ->capture_default_str();
+  app->add_option("--val-fraction", c.val_fraction, "fraction of the data (its end) held out for validation")
+      ->capture_default_str();
+  app->add_option("--eval-batches", c.eval_batches,
+                  "validation batches (of --global-batch sequences) per eval")
+      ->capture_default_str();
+  app->add_option("--global-batch", c.global_batch, "sequences per optimizer step, summed over ranks")
+      ->capture_default_str();
+  app->add_option("--micro-batch", c.micro_batch, "sequences per rank per forward pass")
+      ->capture_default_str();
+}
+
+void add_train(CLI::App* app, RunConfig& c) {
+  add_common(app, c);
+  add_data(app, c);
+  app->add_option("--layers", c.layers, "transformer blocks L")->capture_default_str();
+  app->add_option("--heads", c.heads, "attention heads NH (must divide --channels)")->capture_default_str();
+  app->add_option("--channels", c.channels, "model width C")->capture_default_str();
+  app->add_option("--seq-len", c.seq_len, "tokens per sequence T (also the model's maximum)")
+      ->capture_default_str();
+  app->add_option("--steps", c.steps, "optimizer steps to train (skipped steps count)")
+      ->capture_default_str();
+  app->add_option("--lr", c.lr, "peak learning rate (AdamW)")->capture_default_str();
+  app->add_option("--beta1", c.beta1, "AdamW beta1")->capture_default_str();
+  app->add_option("--beta2", c.beta2, "AdamW beta2")->capture_default_str();
+  app->add_option("--eps", c.eps, "AdamW epsilon")->capture_default_str();
+  app->add_option("--weight-decay", c.weight_decay, "AdamW decoupled weight decay (matrices and embeddings)")
+      ->capture_default_str();
+  app->add_option("--warmup-steps", c.warmup_steps, "linear warm-up steps, then cosine decay")
+      ->capture_default_str();
+  app->add_option("--min-lr-ratio", c.min_lr_ratio, "final learning rate as a fraction of --lr")
+      ->capture_default_str();
+  app->add_option("--grad-clip", c.grad_clip, "max global gradient norm after unscaling (0: no clipping)")
+      ->capture_default_str();
+  app->add_option("--loss-scale-init", c.loss_scale_init, "fp16: initial dynamic loss scale")
+      ->capture_default_str();
+  app->add_option("--loss-scale-growth", c.loss_scale_growth, "fp16: growth factor of the loss scale")
+      ->capture_default_str();
+  app->add_option("--loss-scale-backoff", c.loss_scale_backoff, "fp16: backoff factor on overflow")
+      ->capture_default_str();
+  app->add_option("--loss-scale-window", c.loss_scale_window,
+                  "fp16: growth interval, consecutive clean steps")
+      ->capture_default_str();
+  app->add_option("--loss-scale-hysteresis", c.loss_scale_hysteresis,
+                  "fp16: overflows tolerated before a backoff")
+      ->capture_default_str();
+  app->add_flag("--loss-scale-consecutive-hysteresis", c.loss_scale_consecutive_hysteresis,
+                "fp16: refill the hysteresis on every clean step (DeepSpeed)");
+  app->add_option("--loss-scale-min", c.loss_scale_min, "fp16: minimum loss scale")->capture_default_str();
+  app->add_option("--loss-scale-max-min-overflows", c.loss_scale_max_min_overflows,
+                  "fp16: consecutive overflows at the minimum scale before the run stops with an error")
+      ->capture_default_str();
+  app->add_option("--static-loss-scale", c.static_loss_scale, "fp16: a fixed loss scale (0: dynamic)")
+      ->capture_default_str();
+  app->add_option("--grad-sync", c.grad_sync, "gradient reduction per bucket")
+      ->check(CLI::IsMember({"reduce-scatter", "all-reduce"}))
+      ->capture_default_str();
+  app->add_option("--bucket-mib", c.bucket_mib, "gradient bucket size in MiB")->capture_default_str();
+  app->add_option("--eval-interval", c.eval_interval,
+                  "optimizer steps between validations (0: only at the end)")
+      ->capture_default_str();
+  app->add_option("--checkpoint-dir", c.checkpoint_dir,
+                  "checkpoint directory (default runs/<run-name>/checkpoints)");
+  app->add_option("--checkpoint-interval", c.checkpoint_interval,
+                  "steps between checkpoints (0: only at the end)")
+      ->capture_default_str();
+  app->add_option("--keep-checkpoints", c.keep_checkpoints, "newest checkpoints kept")->capture_default_str();
+  app->add_option("--resume", c.resume, "auto (newest valid checkpoint, if any), none, or a checkpoint file")
+      ->capture_default_str();
+  app->add_option("--log-interval", c.log_interval, "steps between log lines")->capture_default_str();
+  app->add_option("--run-name", c.run_name, "name of the run: outputs go to runs/<run-name>/")
+      ->capture_default_str();
+  app->add_option(
+         "--peak-tflops", c.peak_tflops,
+         "peak TFLOP/s per rank for MFU = tokens/s x (6N + 12 L C T) / (ranks x peak) (PaLM appendix B); "
+         "0: CUDA 989 (H100/H200 dense bf16), CPU the SGEMM rate measured at start-up")
+      ->capture_default_str();
+  app->add_option("--sample-tokens", c.sample_tokens, "tokens of text sampled at the end of training")
+      ->capture_default_str();
+}
+
+// Scalars of the JSON file as CLI11 would read them from the command line.
+std::string json_scalar(const nlohmann::json& v, const std::string& file, const std::string& key) {
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
+  if (v.is_number()) return v.dump();
+  throw InputError(fmt::format("config {}: key '{}' must be a string, number or boolean, got {}", file, key,
+                               v.type_name()));
+}
+
+std::vector<std::string> config_arguments(const std::string& file, CLI::App* sub) {
+  std::ifstream in(file);
+  MPT_INPUT_CHECK(static_cast<bool>(in), "config {}: cannot open", file);
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::parse_error& e) {
+    // nlohmann reports the byte offset; give line and column too.
+    std::ifstream again(file);
+    std::string text((std::istreambuf_iterator<char>(again)), {});
+    size_t line = 1, column = 1;
+    for (size_t i = 0; i + 1 < e.byte && i < text.size(); ++i) {
+      if (text[i] == '\n') {
+        ++line;
+        column = 1;
+      } else {
+        ++column;
+      }
+    }
+    std::string what = e.what();
+    if (const auto nl = what.find('\n'); nl != std::string::npos) what.resize(nl);
+    throw InputError(
+        fmt::format("config {}: JSON syntax error at line {}, column {}: {}", file, line, column, what));
+  }
+  MPT_INPUT_CHECK(j.is_object(), "config {}: must be a JSON object of flag names", file);
+  std::vector<std::string> args;
+  for (const auto& [key, value] : j.items()) {
+    MPT_INPUT_CHECK(key != "config" && sub->get_option_no_throw("--" + key) != nullptr,
+                    "config {}: unknown key '{}' (keys are the flag names of 'mptrain {}', see --help)", file,
+                    key, sub->get_name());
+    args.push_back("--" + key + "=" + json_scalar(value, file, key));
+  }
+  return args;
+}
+
+}  // namespace
+
+bool parse_command_line(int argc, char** argv, RunConfig& c) {
+  CLI::App app{"mptrain: data-parallel mixed-precision GPT training (launch with mpirun/srun)", "mptrain"};
+  app.require_subcommand(1);
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  std::string config_file;
+  CLI::App* train =
+      app.add_subcommand("train", "train a GPT on --data (resumes from checkpoints with --resume)");
+  CLI::App* eval = app.add_subcommand("eval", "validation loss of a checkpoint on --data");
+  CLI::App* sample = app.add_subcommand("sample", "generate text from a checkpoint");
+  for (CLI::App* sub : {train, eval, sample})
+    sub->add_option("--config", config_file,
+                    "JSON file of flag values (keys are flag names; flags override it)");
+  add_train(train, c);
+  add_common(eval, c);
+  add_data(eval, c);
+  eval->add_option("--checkpoint", c.checkpoint, "checkpoint file to evaluate")->required();
+  add_common(sample, c);
+  sample->add_option("--checkpoint", c.checkpoint, "checkpoint file to sample from")->required();
+  sample->add_option("--prompt", c.prompt, "start of the text (token ids separated by spaces for shards)");
+  sample->add_option("--sample-tokens", c.sample_tokens, "tokens to generate")->capture_default_str();
+  sample->add_option("--temperature", c.temperature, "softmax temperature")->capture_default_str();
+  sample->add_option("--tokenizer", c.tokenizer, "llm.c tokenizer .bin to print shard tokens as text");
+
+  std::vector<std::string> args(argv + 1, argv + argc);
+  // Find the subcommand and --config before parsing, so the file's values can go in front of the flags.
+  if (!args.empty()) {
+    CLI::App* sub = args[0] == "train"    ? train
+                    : args[0] == "eval"   ? eval
+                    : args[0] == "sample" ? sample
+                                          : nullptr;
+    for (size_t i = 1; sub && i < args.size(); ++i) {
+      std::string file;
+      if (args[i] == "--config" && i + 1 < args.size())
+        file = args[i + 1];
+      else if (args[i].rfind("--config=", 0) == 0)
+        file = args[i].substr(9);
+      if (file.empty()) continue;
+      const auto extra = config_arguments(file, sub);
+      args.insert(args.begin() + 1, extra.begin(), extra.end());
+      break;
+    }
+  }
+  std::reverse(args.begin(), args.end());  // CLI11 takes the vector in reverse order
+  try {
+    app.parse(args);
+  } catch (const CLI::CallForHelp&) {
+    std::printf("%s", app.help().c_str());
+    return false;
+  } catch (const CLI::CallForAllHelp&) {
+    std::printf("%s", app.help("", CLI::AppFormatMode::All).c_str());
+    return false;
+  } catch (const CLI::ParseError& e) {
+    std::string what = e.what();
+    throw InputError(fmt::format("{} (see mptrain {} --help)", what, args.empty() ? "" : args.back()));
+  }
+  for (CLI::App* sub : {train, eval, sample})
+    if (sub->parsed()) c.command = sub->get_name();
+  return true;
+}
+
+}  // namespace mpt

@@ -1,0 +1,42 @@
+// mptrain: the executable. `mpirun -n N build/mptrain train [flags]` (or eval, sample); see --help.
+//
+// Exit codes: 0 success; 2 bad input (flags, config file, data, checkpoint, world size), reported by rank 0
+// in one line, every rank exiting together; 1 a run that cannot continue (loss scale stuck at its minimum).
+// A failure only one rank sees (an I/O error mid-run) aborts the whole job through MPI_Abort.
+#include <omp.h>
+
+#include <cstdio>
+#include <exception>
+
+#include "mptrain/comm_mpi.hpp"
+#include "mptrain/error.hpp"
+#include "mptrain/trainer.hpp"
+
+int main(int argc, char** argv) {
+  mpt::MpiSession mpi(&argc, &argv);
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  try {
+    mpt::RunConfig config;
+    if (!mpt::parse_command_line(argc, argv, config)) return 0;  // --help printed
+    config.validate();
+    mpt::MpiCommunicator comm;
+    if (config.command == "eval") return mpt::run_eval(config, comm);
+    if (config.command == "sample") return mpt::run_sample(config, comm);
+    return mpt::run_train(config, comm);
+  } catch (const mpt::AgreedExit& e) {
+    return e.code;
+  } catch (const mpt::InputError& e) {
+    // The same on every rank (same flags, same files): one line from rank 0, exit 2 everywhere.
+    if (rank == 0) std::fprintf(stderr, "mptrain: error: %s\n", e.what());
+    return 2;
+  } catch (const mpt::NumericsError& e) {
+    if (rank == 0) std::fprintf(stderr, "mptrain: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "mptrain: rank %d: fatal: %s\n", rank, e.what());
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    return 1;
+  }
+}

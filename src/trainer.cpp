@@ -1,0 +1,508 @@
+// The mptrain subcommands (include/mptrain/trainer.hpp): set-up agreed by every rank, the training loop of
+// DESIGN.md's step, logging and metrics, evaluation, checkpoints and resume, evaluation and sampling of a
+// checkpoint.
+#include "mptrain/trainer.hpp"
+
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "mptrain/checkpoint.hpp"
+#include "mptrain/data.hpp"
+#include "mptrain/error.hpp"
+#include "mptrain/model.hpp"
+
+namespace mpt {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+/// Runs `setup` on every rank; if it throws mpt::InputError on any rank, the lowest such rank prints its
+/// message and every rank leaves with AgreedExit{2}. A file missing on one node thus stops the whole job
+/// cleanly instead of leaving the others in the first collective.
+template <typename F>
+void agree_on_setup(Communicator& comm, F&& setup) {
+  std::string message;
+  try {
+    setup();
+  } catch (const InputError& e) {
+    message = e.what();
+  }
+  std::vector<int32_t> failed(static_cast<size_t>(comm.size()));
+  const int32_t mine = message.empty() ? 0 : 1;
+  comm.all_gather(&mine, failed.data(), 1, DType::i32);
+  for (int r = 0; r < comm.size(); ++r) {
+    if (!failed[static_cast<size_t>(r)]) continue;
+    if (r == comm.rank()) std::fprintf(stderr, "mptrain: error: %s\n", message.c_str());
+    throw AgreedExit{2};
+  }
+}
+
+/// Every rank must hold the same config, parameter layout and data: compare a hash of them.
+void check_ranks_agree(Communicator& comm, uint64_t hash) {
+  std::vector<uint64_t> all(static_cast<size_t>(comm.size()));
+  const auto h = static_cast<int64_t>(hash);
+  comm.all_gather(&h, all.data(), 1, DType::i64);
+  for (int r = 0; r < comm.size(); ++r)
+    MPT_INPUT_CHECK(
+        all[static_cast<size_t>(r)] == all[0],
+        "ranks disagree: rank {} has a different config, model layout or data than rank 0 (hash {:016x} "
+        "vs {:016x}); start every rank with the same flags and files",
+        r, all[static_cast<size_t>(r)], all[0]);
+}
+
+uint64_t fnv1a(const std::string& text, uint64_t h = 1469598103934665603ull) {
+  for (unsigned char c : text) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+void set_threads(const RunConfig& c) {
+  int threads = c.threads;
+  if (threads == 0) threads = std::getenv("OMP_NUM_THREADS") ? omp_get_max_threads() : 1;
+  omp_set_num_threads(threads);
+}
+
+void check_device(const RunConfig& c) {
+  // The CUDA backend is not part of this build yet; auto therefore means the CPU.
+  MPT_INPUT_CHECK(c.device != "cuda",
+                  "--device cuda: this build of mptrain has no CUDA backend yet; use --device cpu");
+}
+
+std::string format_duration(double seconds) {
+  const auto s = static_cast<int64_t>(seconds + 0.5);
+  return fmt::format("{}:{:02d}:{:02d}", s / 3600, (s / 60) % 60, s % 60);
+}
+
+/// Writes `text` to `path` atomically (temporary file + rename).
+void write_text_file(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << text;
+    if (!out) throw Error(fmt::format("cannot write '{}'", tmp));
+  }
+  std::filesystem::rename(tmp, path);
+}
+
+/// An llm.c tokenizer file: 256 x uint32 header {magic 20240328, version 1 or 2, vocab size, ...}, then per
+/// token a uint8 length and that many bytes. Returns the byte string of every token id.
+std::vector<std::string> load_llmc_tokenizer(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  MPT_INPUT_CHECK(static_cast<bool>(in), "--tokenizer {}: cannot open", path);
+  uint32_t header[256] = {};
+  in.read(reinterpret_cast<char*>(header), sizeof(header));
+  MPT_INPUT_CHECK(static_cast<bool>(in), "--tokenizer {}: truncated header", path);
+  MPT_INPUT_CHECK(header[0] == 20240328u, "--tokenizer {}: wrong magic {} (expected 20240328)", path,
+                  header[0]);
+  MPT_INPUT_CHECK(header[1] == 1u || header[1] == 2u, "--tokenizer {}: unsupported version {}", path,
+                  header[1]);
+  std::vector<std::string> vocab(header[2]);
+  for (auto& token : vocab) {
+    unsigned char length = 0;
+    in.read(reinterpret_cast<char*>(&length), 1);
+    token.resize(length);
+    in.read(token.data(), length);
+    MPT_INPUT_CHECK(static_cast<bool>(in), "--tokenizer {}: truncated after {} tokens", path,
+                    &token - vocab.data());
+  }
+  return vocab;
+}
+
+/// The model shape and precision a checkpoint was trained with.
+RunConfig config_of_checkpoint(const SafetensorsFile& ckpt, RunConfig c) {
+  c.layers = checkpoint_int(ckpt, "layers");
+  c.heads = checkpoint_int(ckpt, "heads");
+  c.channels = checkpoint_int(ckpt, "channels");
+  c.seq_len = checkpoint_int(ckpt, "seq_len");
+  return c;
+}
+
+/// Everything a run holds: data, engine, model.
+struct Session {
+  RunConfig config;
+  Communicator& comm;
+  std::unique_ptr<Backend> backend = make_cpu_backend();
+  std::unique_ptr<Dataset> data;
+  GPTConfig model_config;
+  std::unique_ptr<MixedPrecisionEngine> engine;
+  std::unique_ptr<GPT> model;
+  std::vector<int32_t> tokens, targets;
+
+  Session(const RunConfig& c, Communicator& comm_) : config(c), comm(comm_) {}
+
+  void build(int64_t vocab_size) {
+    model_config = config.model_config(vocab_size);
+    engine = std::make_unique<MixedPrecisionEngine>(gpt_tensors(model_config), config.engine_config(), comm,
+                                                    *backend);
+    model = std::make_unique<GPT>(model_config, engine->layout(), *backend, config.dtype());
+  }
+
+  /// Mean validation loss over eval_batches batches of global_batch sequences, averaged over all ranks.
+  double evaluate() {
+    const int64_t G = config.global_batch, T = config.seq_len, mb = config.micro_batch;
+    const int64_t per_rank = G / comm.size();
+    double sum[2] = {0.0, 0.0};  // loss x sequences, sequences
+    tokens.resize(static_cast<size_t>(mb * T));
+    targets.resize(tokens.size());
+    for (int64_t k = 0; k < config.eval_batches; ++k)
+      for (int64_t first = 0; first < per_rank; first += mb) {
+        const int64_t count = std::min(mb, per_rank - first);
+        data->val_batch(k, G, comm.rank() * per_rank + first, count, T, tokens.data(), targets.data());
+        sum[0] +=
+            static_cast<double>(model->forward(engine->params(), tokens.data(), targets.data(), count, T)) *
+            static_cast<double>(count);
+        sum[1] += static_cast<double>(count);
+      }
+    comm.all_reduce(std::span<double>(sum, 2), ReduceOp::sum);
+    return sum[0] / sum[1];
+  }
+
+  /// Generates `n` tokens after `prompt` (rank-local, no communication): a window of seq_len tokens, the
+  /// logits of the last real position, softmax with `temperature`, sampled with `rng`.
+  std::vector<int32_t> generate(std::vector<int32_t> context, int64_t n, float temperature,
+                                std::mt19937_64& rng) {
+    const int64_t T = model_config.max_seq_len, V = model_config.vocab_size,
+                  Vp = model_config.padded_vocab_size();
+    if (context.empty()) context.push_back(data && data->is_text() ? '\n' : 0);
+    std::vector<int32_t> window(static_cast<size_t>(T));
+    std::vector<float> row(static_cast<size_t>(V));
+    std::vector<int32_t> out;
+    for (int64_t i = 0; i < n; ++i) {
+      const auto len = static_cast<int64_t>(std::min<size_t>(context.size(), static_cast<size_t>(T)));
+      std::fill(window.begin(), window.end(), 0);  // positions after `len` cannot influence earlier logits
+      std::copy(context.end() - len, context.end(), window.begin());
+      model->forward(engine->params(), window.data(), nullptr, 1, T);
+      dispatch_float_dtype(config.dtype(), [&]<typename S>() {
+        std::vector<S> logits(static_cast<size_t>(V));
+        backend->copy_to_host(logits.data(), static_cast<const S*>(model->logits()) + (len - 1) * Vp,
+                              logits.size() * sizeof(S));
+        for (int64_t j = 0; j < V; ++j)
+          row[static_cast<size_t>(j)] = to_float(logits[static_cast<size_t>(j)]);
+      });
+      const float top = *std::max_element(row.begin(), row.end());
+      double total = 0;
+      for (float& x : row) {
+        x = std::exp((x - top) / temperature);
+        total += x;
+      }
+      double u = std::uniform_real_distribution<double>(0.0, total)(rng);
+      int32_t next = static_cast<int32_t>(V - 1);
+      for (int64_t j = 0; j < V; ++j) {
+        u -= row[static_cast<size_t>(j)];
+        if (u <= 0) {
+          next = static_cast<int32_t>(j);
+          break;
+        }
+      }
+      context.push_back(next);
+      out.push_back(next);
+    }
+    return out;
+  }
+};
+
+std::map<std::string, std::string> checkpoint_metadata(const Session& s) {
+  return {{"layers", std::to_string(s.config.layers)},
+          {"heads", std::to_string(s.config.heads)},
+          {"channels", std::to_string(s.config.channels)},
+          {"seq_len", std::to_string(s.config.seq_len)},
+          {"vocab_size", std::to_string(s.model_config.vocab_size)},
+          {"precision", s.config.precision},
+          {"seed", std::to_string(s.config.seed)},
+          {"data_hash", fmt::format("{:016x}", s.data->hash())},
+          {"config", s.config.to_json().dump()}};
+}
+
+/// Checks that a checkpoint fits this run: model shape, vocabulary and precision.
+void check_checkpoint_fits(const SafetensorsFile& ckpt, const Session& s) {
+  const auto expect = [&](const char* key, int64_t have) {
+    const int64_t value = checkpoint_int(ckpt, key);
+    MPT_INPUT_CHECK(value == have,
+                    "checkpoint {}: {} is {}, this run has {} (another model shape or vocabulary)", ckpt.path,
+                    key, value, have);
+  };
+  expect("layers", s.config.layers);
+  expect("heads", s.config.heads);
+  expect("channels", s.config.channels);
+  expect("seq_len", s.config.seq_len);
+  expect("vocab_size", s.model_config.vocab_size);
+  const auto precision = ckpt.metadata.find("precision");
+  MPT_INPUT_CHECK(precision != ckpt.metadata.end() && precision->second == s.config.precision,
+                  "checkpoint {}: written by a {} run, this run is {} (--precision)", ckpt.path,
+                  precision == ckpt.metadata.end() ? "?" : precision->second, s.config.precision);
+}
+
+}  // namespace
+
+int run_train(const RunConfig& config_in, Communicator& comm) {
+  const auto start = Clock::now();
+  Session s(config_in, comm);
+  RunConfig& c = s.config;
+  if (c.checkpoint_dir.empty()) c.checkpoint_dir = fmt::format("runs/{}/checkpoints", c.run_name);
+  const std::string run_dir = fmt::format("runs/{}", c.run_name);
+  const bool root = comm.rank() == 0;
+  int64_t start_step = 0;
+  int64_t accumulation = 1;
+  std::string resumed_from;
+
+  agree_on_setup(comm, [&] {
+    check_device(c);
+    set_threads(c);
+    accumulation = c.accumulation_steps(comm.size());
+    s.data = std::make_unique<Dataset>(Dataset::load(c.data, c.val_fraction));
+    s.data->check_sequence_length(c.seq_len, c.eval_batches > 0);
+    s.build(s.data->vocab_size());
+    s.engine->set_parameters(gpt_init(s.model_config, c.seed));
+    if (c.resume == "auto")
+      resumed_from = find_latest_checkpoint(c.checkpoint_dir, root);
+    else if (c.resume != "none")
+      resumed_from = c.resume;
+    if (!resumed_from.empty()) {
+      const SafetensorsFile ckpt = read_checkpoint(resumed_from);
+      check_checkpoint_fits(ckpt, s);
+      start_step = restore_checkpoint(*s.engine, ckpt);
+      MPT_INPUT_CHECK(start_step <= c.steps, "checkpoint {} is at step {}, beyond --steps {}", resumed_from,
+                      start_step, c.steps);
+    }
+  });
+  const nlohmann::json effective = c.to_json();
+  uint64_t hash = fnv1a(effective.dump());
+  for (const TensorPlacement& t : s.engine->layout().tensors())
+    hash = fnv1a(fmt::format("{}:{}:{}", t.spec.name, t.offset, t.spec.num_elements()), hash);
+  check_ranks_agree(comm, fnv1a(fmt::format("{:016x}", s.data->hash()), hash));
+
+  const int64_t G = c.global_batch, T = c.seq_len, mb = c.micro_batch, N = comm.size();
+  const double flops_per_token = gpt_flops_per_token(s.model_config, T);
+  const double peak = c.peak_tflops > 0 ? c.peak_tflops * 1e12 : s.backend->peak_flops();
+  std::ofstream metrics;
+  if (root) {
+    std::filesystem::create_directories(run_dir);
+    write_text_file(run_dir + "/config.json", effective.dump(2) + "\n");
+    // Keep the metrics of the steps before the resume point; a fresh run starts a new file.
+    std::vector<std::string> kept;
+    if (start_step > 0) {
+      std::ifstream old(run_dir + "/metrics.jsonl");
+      for (std::string line; std::getline(old, line);) {
+        const auto j = nlohmann::json::parse(line, nullptr, false);
+        if (!j.is_discarded() && j.value("step", int64_t{-1}) <= start_step) kept.push_back(line);
+      }
+    }
+    metrics.open(run_dir + "/metrics.jsonl", std::ios::trunc);
+    for (const auto& line : kept) metrics << line << "\n";
+    const MemoryReport m = s.engine->memory();
+    const double P = static_cast<double>(m.num_parameters);
+    std::printf("mptrain train: %d rank(s) x %d thread(s), backend %s, precision %s\n", static_cast<int>(N),
+                omp_get_max_threads(), s.backend->name().c_str(), c.precision.c_str());
+    std::printf("config: %s\n", effective.dump().c_str());
+    std::printf("data: %s\n", s.data->describe().c_str());
+    std::printf("model: L=%lld C=%lld NH=%lld T=%lld V=%lld (padded %lld): %zu parameters\n",
+                static_cast<long long>(c.layers), static_cast<long long>(c.channels),
+                static_cast<long long>(c.heads), static_cast<long long>(T),
+                static_cast<long long>(s.model_config.vocab_size),
+                static_cast<long long>(s.model_config.padded_vocab_size()), m.num_parameters);
+    std::printf(
+        "memory per rank: weights %zu + grads %zu + FP32 master/m/v shard %zu = %zu bytes "
+        "(%s: %.0f, padding %.0f)\n",
+        m.params_bytes, m.grads_bytes, m.master_bytes + m.adam_m_bytes + m.adam_v_bytes, m.state_bytes(),
+        c.precision == "fp32" ? "8P + 12P/N" : "4P + 12P/N",
+        2.0 * static_cast<double>(dtype_size(c.dtype())) * P + 12.0 * P / static_cast<double>(N),
+        m.padding_bytes(dtype_size(c.dtype())));
+    std::printf(
+        "batch: global %lld sequences x %lld tokens = %lld tokens/step; micro-batch %lld per rank, %lld "
+        "accumulation step(s); %lld steps\n",
+        static_cast<long long>(G), static_cast<long long>(T), static_cast<long long>(G * T),
+        static_cast<long long>(mb), static_cast<long long>(accumulation), static_cast<long long>(c.steps));
+    std::printf(
+        "MFU = tokens/s x %.4g FLOP/token (6N + 12 L C T, PaLM appendix B) / (%lld ranks x %.3g FLOP/s %s)\n",
+        flops_per_token, static_cast<long long>(N), peak,
+        c.peak_tflops > 0 ? "given by --peak-tflops" : "measured SGEMM peak per rank");
+    if (!resumed_from.empty())
+      std::printf("resumed from %s at step %lld\n", resumed_from.c_str(), static_cast<long long>(start_step));
+    std::fflush(stdout);
+  }
+
+  const int64_t per_rank = G / N;
+  s.tokens.resize(static_cast<size_t>(mb * T));
+  s.targets.resize(s.tokens.size());
+  double train_seconds = 0, window_seconds = 0;
+  int64_t window_tokens = 0;
+  const auto log_metrics = [&](const nlohmann::json& line) {
+    if (!root) return;
+    metrics << line.dump() << "\n";
+    metrics.flush();
+  };
+  for (int64_t step = start_step; step < c.steps; ++step) {
+    const auto t0 = Clock::now();
+    s.engine->zero_grads();
+    const float factor = s.engine->loss_scale() / static_cast<float>(accumulation);
+    double loss = 0;
+    for (int64_t k = 0; k < accumulation; ++k) {
+      s.data->train_batch(c.seed, step, G, comm.rank() * per_rank + k * mb, mb, T, s.tokens.data(),
+                          s.targets.data());
+      loss += s.model->forward(s.engine->params(), s.tokens.data(), s.targets.data(), mb, T, factor);
+      s.model->backward(s.engine->params(), s.engine->grads());
+    }
+    loss /= static_cast<double>(accumulation);
+    s.engine->sync_grads();
+    const StepResult r = s.engine->step();  // NumericsError: the same on every rank
+    const double step_seconds = seconds_since(t0);
+    train_seconds += step_seconds;
+    window_seconds += step_seconds;
+    window_tokens += G * T;
+    const bool last = step + 1 == c.steps;
+    if (root && step == start_step)
+      std::printf("activations per rank: %zu bytes (micro-batch %lld x %lld tokens)\n",
+                  s.model->activation_bytes(), static_cast<long long>(mb), static_cast<long long>(T));
+
+    if ((step + 1) % c.log_interval == 0 || last) {
+      double mean = loss;
+      comm.all_reduce(std::span<double>(&mean, 1), ReduceOp::sum);
+      mean /= static_cast<double>(N);
+      const double tokens_per_second = static_cast<double>(window_tokens) / window_seconds;
+      const double mfu = tokens_per_second * flops_per_token / (static_cast<double>(N) * peak);
+      const double elapsed = seconds_since(start);
+      const double eta = train_seconds / static_cast<double>(step + 1 - start_step) *
+                         static_cast<double>(c.steps - step - 1);
+      if (root)
+        std::printf(
+            "step %6lld/%lld | loss %.4f | scale %g | skipped %lld | grad norm %.3f | lr %.3e | %.0f tok/s | "
+            "MFU %.1f%% | elapsed %s | ETA %s\n",
+            static_cast<long long>(step + 1), static_cast<long long>(c.steps), mean, r.loss_scale,
+            static_cast<long long>(s.engine->scaler().state().skipped_steps), r.grad_norm, r.lr,
+            tokens_per_second, 100.0 * mfu, format_duration(elapsed).c_str(), format_duration(eta).c_str());
+      nlohmann::json line = {{"step", step + 1},
+                             {"train_loss", mean},
+                             {"loss_scale", r.loss_scale},
+                             {"skipped", s.engine->scaler().state().skipped_steps},
+                             {"step_skipped", r.skipped},
+                             {"lr", r.lr},
+                             {"tokens_per_second", tokens_per_second},
+                             {"mfu", mfu},
+                             {"elapsed_seconds", elapsed}};
+      line["grad_norm"] = std::isfinite(r.grad_norm) ? nlohmann::json(r.grad_norm) : nlohmann::json(nullptr);
+      log_metrics(line);
+      std::fflush(stdout);
+      window_seconds = 0;
+      window_tokens = 0;
+    }
+    if (c.eval_batches > 0 && ((c.eval_interval > 0 && (step + 1) % c.eval_interval == 0) || last)) {
+      const double val = s.evaluate();
+      if (root)
+        std::printf("step %6lld/%lld | val loss %.4f\n", static_cast<long long>(step + 1),
+                    static_cast<long long>(c.steps), val);
+      log_metrics({{"step", step + 1}, {"val_loss", val}});
+      std::fflush(stdout);
+    }
+    if ((c.checkpoint_interval > 0 && (step + 1) % c.checkpoint_interval == 0) || last) {
+      const std::string path = save_checkpoint(*s.engine, c.checkpoint_dir, step + 1,
+                                               static_cast<int>(c.keep_checkpoints), checkpoint_metadata(s));
+      if (root)
+        std::printf("step %6lld/%lld | checkpoint %s\n", static_cast<long long>(step + 1),
+                    static_cast<long long>(c.steps), path.c_str());
+    }
+  }
+  if (root) {
+    std::printf("training: %.1f s for %lld steps (%.0f tokens/s)\n", train_seconds,
+                static_cast<long long>(c.steps - start_step),
+                static_cast<double>((c.steps - start_step) * G * T) / std::max(train_seconds, 1e-9));
+    if (c.sample_tokens > 0) {
+      std::mt19937_64 rng(c.seed);
+      const auto text = s.generate({}, c.sample_tokens, 1.0f, rng);
+      std::printf("sample:\n%s\n", s.data->decode(text.data(), static_cast<int64_t>(text.size())).c_str());
+    }
+    std::fflush(stdout);
+  }
+  comm.barrier();
+  return 0;
+}
+
+int run_eval(const RunConfig& config_in, Communicator& comm) {
+  Session s(config_in, comm);
+  SafetensorsFile ckpt;
+  agree_on_setup(comm, [&] {
+    check_device(s.config);
+    set_threads(s.config);
+    ckpt = read_checkpoint(s.config.checkpoint);
+    s.config = config_of_checkpoint(ckpt, s.config);
+    MPT_INPUT_CHECK(s.config.global_batch % comm.size() == 0,
+                    "--global-batch {} is not divisible by {} ranks", s.config.global_batch, comm.size());
+    s.data = std::make_unique<Dataset>(Dataset::load(s.config.data, s.config.val_fraction));
+    s.data->check_sequence_length(s.config.seq_len, true);
+    MPT_INPUT_CHECK(checkpoint_int(ckpt, "vocab_size") == s.data->vocab_size(),
+                    "checkpoint {}: vocab_size {} but --data has vocabulary {}", ckpt.path,
+                    checkpoint_int(ckpt, "vocab_size"), s.data->vocab_size());
+    s.build(s.data->vocab_size());
+    restore_checkpoint(*s.engine, ckpt);
+  });
+  const double val = s.evaluate();
+  if (comm.rank() == 0) {
+    std::printf("val_loss %.9g\n", val);
+    std::printf("%s\n", nlohmann::json({{"checkpoint", s.config.checkpoint},
+                                        {"val_loss", val},
+                                        {"eval_batches", s.config.eval_batches},
+                                        {"global_batch", s.config.global_batch},
+                                        {"precision", s.config.precision}})
+                            .dump()
+                            .c_str());
+  }
+  return 0;
+}
+
+int run_sample(const RunConfig& config_in, Communicator& comm) {
+  Session s(config_in, comm);
+  SafetensorsFile ckpt;
+  agree_on_setup(comm, [&] {
+    check_device(s.config);
+    set_threads(s.config);
+    ckpt = read_checkpoint(s.config.checkpoint);
+    s.config = config_of_checkpoint(ckpt, s.config);
+    s.build(checkpoint_int(ckpt, "vocab_size"));
+    restore_checkpoint(*s.engine, ckpt);
+  });
+  if (comm.rank() != 0) return 0;
+  const bool text = s.model_config.vocab_size == 256;
+  std::vector<int32_t> prompt;
+  if (text) {
+    for (unsigned char ch : s.config.prompt) prompt.push_back(ch);
+  } else {
+    std::istringstream in(s.config.prompt);
+    for (int64_t id; in >> id;) {
+      MPT_INPUT_CHECK(id >= 0 && id < s.model_config.vocab_size, "--prompt: token {} outside [0, {})", id,
+                      s.model_config.vocab_size);
+      prompt.push_back(static_cast<int32_t>(id));
+    }
+  }
+  std::mt19937_64 rng(s.config.seed);
+  const auto out = s.generate(prompt, s.config.sample_tokens, s.config.temperature, rng);
+  std::string printed;
+  if (text) {
+    printed.assign(s.config.prompt);
+    for (int32_t t : out) printed.push_back(static_cast<char>(t));
+  } else if (!s.config.tokenizer.empty()) {
+    const auto vocab = load_llmc_tokenizer(s.config.tokenizer);
+    for (int32_t t : out) {
+      MPT_INPUT_CHECK(static_cast<size_t>(t) < vocab.size(),
+                      "--tokenizer {}: has {} tokens, the model produced {}", s.config.tokenizer,
+                      vocab.size(), t);
+      printed += vocab[static_cast<size_t>(t)];
+    }
+  } else {
+    for (int32_t t : out) printed += fmt::format("{} ", t);
+  }
+  std::printf("%s\n", printed.c_str());
+  return 0;
+}
+
+}  // namespace mpt

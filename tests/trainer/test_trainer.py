@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""End-to-end tests of `mptrain train/eval` under mpiexec (CTest runs this file; unittest, stdlib + torch).
+
+- resume is bitwise exact: 2 ranks, fp16 with dynamic loss scaling (growth interval 2, so the window after the
+  resume point holds skipped steps and scale growths): 12 steps, checkpoint, resume, 12 more == 24 straight;
+- resume with another rank count: fp32, global batch 12, trained on 2 ranks, resumed on 3: the loss sequence
+  matches the uninterrupted 2-rank run within 1e-4 relative;
+- PyTorch reads the checkpoint (a ten-line reader) and reproduces `mptrain eval --precision fp32` on a fixed
+  batch within 1e-4 relative.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "reference"))
+ARGS = None
+
+TINY = ["--layers", "1", "--heads", "2", "--channels", "32", "--seq-len", "32", "--warmup-steps", "4",
+        "--lr", "3e-3", "--log-interval", "1", "--eval-interval", "6", "--eval-batches", "1",
+        "--sample-tokens", "0", "--val-fraction", "0.1"]
+NON_TIMING = ("step", "train_loss", "loss_scale", "skipped", "step_skipped", "lr", "grad_norm", "val_loss")
+
+
+def write_corpus(path, n_bytes=120_000):
+    rng = random.Random(7)
+    words = ("in the beginning god created heaven and earth light darkness day night waters firmament "
+             "said let there be was good evening morning first second third land seas grass herb seed fruit").split()
+    out = []
+    size = 0
+    while size < n_bytes:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(4, 14))).capitalize() + ".\n"
+        out.append(line)
+        size += len(line)
+    with open(path, "w") as f:
+        f.write("".join(out))
+
+
+class Trainer(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="mptrain_trainer_")
+        cls.corpus = os.path.join(cls.dir, "corpus.txt")
+        write_corpus(cls.corpus)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def mptrain(self, ranks, *args, cwd):
+        os.makedirs(cwd, exist_ok=True)
+        cmd = [ARGS.mpiexec, "-n", str(ranks), "--oversubscribe", ARGS.mptrain, *args]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        self.assertEqual(p.returncode, 0, f"{' '.join(cmd)}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+        return p.stdout
+
+    def train(self, name, ranks, extra, resume="none"):
+        cwd = os.path.join(self.dir, name)
+        self.mptrain(ranks, "train", "--data", self.corpus, "--run-name", name, "--resume", resume, *TINY, *extra,
+                     cwd=cwd)
+        with open(os.path.join(cwd, "runs", name, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f]
+        return cwd, lines
+
+    @staticmethod
+    def after(lines, step, key):
+        return [(line["step"], line[key]) for line in lines if line["step"] > step and key in line]
+
+    def test_resume_is_bitwise_exact_fp16_dynamic_scaling(self):
+        extra = ["--precision", "fp16", "--global-batch", "8", "--micro-batch", "4", "--steps", "24",
+                 "--checkpoint-interval", "12", "--keep-checkpoints", "5", "--loss-scale-window", "2",
+                 "--loss-scale-init", "1048576"]
+        cwd, straight = self.train("exact_straight", 2, extra)
+        ckpt = os.path.join(cwd, "runs", "exact_straight", "checkpoints", "ckpt_00000012.safetensors")
+        _, resumed = self.train("exact_resumed", 2, extra, resume=ckpt)
+        window = self.after(straight, 12, "loss_scale")
+        scales = [s for _, s in window]
+        self.assertTrue(any(skip for _, skip in self.after(straight, 12, "step_skipped")), "no skipped step")
+        self.assertTrue(any(b > a for a, b in zip(scales, scales[1:])), f"no scale growth in {scales}")
+        for key in NON_TIMING:
+            self.assertEqual(self.after(straight, 12, key), self.after(resumed, 12, key), key)
+        self.assertGreater(len(self.after(resumed, 12, "train_loss")), 0)
+
+    def test_resume_with_another_rank_count(self):
+        extra = ["--precision", "fp32", "--global-batch", "12", "--micro-batch", "2", "--steps", "24",
+                 "--checkpoint-interval", "12", "--keep-checkpoints", "5"]
+        cwd, two = self.train("ranks_two", 2, extra)
+        ckpt = os.path.join(cwd, "runs", "ranks_two", "checkpoints", "ckpt_00000012.safetensors")
+        _, three = self.train("ranks_three", 3, extra, resume=ckpt)
+        a, b = self.after(two, 12, "train_loss"), self.after(three, 12, "train_loss")
+        self.assertEqual([s for s, _ in a], [s for s, _ in b])
+        for (step, x), (_, y) in zip(a, b):
+            self.assertLessEqual(abs(x - y), 1e-4 * abs(x), f"step {step}: {x} vs {y}")
+
+    def test_pytorch_reproduces_eval_from_the_checkpoint(self):
+        import torch
+        from gpt_reference import gpt_loss, read_safetensors
+
+        extra = ["--precision", "fp32", "--global-batch", "4", "--micro-batch", "2", "--steps", "6"]
+        cwd, _ = self.train("for_pytorch", 2, extra)
+        ckpt = os.path.join(cwd, "runs", "for_pytorch", "checkpoints", "ckpt_00000006.safetensors")
+        out = self.mptrain(1, "eval", "--checkpoint", ckpt, "--data", self.corpus, "--precision", "fp32",
+                           "--val-fraction", "0.1", "--eval-batches", "1", "--global-batch", "4",
+                           "--micro-batch", "4", cwd=cwd)
+        ours = float(next(line.split()[1] for line in out.splitlines() if line.startswith("val_loss ")))
+
+        tensors, meta = read_safetensors(ckpt)
+        params = {k[len("master."):]: v for k, v in tensors.items() if k.startswith("master.")}
+        cfg = {"vocab_size": int(meta["vocab_size"]), "num_layers": int(meta["layers"]),
+               "num_heads": int(meta["heads"]), "channels": int(meta["channels"])}
+        T = int(meta["seq_len"])
+        data = open(self.corpus, "rb").read()
+        split = int((1.0 - 0.1) * len(data))
+        windows = [data[split + w * (T + 1): split + (w + 1) * (T + 1)] for w in range(4)]
+        x = torch.tensor([list(w[:T]) for w in windows], dtype=torch.int32)
+        y = torch.tensor([list(w[1:]) for w in windows], dtype=torch.int32)
+        with torch.no_grad():
+            _, loss = gpt_loss(params, x, y, cfg)
+        self.assertLessEqual(abs(loss.item() - ours), 1e-4 * abs(ours), f"PyTorch {loss.item()} vs mptrain {ours}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mptrain", required=True)
+    parser.add_argument("--mpiexec", default="mpiexec")
+    ARGS, rest = parser.parse_known_args()
+    ARGS.mptrain = os.path.abspath(ARGS.mptrain)
+    unittest.main(argv=[sys.argv[0], "-v", *rest])
