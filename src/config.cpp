@@ -25,6 +25,7 @@ EngineConfig RunConfig::engine_config() const {
   e.schedule.decay_steps = steps > warmup_steps ? steps : 0;
   e.schedule.min_lr = lr * min_lr_ratio;
   e.grad_clip = grad_clip;
+  e.fp32_grad_accumulation = fp32_grad_accumulation;
   LossScalerConfig& s = e.scaler;
   s.dynamic = static_loss_scale <= 0.0f;
   s.init_scale = s.dynamic ? loss_scale_init : static_loss_scale;
@@ -128,6 +129,7 @@ nlohmann::json RunConfig::to_json() const {
           {"loss-scale-min", shortest(loss_scale_min)},
           {"loss-scale-max-min-overflows", loss_scale_max_min_overflows},
           {"static-loss-scale", shortest(static_loss_scale)},
+          {"fp32-grad-accumulation", fp32_grad_accumulation},
           {"grad-sync", grad_sync},
           {"bucket-mib", bucket_mib},
           {"data", data},
@@ -223,6 +225,9 @@ void add_train(CLI::App* app, RunConfig& c) {
       ->capture_default_str();
   app->add_option("--static-loss-scale", c.static_loss_scale, "fp16: a fixed loss scale (0: dynamic)")
       ->capture_default_str();
+  app->add_flag(
+      "--fp32-grad-accumulation", c.fp32_grad_accumulation,
+      "accumulate micro-batch gradients and reduce them in FP32 (Megatron main_grad; 4P more bytes)");
   app->add_option("--grad-sync", c.grad_sync, "gradient reduction per bucket")
       ->check(CLI::IsMember({"reduce-scatter", "all-reduce"}))
       ->capture_default_str();

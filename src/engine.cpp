@@ -62,7 +62,8 @@ MixedPrecisionEngine::MixedPrecisionEngine(std::vector<TensorSpec> tensors, cons
   const size_t esize = dtype_size(config_.dtype);
   const size_t shard = layout_.shard_elements();
   params_ = backend_.allocate(layout_.padded_elements() * esize);
-  grads_ = backend_.allocate(layout_.padded_elements() * esize);
+  grads_ = backend_.allocate(layout_.padded_elements() * dtype_size(grad_dtype()));
+  if (config_.fp32_grad_accumulation) micro_grads_ = backend_.allocate(layout_.padded_elements() * esize);
   master_ = backend_.allocate(shard * sizeof(float));
   adam_m_ = backend_.allocate(shard * sizeof(float));
   adam_v_ = backend_.allocate(shard * sizeof(float));
@@ -163,6 +164,14 @@ void MixedPrecisionEngine::load_state(const std::vector<std::vector<float>>& mas
 
 void MixedPrecisionEngine::zero_grads() {
   backend_.fill_zero(grads_.data(), grads_.num_bytes());
+  if (micro_grads_.data()) backend_.fill_zero(micro_grads_.data(), micro_grads_.num_bytes());
+}
+
+void MixedPrecisionEngine::accumulate_micro_batch() {
+  if (!config_.fp32_grad_accumulation) return;  // backward accumulated into grads() directly
+  backend_.accumulate_f32(grads_.as<float>(), micro_grads_.data(),
+                          static_cast<int64_t>(layout_.padded_elements()), config_.dtype);
+  backend_.fill_zero(micro_grads_.data(), micro_grads_.num_bytes());
 }
 
 void MixedPrecisionEngine::bucket_ready(size_t bucket) {
@@ -170,13 +179,14 @@ void MixedPrecisionEngine::bucket_ready(size_t bucket) {
             pending_.size());
   MPT_CHECK(!pending_[bucket], "bucket_ready: bucket {} reported twice in one step", bucket);
   const Bucket& b = layout_.buckets()[bucket];
-  const size_t esize = dtype_size(config_.dtype);
+  const DType gdt = grad_dtype();
+  const size_t esize = dtype_size(gdt);
   auto* base = static_cast<std::byte*>(grads_.data()) + b.offset * esize;
   if (config_.grad_sync == GradSync::reduce_scatter) {
     void* mine = static_cast<std::byte*>(grads_.data()) + layout_.slice_offset(bucket, comm_.rank()) * esize;
-    pending_[bucket] = comm_.ireduce_scatter(base, mine, b.slice_elements, config_.dtype, ReduceOp::avg);
+    pending_[bucket] = comm_.ireduce_scatter(base, mine, b.slice_elements, gdt, ReduceOp::avg);
   } else {
-    pending_[bucket] = comm_.iall_reduce(base, base, b.padded_elements, config_.dtype, ReduceOp::avg);
+    pending_[bucket] = comm_.iall_reduce(base, base, b.padded_elements, gdt, ReduceOp::avg);
   }
 }
 
@@ -203,7 +213,7 @@ StepResult MixedPrecisionEngine::step() {
 
   // Phase 4: read-only pass over my shard.
   const bool local_inf =
-      backend_.grad_check(grads_.data(), config_.dtype, my_slices_, config_.block_elements, block_sums_);
+      backend_.grad_check(grads_.data(), grad_dtype(), my_slices_, config_.block_elements, block_sums_);
   // Phase 5: agree. After this every rank holds the same found_inf, so the branches below match everywhere.
   float found = local_inf ? 1.0f : 0.0f;
   comm_.all_reduce(&found, &found, 1, DType::f32, ReduceOp::max);
@@ -225,7 +235,7 @@ StepResult MixedPrecisionEngine::step() {
     const auto step =
         common::make_adamw_step(result.lr, a.beta1, a.beta2, a.eps, a.weight_decay, applied_steps_ + 1,
                                 static_cast<float>(result.clip_factor / scale));
-    backend_.adamw(master(), adam_m(), adam_v(), grads_.data(), config_.dtype, my_segments_, step);
+    backend_.adamw(master(), adam_m(), adam_v(), grads_.data(), grad_dtype(), my_segments_, step);
     ++applied_steps_;
     result.optimizer_seconds = seconds_since(t0) - result.check_seconds;
     // Phase 7: my slices of params from the master shard, then everyone's slices to everyone.
@@ -253,7 +263,7 @@ MemoryReport MixedPrecisionEngine::memory() const {
   r.num_parameters = layout_.num_parameters();
   r.world_size = comm_.size();
   r.params_bytes = params_.num_bytes();
-  r.grads_bytes = grads_.num_bytes();
+  r.grads_bytes = grads_.num_bytes() + micro_grads_.num_bytes();
   r.master_bytes = master_.num_bytes();
   r.adam_m_bytes = adam_m_.num_bytes();
   r.adam_v_bytes = adam_v_.num_bytes();

@@ -312,13 +312,17 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
                 static_cast<long long>(c.heads), static_cast<long long>(T),
                 static_cast<long long>(s.model_config.vocab_size),
                 static_cast<long long>(s.model_config.padded_vocab_size()), m.num_parameters);
+    // The ZeRO-1 contract: 2 x element size x P (weights + gradients) + 12P/N (FP32 master, m, v shard), plus
+    // 4P for the FP32 accumulation buffer when it is on; the rest is bucket padding.
+    const bool main_grad = c.fp32_grad_accumulation;
+    const double expected = 2.0 * static_cast<double>(dtype_size(c.dtype())) * P +
+                            (main_grad ? 4.0 * P : 0.0) + 12.0 * P / static_cast<double>(N);
     std::printf(
-        "memory per rank: weights %zu + grads %zu + FP32 master/m/v shard %zu = %zu bytes "
-        "(%s: %.0f, padding %.0f)\n",
+        "memory per rank: weights %zu + grads %zu + FP32 master/m/v shard %zu = %zu bytes (%s%s: %.0f, "
+        "padding %.0f)\n",
         m.params_bytes, m.grads_bytes, m.master_bytes + m.adam_m_bytes + m.adam_v_bytes, m.state_bytes(),
-        c.precision == "fp32" ? "8P + 12P/N" : "4P + 12P/N",
-        2.0 * static_cast<double>(dtype_size(c.dtype())) * P + 12.0 * P / static_cast<double>(N),
-        m.padding_bytes(dtype_size(c.dtype())));
+        c.precision == "fp32" ? "8P + 12P/N" : "4P + 12P/N", main_grad ? " + 4P main_grad" : "", expected,
+        static_cast<double>(m.state_bytes()) - expected);
     std::printf(
         "batch: global %lld sequences x %lld tokens = %lld tokens/step; micro-batch %lld per rank, %lld "
         "accumulation step(s); %lld steps\n",
@@ -353,6 +357,7 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
                           s.targets.data());
       loss += s.model->forward(s.engine->params(), s.tokens.data(), s.targets.data(), mb, T, factor);
       s.model->backward(s.engine->params(), s.engine->grads());
+      s.engine->accumulate_micro_batch();
     }
     loss /= static_cast<double>(accumulation);
     s.engine->sync_grads();

@@ -414,6 +414,49 @@ TEST_F(EngineMpi, ConfigValidation) {
   EXPECT_THROW(MixedPrecisionEngine(small_model(), huge_block, world, *backend), InputError);
 }
 
+// FP32 gradient accumulation (main_grad): three fp16 micro-batches summed in FP32 and reduced in FP32 give,
+// bitwise, the step of an fp32 engine handed the FP32 sum directly (the loss scale is a power of two, so
+// unscaling is exact); and the FP32 buffer costs 4P more bytes.
+TEST_F(EngineMpi, Fp32GradientAccumulationSumsMicroBatchesInFp32) {
+  EngineConfig on = small_config(GradSync::reduce_scatter, 1e-3f);
+  on.fp32_grad_accumulation = true;
+  EngineConfig f32 = small_config(GradSync::reduce_scatter, 1e-3f);
+  f32.dtype = DType::f32;
+  f32.bucket_bytes = on.bucket_bytes * 2;  // the same buckets (in elements), so the same shards
+  MixedPrecisionEngine a(small_model(), on, world, *backend);
+  MixedPrecisionEngine b(small_model(), f32, world, *backend);
+  ASSERT_EQ(a.grad_dtype(), DType::f32);
+  const auto init = initial_values(a.layout().num_parameters());
+  a.set_parameters(init);
+  b.set_parameters(init);
+  const float scale = a.loss_scale();
+  for (int step = 0; step < 2; ++step) {
+    a.zero_grads();
+    b.zero_grads();
+    std::vector<float> sum(a.layout().padded_elements(), 0.0f);
+    for (int k = 0; k < 3; ++k) {
+      auto value = [&](size_t t, size_t i) { return grad_value(step * 3 + k, t, i) / 3.0f; };
+      write_grads(a, value, scale);  // fp16 micro-batch gradients, scaled
+      for (size_t t = 0; t < a.layout().tensors().size(); ++t) {
+        const TensorPlacement& p = a.layout().tensors()[t];
+        for (size_t i = 0; i < p.spec.num_elements(); ++i)
+          sum[p.offset + i] += to_float(half(value(t, i) * scale)) / scale;  // exact: scale is 2^16
+      }
+      a.accumulate_micro_batch();
+    }
+    std::memcpy(b.grads(), sum.data(), sum.size() * sizeof(float));
+    a.sync_grads();
+    b.sync_grads();
+    const StepResult ra = a.step(), rb = b.step();
+    ASSERT_FALSE(ra.skipped);
+    EXPECT_EQ(ra.grad_norm, rb.grad_norm);
+    EXPECT_EQ(std::memcmp(a.master(), b.master(), a.layout().shard_elements() * sizeof(float)), 0);
+    EXPECT_EQ(std::memcmp(a.adam_v(), b.adam_v(), a.layout().shard_elements() * sizeof(float)), 0);
+  }
+  const MemoryReport m = a.memory();
+  EXPECT_EQ(m.grads_bytes, a.layout().padded_elements() * (4 + 2));
+}
+
 // Memory accounting: the buffers actually allocated equal 4P + 12P/N plus the padding, in fp16 mode.
 TEST_F(EngineMpi, MemoryAccountingMatchesAllocations) {
   const size_t before = backend->bytes_in_use();

@@ -126,6 +126,8 @@ class Backend {
   virtual void residual_forward(void* out, const void* a, const void* b, int64_t n, DType dtype) = 0;
   /// acc[n] += x (the residual's backward, and any gradient fan-in).
   virtual void accumulate(void* acc, const void* x, int64_t n, DType dtype) = 0;
+  /// acc[n] (FP32) += float(x[n]) with x in `dtype`: micro-batch gradients into the FP32 main_grad buffer.
+  virtual void accumulate_f32(float* acc, const void* x, int64_t n, DType dtype) = 0;
 
   /// Fused softmax cross-entropy over logits[rows,Vp] of which the first V columns are real: losses[r] (FP32)
   /// = -log softmax(logits[r, :V])[targets[r]]. When dlogits is non-null also writes (overwrites) dlogits[r,

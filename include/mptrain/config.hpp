@@ -40,7 +40,8 @@ struct RunConfig {
   bool loss_scale_consecutive_hysteresis = false;
   float loss_scale_min = 1.0f;
   int64_t loss_scale_max_min_overflows = 10;
-  float static_loss_scale = 0.0f;  ///< > 0: a static scale instead of the dynamic one
+  float static_loss_scale = 0.0f;       ///< > 0: a static scale instead of the dynamic one
+  bool fp32_grad_accumulation = false;  ///< Megatron main_grad: accumulate and reduce gradients in FP32
   std::string grad_sync = "reduce-scatter";
   double bucket_mib = 25.0;
 

@@ -44,6 +44,10 @@ struct EngineConfig {
   LrSchedule schedule;
   float grad_clip = 0.0f;   ///< max global grad norm (after unscaling); 0 = no clipping
   LossScalerConfig scaler;  ///< ignored (scaler disabled) unless dtype is f16
+  /// Megatron-LM's main_grad: backward writes each micro-batch's gradients (dtype) into grads(), and
+  /// accumulate_micro_batch() adds them into an FP32 buffer that the reduction, the check and AdamW then
+  /// read, so gradient accumulation and the all-reduce/reduce-scatter happen in FP32. Costs 4P more bytes.
+  bool fp32_grad_accumulation = false;
 
   /// Throws mpt::InputError naming the first bad field.
   void validate() const;
@@ -103,8 +107,13 @@ class MixedPrecisionEngine {
 
   /// Flat weights, padded_elements() of dtype, backend memory.
   void* params() const { return params_.data(); }
-  /// Flat gradients, padded_elements() of dtype, backend memory. Backward accumulates here.
-  void* grads() const { return grads_.data(); }
+  /// Flat gradients, padded_elements() of dtype, backend memory: where backward accumulates. With
+  /// fp32_grad_accumulation this is the micro-batch buffer; call accumulate_micro_batch() after each
+  /// backward.
+  void* grads() const { return micro_grads_.data() ? micro_grads_.data() : grads_.data(); }
+  /// Storage type of the gradients that are reduced, checked and read by AdamW: f32 with
+  /// fp32_grad_accumulation, else dtype.
+  DType grad_dtype() const { return config_.fp32_grad_accumulation ? DType::f32 : config_.dtype; }
   /// FP32 master weights / Adam m / Adam v of this rank's shard, shard_elements() each, backend memory.
   float* master() const { return master_.as<float>(); }
   float* adam_m() const { return adam_m_.as<float>(); }
@@ -129,8 +138,11 @@ class MixedPrecisionEngine {
                   const std::vector<std::vector<float>>& adam_v, int64_t applied_steps,
                   const std::map<std::string, std::string>& scaler_fields);
 
-  /// Phase 1: grads = 0 (padding included).
+  /// Phase 1: grads = 0 (padding included), the FP32 accumulation buffer too.
   void zero_grads();
+  /// After each micro-batch's backward: with fp32_grad_accumulation, adds grads() into the FP32 buffer and
+  /// zeroes grads(); otherwise nothing (backward already accumulated in place).
+  void accumulate_micro_batch();
   /// Phase 3 for one bucket: starts its non-blocking collective now (backward has finished writing it).
   /// Buckets may be reported in any order, each at most once per step.
   void bucket_ready(size_t bucket);
@@ -158,10 +170,11 @@ class MixedPrecisionEngine {
   int64_t applied_steps_ = 0;
 
   Buffer params_, grads_, master_, adam_m_, adam_v_;
-  std::vector<ElementRange> my_slices_;                // this rank's slice of every bucket, in shard order
-  std::vector<AdamWSegment> my_segments_;              // real-parameter parts of the shard
-  std::vector<double> block_sums_;                     // this rank's block sums (blocks_per_rank)
-  std::vector<double> gathered_block_sums_;            // every rank's, rank-major
+  Buffer micro_grads_;                       // only with fp32_grad_accumulation: backward's target, dtype
+  std::vector<ElementRange> my_slices_;      // this rank's slice of every bucket, in shard order
+  std::vector<AdamWSegment> my_segments_;    // real-parameter parts of the shard
+  std::vector<double> block_sums_;           // this rank's block sums (blocks_per_rank)
+  std::vector<double> gathered_block_sums_;  // every rank's, rank-major
   std::vector<std::unique_ptr<CommRequest>> pending_;  // per bucket; null when not started this step
 };
 

@@ -143,6 +143,9 @@ class CpuBackend final : public Backend {
     dispatch_float_dtype(
         dtype, [&]<typename S>() { cpu::accumulate(static_cast<S*>(acc), static_cast<const S*>(x), n); });
   }
+  void accumulate_f32(float* acc, const void* x, int64_t n, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() { cpu::accumulate_f32(acc, static_cast<const S*>(x), n); });
+  }
   void crossentropy_forward_backward(void* dlogits, float* losses, const void* logits, const int32_t* targets,
                                      int64_t rows, int64_t V, int64_t Vp, float dloss, DType dtype) override {
     dispatch_float_dtype(dtype, [&]<typename S>() {

@@ -110,4 +110,26 @@ MPT_INSTANTIATE_ELEMENTWISE(double)
 
 #undef MPT_INSTANTIATE_ELEMENTWISE
 
+template <typename T>
+void accumulate_f32(float* acc, const T* x, int64_t n) {
+  MPT_CHECK(n >= 0, "accumulate_f32: n must be >= 0, got {}", n);
+  MPT_CHECK(n == 0 || (acc != nullptr && x != nullptr), "accumulate_f32: null buffer");
+  constexpr int64_t kBlock = 1024;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kBlock, count = std::min(kBlock, n - begin);
+    float v[kBlock];
+    if constexpr (std::is_same_v<T, float>)
+      std::copy_n(x + begin, count, v);
+    else
+      convert(x + begin, v, static_cast<size_t>(count));
+    for (int64_t i = 0; i < count; ++i) acc[begin + i] += v[i];
+  }
+}
+
+template void accumulate_f32<float>(float*, const float*, int64_t);
+template void accumulate_f32<half>(float*, const half*, int64_t);
+template void accumulate_f32<bf16>(float*, const bf16*, int64_t);
+
 }  // namespace mpt::cpu

@@ -111,6 +111,9 @@ template <typename T>
 void residual_forward(T* out, const T* a, const T* b, int64_t n);
 template <typename T>
 void accumulate(T* acc, const T* x, int64_t n);
+/// acc[i] += float(x[i]) (FP32 accumulation of a micro-batch's gradients).
+template <typename T>
+void accumulate_f32(float* acc, const T* x, int64_t n);
 
 template <typename T>
 void crossentropy_forward_backward(T* dlogits, opmath_t<T>* losses, const T* logits, const int32_t* targets,

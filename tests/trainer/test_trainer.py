@@ -99,6 +99,14 @@ class Trainer(unittest.TestCase):
         for (step, x), (_, y) in zip(a, b):
             self.assertLessEqual(abs(x - y), 1e-4 * abs(x), f"step {step}: {x} vs {y}")
 
+    def test_fp32_gradient_accumulation_trains(self):
+        extra = ["--precision", "fp16", "--global-batch", "8", "--micro-batch", "2", "--steps", "8",
+                 "--fp32-grad-accumulation"]
+        _, lines = self.train("main_grad", 2, extra)
+        losses = [x for _, x in self.after(lines, 0, "train_loss")]
+        self.assertEqual(len(losses), 8)
+        self.assertLess(losses[-1], losses[0])
+
     def test_pytorch_reproduces_eval_from_the_checkpoint(self):
         import torch
         from gpt_reference import gpt_loss, read_safetensors
