@@ -16,23 +16,12 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench_stats.hpp"
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/engine.hpp"
 
-namespace {
-
-struct Stats {
-  double median, min, max;
-};
-
-Stats stats(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  const double median = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-  return {median, v.front(), v.back()};
-}
-
-}  // namespace
+using mpt::bench::Stats;
+using mpt::bench::stats;
 
 int main(int argc, char** argv) {
   mpt::MpiSession mpi(&argc, &argv);

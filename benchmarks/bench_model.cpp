@@ -16,21 +16,11 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench_stats.hpp"
 #include "mptrain/model.hpp"
 
-namespace {
-
-struct Stats {
-  double median, min, max;
-};
-
-Stats stats(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return {n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]), v.front(), v.back()};
-}
-
-}  // namespace
+using mpt::bench::Stats;
+using mpt::bench::stats;
 
 int main(int argc, char** argv) {
   CLI::App app{"Times GPT forward + backward on the CPU backend per dtype and thread count"};

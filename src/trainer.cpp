@@ -142,6 +142,16 @@ struct Session {
 
   Session(const RunConfig& c, Communicator& comm_) : config(c), comm(comm_) {}
 
+  /// eval and sample: the device and threads from the flags, the model shape from --checkpoint, which is
+  /// read and verified.
+  SafetensorsFile open_checkpoint() {
+    check_device(config);
+    set_threads(config);
+    SafetensorsFile ckpt = read_checkpoint(config.checkpoint);
+    config = config_of_checkpoint(ckpt, config);
+    return ckpt;
+  }
+
   void build(int64_t vocab_size) {
     model_config = config.model_config(vocab_size);
     engine = std::make_unique<MixedPrecisionEngine>(gpt_tensors(model_config), config.engine_config(), comm,
@@ -437,10 +447,7 @@ int run_eval(const RunConfig& config_in, Communicator& comm) {
   Session s(config_in, comm);
   SafetensorsFile ckpt;
   agree_on_setup(comm, [&] {
-    check_device(s.config);
-    set_threads(s.config);
-    ckpt = read_checkpoint(s.config.checkpoint);
-    s.config = config_of_checkpoint(ckpt, s.config);
+    ckpt = s.open_checkpoint();
     MPT_INPUT_CHECK(s.config.global_batch % comm.size() == 0,
                     "--global-batch {} is not divisible by {} ranks", s.config.global_batch, comm.size());
     s.data = std::make_unique<Dataset>(Dataset::load(s.config.data, s.config.val_fraction));
@@ -469,10 +476,7 @@ int run_sample(const RunConfig& config_in, Communicator& comm) {
   Session s(config_in, comm);
   SafetensorsFile ckpt;
   agree_on_setup(comm, [&] {
-    check_device(s.config);
-    set_threads(s.config);
-    ckpt = read_checkpoint(s.config.checkpoint);
-    s.config = config_of_checkpoint(ckpt, s.config);
+    ckpt = s.open_checkpoint();
     s.build(checkpoint_int(ckpt, "vocab_size"));
     restore_checkpoint(*s.engine, ckpt);
   });
