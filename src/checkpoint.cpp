@@ -15,8 +15,10 @@ namespace {
 constexpr const char* kFormat = "mptrain-checkpoint-v1";
 const char* const kKinds[] = {"master.", "adam_m.", "adam_v."};
 
-/// FNV-1a 64 over the tensors' names and bytes in name order (the order a reader's map gives).
-uint64_t checksum(const std::map<std::string, std::pair<const std::byte*, size_t>>& tensors) {
+/// FNV-1a 64 over the tensors' names and bytes in name order (the order a reader's map gives), then every
+/// metadata entry but the checksum itself, so a damaged step count or scaler field is caught too.
+uint64_t checksum(const std::map<std::string, std::pair<const std::byte*, size_t>>& tensors,
+                  const std::map<std::string, std::string>& metadata) {
   uint64_t h = 1469598103934665603ull;
   auto mix = [&](const void* p, size_t n) {
     const auto* b = static_cast<const unsigned char*>(p);
@@ -25,6 +27,11 @@ uint64_t checksum(const std::map<std::string, std::pair<const std::byte*, size_t
   for (const auto& [name, data] : tensors) {
     mix(name.data(), name.size());
     mix(data.first, data.second);
+  }
+  for (const auto& [key, value] : metadata) {
+    if (key == "checksum") continue;
+    mix(key.data(), key.size() + 1);  // with the terminating NUL: "ab"+"c" differs from "a"+"bc"
+    mix(value.data(), value.size() + 1);
   }
   return h;
 }
@@ -77,7 +84,7 @@ std::string save_checkpoint(MixedPrecisionEngine& engine, const std::string& dir
   meta["format"] = kFormat;
   meta["step"] = std::to_string(step);
   meta["applied_steps"] = std::to_string(engine.applied_steps());
-  meta["checksum"] = fmt::format("{:016x}", checksum(for_checksum));
+  meta["checksum"] = fmt::format("{:016x}", checksum(for_checksum, meta));
   write_safetensors(path, tensors, meta);
   const auto files = checkpoints_in(dir);
   for (size_t i = 0; i + static_cast<size_t>(keep) < files.size(); ++i) std::filesystem::remove(files[i]);
@@ -92,7 +99,7 @@ SafetensorsFile read_checkpoint(const std::string& path) {
                   format == file.metadata.end() ? "" : format->second);
   std::map<std::string, std::pair<const std::byte*, size_t>> for_checksum;
   for (const auto& [name, t] : file.tensors) for_checksum[name] = {t.bytes.data(), t.bytes.size()};
-  const std::string expected = fmt::format("{:016x}", checksum(for_checksum));
+  const std::string expected = fmt::format("{:016x}", checksum(for_checksum, file.metadata));
   const auto stored = file.metadata.find("checksum");
   MPT_INPUT_CHECK(stored != file.metadata.end() && stored->second == expected,
                   "checkpoint {}: checksum mismatch (file damaged: stored {}, computed {})", path,
@@ -102,15 +109,24 @@ SafetensorsFile read_checkpoint(const std::string& path) {
 
 std::string find_latest_checkpoint(const std::string& dir, bool verbose) {
   auto files = checkpoints_in(dir);
+  std::string last_error;
   for (auto it = files.rbegin(); it != files.rend(); ++it) {
     try {
       read_checkpoint(it->string());
       return it->string();
     } catch (const InputError& e) {
+      last_error = e.what();
       if (verbose) std::fprintf(stderr, "mptrain: skipping damaged checkpoint: %s\n", e.what());
     }
   }
+  // Checkpoints that all fail to verify are not "no checkpoint": starting over would overwrite them.
+  MPT_INPUT_CHECK(files.empty(), "--resume auto: none of the {} checkpoints in {} verifies (last: {})",
+                  files.size(), dir, last_error);
   return "";
+}
+
+bool has_checkpoints(const std::string& dir) {
+  return !checkpoints_in(dir).empty();
 }
 
 int64_t restore_checkpoint(MixedPrecisionEngine& engine, const SafetensorsFile& checkpoint) {

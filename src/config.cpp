@@ -6,6 +6,7 @@
 #include "mptrain/config.hpp"
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -77,8 +78,14 @@ void RunConfig::validate() const {
   MPT_INPUT_CHECK(std::isfinite(temperature) && temperature > 0.0f, "--temperature must be > 0, got {}",
                   temperature);
   MPT_INPUT_CHECK(sample_tokens >= 0, "--sample-tokens must be >= 0, got {}", sample_tokens);
-  MPT_INPUT_CHECK(!run_name.empty() && run_name.find('/') == std::string::npos,
-                  "--run-name must be a non-empty name without '/', got '{}'", run_name);
+  const bool name_ok =
+      !run_name.empty() && run_name != "." && run_name != ".." &&
+      run_name.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") ==
+          std::string::npos;
+  MPT_INPUT_CHECK(name_ok, "--run-name must be letters, digits, '.', '_' or '-' (not '.' or '..'), got '{}'",
+                  run_name);
+  MPT_INPUT_CHECK(command != "eval" || eval_batches >= 1, "--eval-batches must be >= 1 for eval, got {}",
+                  eval_batches);
   MPT_INPUT_CHECK(command == "train" || !checkpoint.empty(), "{}: --checkpoint is required", command);
   // The model and engine validate their own fields with messages naming them.
   if (command == "train") {
@@ -265,6 +272,9 @@ std::string json_scalar(const nlohmann::json& v, const std::string& file, const 
 }
 
 std::vector<std::string> config_arguments(const std::string& file, CLI::App* sub) {
+  std::error_code ec;
+  MPT_INPUT_CHECK(!std::filesystem::is_directory(file, ec), "config {}: is a directory, not a JSON file",
+                  file);
   std::ifstream in(file);
   MPT_INPUT_CHECK(static_cast<bool>(in), "config {}: cannot open", file);
   nlohmann::json j;
@@ -285,6 +295,10 @@ std::vector<std::string> config_arguments(const std::string& file, CLI::App* sub
     }
     std::string what = e.what();
     if (const auto nl = what.find('\n'); nl != std::string::npos) what.resize(nl);
+    // nlohmann's text repeats a position of its own ("parse error at line L, column C: ..."): keep the
+    // reason.
+    if (const auto at = what.find("column "); at != std::string::npos)
+      if (const auto colon = what.find(": ", at); colon != std::string::npos) what = what.substr(colon + 2);
     throw InputError(
         fmt::format("config {}: JSON syntax error at line {}, column {}: {}", file, line, column, what));
   }
@@ -354,7 +368,9 @@ bool parse_command_line(int argc, char** argv, RunConfig& c) {
     return false;
   } catch (const CLI::ParseError& e) {
     std::string what = e.what();
-    throw InputError(fmt::format("{} (see mptrain {} --help)", what, args.empty() ? "" : args.back()));
+    const std::string sub = argc > 1 ? argv[1] : "";
+    const bool known = sub == "train" || sub == "eval" || sub == "sample";
+    throw InputError(fmt::format("{} (see 'mptrain {}--help')", what, known ? sub + " " : ""));
   }
   for (CLI::App* sub : {train, eval, sample})
     if (sub->parsed()) c.command = sub->get_name();

@@ -1,10 +1,9 @@
 // mptrain: the executable. `mpirun -n N build/mptrain train [flags]` (or eval, sample); see --help.
 //
-// Exit codes: 0 success; 2 bad input (flags, config file, data, checkpoint, world size), reported by rank 0
-// in one line, every rank exiting together; 1 a run that cannot continue (loss scale stuck at its minimum).
-// A failure only one rank sees (an I/O error mid-run) aborts the whole job through MPI_Abort.
-#include <omp.h>
-
+// Exit codes: 0 success; 2 bad input (flags, config file, data, checkpoint, world size), reported in one
+// line by one rank (rank 0 when it sees the problem), every rank exiting together; 1 a run that cannot
+// continue (loss scale stuck at its minimum). A failure only one rank sees mid-run (an I/O error) aborts the
+// whole job through MPI_Abort.
 #include <cstdio>
 #include <exception>
 
@@ -12,15 +11,32 @@
 #include "mptrain/error.hpp"
 #include "mptrain/trainer.hpp"
 
+namespace {
+
+uint64_t fnv1a(const std::string& text) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : text) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   mpt::MpiSession mpi(&argc, &argv);
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   try {
-    mpt::RunConfig config;
-    if (!mpt::parse_command_line(argc, argv, config)) return 0;  // --help printed
-    config.validate();
     mpt::MpiCommunicator comm;
+    mpt::RunConfig config;
+    // Parse on every rank and agree before anything else: a bad flag or --help given to some ranks only
+    // must not leave the others waiting in a collective.
+    bool help = false;
+    mpt::agree_on_setup(comm, [&] {
+      help = !mpt::parse_command_line(argc, argv, config);
+      if (!help) config.validate();
+    });
+    mpt::check_ranks_agree(comm, help ? 0 : fnv1a(config.to_json().dump()), "command line or config file");
+    if (help) return 0;
     if (config.command == "eval") return mpt::run_eval(config, comm);
     if (config.command == "sample") return mpt::run_sample(config, comm);
     return mpt::run_train(config, comm);

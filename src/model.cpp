@@ -17,6 +17,13 @@ void GPTConfig::validate() const {
   MPT_INPUT_CHECK(num_layers >= 1, "model: num_layers must be >= 1, got {}", num_layers);
   MPT_INPUT_CHECK(num_heads >= 1, "model: num_heads must be >= 1, got {}", num_heads);
   MPT_INPUT_CHECK(channels >= 1, "model: channels must be >= 1, got {}", channels);
+  // Bounds far above any trainable model, so an absurd value is an error, not an allocation storm.
+  MPT_INPUT_CHECK(vocab_size <= (int64_t{1} << 24), "model: vocab_size must be <= 2^24, got {}", vocab_size);
+  MPT_INPUT_CHECK(max_seq_len <= (int64_t{1} << 20), "model: max_seq_len (--seq-len) must be <= 2^20, got {}",
+                  max_seq_len);
+  MPT_INPUT_CHECK(num_layers <= 4096, "model: num_layers (--layers) must be <= 4096, got {}", num_layers);
+  MPT_INPUT_CHECK(channels <= (int64_t{1} << 16), "model: channels (--channels) must be <= 65536, got {}",
+                  channels);
   MPT_INPUT_CHECK(channels % num_heads == 0, "model: num_heads ({}) must divide channels ({})", num_heads,
                   channels);
 }

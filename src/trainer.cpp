@@ -5,6 +5,7 @@
 
 #include <omp.h>
 
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -21,19 +22,7 @@
 
 namespace mpt {
 
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-/// Runs `setup` on every rank; if it throws mpt::InputError on any rank, the lowest such rank prints its
-/// message and every rank leaves with AgreedExit{2}. A file missing on one node thus stops the whole job
-/// cleanly instead of leaving the others in the first collective.
-template <typename F>
-void agree_on_setup(Communicator& comm, F&& setup) {
+void agree_on_setup(Communicator& comm, const std::function<void()>& setup) {
   std::string message;
   try {
     setup();
@@ -50,17 +39,24 @@ void agree_on_setup(Communicator& comm, F&& setup) {
   }
 }
 
-/// Every rank must hold the same config, parameter layout and data: compare a hash of them.
-void check_ranks_agree(Communicator& comm, uint64_t hash) {
+void check_ranks_agree(Communicator& comm, uint64_t hash, const std::string& what) {
   std::vector<uint64_t> all(static_cast<size_t>(comm.size()));
   const auto h = static_cast<int64_t>(hash);
   comm.all_gather(&h, all.data(), 1, DType::i64);
   for (int r = 0; r < comm.size(); ++r)
     MPT_INPUT_CHECK(
         all[static_cast<size_t>(r)] == all[0],
-        "ranks disagree: rank {} has a different config, model layout or data than rank 0 (hash {:016x} "
-        "vs {:016x}); start every rank with the same flags and files",
-        r, all[static_cast<size_t>(r)], all[0]);
+        "ranks disagree: rank {} has a different {} than rank 0 (hash {:016x} vs {:016x}); start every "
+        "rank with the same flags and files",
+        r, what, all[static_cast<size_t>(r)], all[0]);
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
 uint64_t fnv1a(const std::string& text, uint64_t h = 1469598103934665603ull) {
@@ -248,6 +244,17 @@ void check_checkpoint_fits(const SafetensorsFile& ckpt, const Session& s) {
   expect("channels", s.config.channels);
   expect("seq_len", s.config.seq_len);
   expect("vocab_size", s.model_config.vocab_size);
+  const auto text = [&](const char* key) {
+    const auto it = ckpt.metadata.find(key);
+    return it == ckpt.metadata.end() ? std::string("?") : it->second;
+  };
+  MPT_INPUT_CHECK(
+      text("data_hash") == fmt::format("{:016x}", s.data->hash()),
+      "checkpoint {}: trained on other data (hash {}, --data {} has {:016x}); resume with the same --data",
+      ckpt.path, text("data_hash"), s.config.data, s.data->hash());
+  MPT_INPUT_CHECK(text("seed") == std::to_string(s.config.seed),
+                  "checkpoint {}: trained with --seed {}, this run has {} (the data order follows the seed)",
+                  ckpt.path, text("seed"), s.config.seed);
   const auto precision = ckpt.metadata.find("precision");
   MPT_INPUT_CHECK(precision != ckpt.metadata.end() && precision->second == s.config.precision,
                   "checkpoint {}: written by a {} run, this run is {} (--precision)", ckpt.path,
@@ -275,10 +282,21 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
     s.data->check_sequence_length(c.seq_len, c.eval_batches > 0);
     s.build(s.data->vocab_size());
     s.engine->set_parameters(gpt_init(s.model_config, c.seed));
+    std::error_code ec;
+    std::filesystem::create_directories(c.checkpoint_dir, ec);
+    MPT_INPUT_CHECK(!ec && std::filesystem::is_directory(c.checkpoint_dir),
+                    "--checkpoint-dir {}: cannot create the directory ({})", c.checkpoint_dir, ec.message());
     if (c.resume == "auto")
       resumed_from = find_latest_checkpoint(c.checkpoint_dir, root);
     else if (c.resume != "none")
       resumed_from = c.resume;
+    // A fresh run in a directory of older checkpoints would prune them and leave --resume auto to pick
+    // them up later in place of this run's.
+    MPT_INPUT_CHECK(
+        c.resume != "none" || !has_checkpoints(c.checkpoint_dir),
+        "--resume none: {} already holds checkpoints of an earlier run; pick another --run-name or "
+        "--checkpoint-dir, or resume it",
+        c.checkpoint_dir);
     if (!resumed_from.empty()) {
       const SafetensorsFile ckpt = read_checkpoint(resumed_from);
       check_checkpoint_fits(ckpt, s);
@@ -291,7 +309,8 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
   uint64_t hash = fnv1a(effective.dump());
   for (const TensorPlacement& t : s.engine->layout().tensors())
     hash = fnv1a(fmt::format("{}:{}:{}", t.spec.name, t.offset, t.spec.num_elements()), hash);
-  check_ranks_agree(comm, fnv1a(fmt::format("{:016x}", s.data->hash()), hash));
+  check_ranks_agree(comm, fnv1a(fmt::format("{:016x}", s.data->hash()), hash),
+                    "config, model layout or data");
 
   const int64_t G = c.global_batch, T = c.seq_len, mb = c.micro_batch, N = comm.size();
   const double flops_per_token = gpt_flops_per_token(s.model_config, T);
@@ -487,7 +506,12 @@ int run_sample(const RunConfig& config_in, Communicator& comm) {
     for (unsigned char ch : s.config.prompt) prompt.push_back(ch);
   } else {
     std::istringstream in(s.config.prompt);
-    for (int64_t id; in >> id;) {
+    for (std::string word; in >> word;) {
+      int64_t id = -1;
+      const auto [end, ec] = std::from_chars(word.data(), word.data() + word.size(), id);
+      MPT_INPUT_CHECK(ec == std::errc() && end == word.data() + word.size(),
+                      "--prompt: '{}' is not a token id (shard checkpoints take ids separated by spaces)",
+                      word);
       MPT_INPUT_CHECK(id >= 0 && id < s.model_config.vocab_size, "--prompt: token {} outside [0, {})", id,
                       s.model_config.vocab_size);
       prompt.push_back(static_cast<int32_t>(id));

@@ -1,6 +1,10 @@
 // The mptrain subcommands: train, eval and sample (DESIGN.md "The step" and "Output a user sees").
 #pragma once
 
+#include <cstdint>
+#include <functional>
+#include <string>
+
 #include "mptrain/comm.hpp"
 #include "mptrain/config.hpp"
 
@@ -11,6 +15,15 @@ namespace mpt {
 struct AgreedExit {
   int code;
 };
+
+/// Runs `setup` on every rank; when it throws mpt::InputError on any rank, the lowest such rank prints its
+/// message (one line) and every rank throws AgreedExit{2}. Collective: a problem only some ranks see (a file
+/// missing on one node, a flag given to one rank) stops the whole job instead of hanging it.
+void agree_on_setup(Communicator& comm, const std::function<void()>& setup);
+
+/// Throws mpt::InputError on every rank when the ranks' `hash` values differ (naming the first rank that
+/// differs from rank 0 and `what` was compared). Collective.
+void check_ranks_agree(Communicator& comm, uint64_t hash, const std::string& what);
 
 /// `mptrain train`: data-parallel mixed-precision training with logging, evaluation, checkpoints and resume.
 /// Collective over `comm`. Returns the process exit code (0). Throws mpt::InputError (same on every rank),

@@ -53,13 +53,19 @@ class Trainer(unittest.TestCase):
     def tearDownClass(cls):
         shutil.rmtree(cls.dir, ignore_errors=True)
 
-    def mptrain(self, ranks, *args, cwd):
+    def mptrain(self, ranks, *args, cwd, expect=0):
         os.makedirs(cwd, exist_ok=True)
         cmd = [ARGS.mpiexec, "-n", str(ranks), "--oversubscribe", ARGS.mptrain, *args]
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-        self.assertEqual(p.returncode, 0, f"{' '.join(cmd)}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
-        return p.stdout
+        p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+        self.assertEqual(p.returncode, expect, f"{' '.join(cmd)}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+        return p.stdout if expect == 0 else p.stderr
+
+    def expect_error(self, ranks, *args, cwd, needle):
+        err = self.mptrain(ranks, *args, cwd=cwd, expect=2)
+        lines = [line for line in err.splitlines() if line.startswith("mptrain: error:")]
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn(needle, lines[0])
 
     def train(self, name, ranks, extra, resume="none"):
         cwd = os.path.join(self.dir, name)
@@ -98,6 +104,35 @@ class Trainer(unittest.TestCase):
         self.assertEqual([s for s, _ in a], [s for s, _ in b])
         for (step, x), (_, y) in zip(a, b):
             self.assertLessEqual(abs(x - y), 1e-4 * abs(x), f"step {step}: {x} vs {y}")
+
+    def test_bad_runs_stop_every_rank_with_one_line(self):
+        base = ["train", "--data", self.corpus, *TINY, "--global-batch", "8", "--micro-batch", "4", "--steps", "4"]
+        cwd = os.path.join(self.dir, "errors")
+        self.expect_error(2, *base, "--run-name", "..", cwd=cwd, needle="--run-name")
+        # A fresh run must not prune (or later be confused with) an earlier run's checkpoints.
+        self.mptrain(2, *base, "--run-name", "old", "--resume", "none", cwd=cwd)
+        self.expect_error(2, *base, "--run-name", "old", "--resume", "none", cwd=cwd, needle="already holds")
+        ckpt_dir = os.path.join(cwd, "runs", "old", "checkpoints")
+        ckpt = os.path.join(ckpt_dir, "ckpt_00000004.safetensors")
+        good = open(ckpt, "rb").read()
+        self.expect_error(2, *base, "--run-name", "old", "--steps", "6", "--resume", ckpt, "--seed", "9", cwd=cwd,
+                          needle="--seed")
+        # A digit of the step in the metadata flipped: the checksum covers the metadata too.
+        bad = good.replace(b'"step":"4"', b'"step":"3"')
+        self.assertNotEqual(bad, good)
+        with open(ckpt, "wb") as f:
+            f.write(bad)
+        self.expect_error(2, *base, "--run-name", "old", "--steps", "6", "--resume", ckpt, cwd=cwd, needle="checksum")
+        # Every checkpoint damaged: --resume auto refuses rather than starting over on top of them.
+        self.expect_error(2, *base, "--run-name", "old", "--steps", "6", cwd=cwd, needle="verifies")
+        self.assertEqual(open(ckpt, "rb").read(), bad)
+        # A flag given to one rank only: every rank stops with exit 2, none hangs.
+        cmd = [ARGS.mpiexec, "--oversubscribe", "-n", "1", ARGS.mptrain, *base, "--run-name", "mpmd", "--layers", "0",
+               ":", "-n", "1", ARGS.mptrain, *base, "--run-name", "mpmd"]
+        p = subprocess.run(cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                           timeout=60)
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("num_layers", p.stderr)
 
     def test_fp32_gradient_accumulation_trains(self):
         extra = ["--precision", "fp16", "--global-batch", "8", "--micro-batch", "2", "--steps", "8",
