@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "mptrain/error.hpp"
+#include "mptrain/hash.hpp"
 
 namespace mpt {
 
@@ -19,11 +20,8 @@ const char* const kKinds[] = {"master.", "adam_m.", "adam_v."};
 /// metadata entry but the checksum itself, so a damaged step count or scaler field is caught too.
 uint64_t checksum(const std::map<std::string, std::pair<const std::byte*, size_t>>& tensors,
                   const std::map<std::string, std::string>& metadata) {
-  uint64_t h = 1469598103934665603ull;
-  auto mix = [&](const void* p, size_t n) {
-    const auto* b = static_cast<const unsigned char*>(p);
-    for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
-  };
+  uint64_t h = kFnv1aOffset;
+  auto mix = [&](const void* p, size_t n) { h = fnv1a(p, n, h); };
   for (const auto& [name, data] : tensors) {
     mix(name.data(), name.size());
     mix(data.first, data.second);

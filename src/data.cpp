@@ -18,6 +18,7 @@
 #include <memory>
 
 #include "mptrain/error.hpp"
+#include "mptrain/hash.hpp"
 
 namespace mpt {
 
@@ -27,8 +28,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ull;
-constexpr uint64_t kFnvPrime = 0x100000001b3ull;
 constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
 
 /// The path for a one-line message: control characters (a newline in a file name) become \xNN.
@@ -165,7 +164,7 @@ void read_shards(const std::vector<ShardInfo>& shards, std::vector<uint16_t>* ou
 }
 
 uint64_t fnv1a_u64(uint64_t h, uint64_t v) {
-  for (int b = 0; b < 8; ++b) h = (h ^ ((v >> (8 * b)) & 0xff)) * kFnvPrime;
+  for (int b = 0; b < 8; ++b) h = (h ^ ((v >> (8 * b)) & 0xff)) * kFnv1aPrime;
   return h;
 }
 
@@ -215,13 +214,13 @@ Dataset Dataset::load(const std::string& path_or_glob, double val_fraction) {
   const double split = std::floor((1.0 - val_fraction) * static_cast<double>(n));
   d.split_ = std::clamp(static_cast<int64_t>(split), int64_t{0}, n);
 
-  uint64_t h = fnv1a_u64(kFnvOffset, static_cast<uint64_t>(d.vocab_size()));
+  uint64_t h = fnv1a_u64(kFnv1aOffset, static_cast<uint64_t>(d.vocab_size()));
   if (d.is_text_) {
-    for (const uint8_t t : d.bytes_) h = (h ^ t) * kFnvPrime;
+    h = fnv1a(d.bytes_.data(), d.bytes_.size(), h);
   } else {
     for (const uint16_t t : d.shard_) {
-      h = (h ^ (t & 0xffu)) * kFnvPrime;
-      h = (h ^ (t >> 8)) * kFnvPrime;
+      h = (h ^ (t & 0xffu)) * kFnv1aPrime;
+      h = (h ^ (t >> 8)) * kFnv1aPrime;
     }
   }
   d.hash_ = fnv1a_u64(h, static_cast<uint64_t>(d.split_));

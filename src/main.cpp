@@ -9,17 +9,8 @@
 
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/error.hpp"
+#include "mptrain/hash.hpp"
 #include "mptrain/trainer.hpp"
-
-namespace {
-
-uint64_t fnv1a(const std::string& text) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : text) h = (h ^ c) * 1099511628211ull;
-  return h;
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   mpt::MpiSession mpi(&argc, &argv);
@@ -35,7 +26,8 @@ int main(int argc, char** argv) {
       help = !mpt::parse_command_line(argc, argv, config);
       if (!help) config.validate();
     });
-    mpt::check_ranks_agree(comm, help ? 0 : fnv1a(config.to_json().dump()), "command line or config file");
+    mpt::check_ranks_agree(comm, help ? 0 : mpt::fnv1a(config.to_json().dump()),
+                           "command line or config file");
     if (help) return 0;
     if (config.command == "eval") return mpt::run_eval(config, comm);
     if (config.command == "sample") return mpt::run_sample(config, comm);

@@ -18,6 +18,7 @@
 #include "mptrain/checkpoint.hpp"
 #include "mptrain/data.hpp"
 #include "mptrain/error.hpp"
+#include "mptrain/hash.hpp"
 #include "mptrain/model.hpp"
 
 namespace mpt {
@@ -57,11 +58,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-uint64_t fnv1a(const std::string& text, uint64_t h = 1469598103934665603ull) {
-  for (unsigned char c : text) h = (h ^ c) * 1099511628211ull;
-  return h;
 }
 
 void set_threads(const RunConfig& c) {
