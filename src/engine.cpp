@@ -196,7 +196,7 @@ void MixedPrecisionEngine::sync_grads() {
   for (auto& request : pending_) request->wait();
 }
 
-StepResult MixedPrecisionEngine::step() {
+StepResult MixedPrecisionEngine::step(bool stop_requested) {
   // Either no bucket was started (gradients already reduced by the caller, or one rank) or all were.
   size_t started = 0;
   for (const auto& request : pending_) started += request ? 1 : 0;
@@ -215,9 +215,12 @@ StepResult MixedPrecisionEngine::step() {
   const bool local_inf =
       backend_.grad_check(grads_.data(), grad_dtype(), my_slices_, config_.block_elements, block_sums_);
   // Phase 5: agree. After this every rank holds the same found_inf, so the branches below match everywhere.
-  float found = local_inf ? 1.0f : 0.0f;
-  comm_.all_reduce(&found, &found, 1, DType::f32, ReduceOp::max);
-  result.skipped = found != 0.0f;
+  // The same MAX all-reduce carries this rank's stop request (SIGUSR1/SIGTERM), so the ranks also agree on
+  // stopping at this step boundary without a collective of its own.
+  float found[2] = {local_inf ? 1.0f : 0.0f, stop_requested ? 1.0f : 0.0f};
+  comm_.all_reduce(found, found, 2, DType::f32, ReduceOp::max);
+  result.skipped = found[0] != 0.0f;
+  result.stop_requested = found[1] != 0.0f;
   result.check_seconds = seconds_since(t0);
 
   if (!result.skipped) {

@@ -55,12 +55,13 @@ struct EngineConfig {
 
 /// What one optimizer step did. Identical on every rank.
 struct StepResult {
-  bool skipped = false;       ///< found_inf: no weight, Adam state, Adam t or LR-schedule change
-  float loss_scale = 1.0f;    ///< the scale the gradients carried
-  double grad_norm = 0.0;     ///< global L2 norm of the unscaled gradients (NaN when skipped)
-  float clip_factor = 1.0f;   ///< multiplier applied to the gradients (1 without clipping)
-  float lr = 0.0f;            ///< learning rate used (0 when skipped)
-  int64_t applied_steps = 0;  ///< Adam's t and the LR-schedule position after this step
+  bool skipped = false;         ///< found_inf: no weight, Adam state, Adam t or LR-schedule change
+  float loss_scale = 1.0f;      ///< the scale the gradients carried
+  double grad_norm = 0.0;       ///< global L2 norm of the unscaled gradients (NaN when skipped)
+  float clip_factor = 1.0f;     ///< multiplier applied to the gradients (1 without clipping)
+  float lr = 0.0f;              ///< learning rate used (0 when skipped)
+  int64_t applied_steps = 0;    ///< Adam's t and the LR-schedule position after this step
+  bool stop_requested = false;  ///< some rank passed stop_requested = true to step() (agreed by all ranks)
   // Wall-clock seconds of the phases on this rank (host clock; the CPU backend runs synchronously).
   double check_seconds = 0;      ///< phases 4-5: inf/NaN check, block sums, found_inf agreement
   double optimizer_seconds = 0;  ///< phase 6: block-sum gather, norm, clipping, AdamW
@@ -152,8 +153,9 @@ class MixedPrecisionEngine {
   /// Phases 4-7 on the gradients as they stand. In data-parallel training call sync_grads() first; with no
   /// bucket started the gradients are taken as already reduced (every rank must then hold the same values in
   /// its slices). Throws mpt::Error when only some buckets were started. Throws mpt::NumericsError on every
-  /// rank alike when the scaler's minimum-scale rule fires.
-  StepResult step();
+  /// rank alike when the scaler's minimum-scale rule fires. `stop_requested` (this rank wants to stop, e.g.
+  /// after SIGUSR1) travels in the found_inf all-reduce; StepResult::stop_requested is its OR over ranks.
+  StepResult step(bool stop_requested = false);
 
   /// Memory accounting from the allocated buffers.
   MemoryReport memory() const;
