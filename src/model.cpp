@@ -268,7 +268,8 @@ float GPT::forward(const void* params, const int32_t* tokens, const int32_t* tar
   const float dloss =
       train ? static_cast<float>(static_cast<double>(backward_factor) / static_cast<double>(BT)) : 0.0f;
   backend_.crossentropy_forward_backward(train ? a.logits.data() : nullptr, a.losses.as<float>(),
-                                         a.logits.data(), a.targets.as<int32_t>(), BT, V, Vp, dloss, dt);
+                                         a.logits.data(), a.targets.as<int32_t>(), BT, V, Vp, dloss, nullptr,
+                                         dt);
   dlogits_ready_ = train;
   std::vector<float> losses(static_cast<size_t>(BT));
   backend_.copy_to_host(losses.data(), a.losses.data(), losses.size() * sizeof(float));

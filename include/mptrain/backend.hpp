@@ -131,11 +131,13 @@ class Backend {
 
   /// Fused softmax cross-entropy over logits[rows,Vp] of which the first V columns are real: losses[r] (FP32)
   /// = -log softmax(logits[r, :V])[targets[r]]. When dlogits is non-null also writes (overwrites) dlogits[r,
-  /// j] = (softmax_j - [j == target]) * dloss for j < V and 0 for the padding, in the same pass over each
-  /// row; dlogits may alias logits. targets: int32 [rows] in [0, V).
+  /// j] = (softmax_j - [j == target]) * dloss * s for j < V and 0 for the padding, in the same pass over each
+  /// row, where s = *dloss_scale when dloss_scale is non-null (one FP32 in backend memory: the loss scale
+  /// read where it lives, so fp16 training needs no host sync for it; torch.amp.GradScaler.scale) and 1
+  /// otherwise; dlogits may alias logits. targets: int32 [rows] in [0, V).
   virtual void crossentropy_forward_backward(void* dlogits, float* losses, const void* logits,
                                              const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
-                                             float dloss, DType dtype) = 0;
+                                             float dloss, const float* dloss_scale, DType dtype) = 0;
 
   /// Phase 4: one read-only pass over `ranges` of the flat gradient buffer `grads` (dtype `grad_dtype`).
   /// Each range's length is a multiple of `block_elements`. Writes, for every block in range order, the FP64
@@ -155,11 +157,19 @@ class Backend {
   virtual void cast_master(void* params, DType param_dtype, const float* master,
                            std::span<const ElementRange> ranges) = 0;
 
+  /// The stream the ops run on (a cudaStream_t on CUDA; null on the CPU, whose ops are synchronous). The NCCL
+  /// communicator orders its collectives after the work already issued here.
+  virtual void* native_stream() const = 0;
+
   /// Called by Buffer to free memory; not for direct use.
   virtual void release(void* data, size_t num_bytes) noexcept = 0;
 };
 
 /// The CPU backend (OpenMP; thread count from OMP_NUM_THREADS / omp_set_num_threads).
 std::unique_ptr<Backend> make_cpu_backend();
+
+/// The CUDA backend on device `device` (cudaSetDevice), with its own non-blocking stream and cuBLASLt handle.
+/// Defined only in builds with MPTRAIN_WITH_CUDA. Throws mpt::Error when the device cannot be used.
+std::unique_ptr<Backend> make_cuda_backend(int device);
 
 }  // namespace mpt

@@ -64,6 +64,11 @@ class Communicator {
   /// Returns when every rank has entered it.
   virtual void barrier() = 0;
 
+  /// Collective watchdog (the --collective-timeout flag): a collective that has not completed `seconds` after
+  /// it was issued ends the job: one line on stderr naming this rank and the collective, then MPI_Abort
+  /// (NCCL: ncclCommAbort first), so a frozen or dead rank never hangs the others. 0 disables the watchdog.
+  virtual void set_timeout_seconds(double seconds) = 0;
+
   /// Non-blocking all_reduce; same rules, completes at wait().
   virtual std::unique_ptr<CommRequest> iall_reduce(const void* send, void* recv, size_t count, DType dtype,
                                                    ReduceOp op) = 0;

@@ -54,6 +54,7 @@ class MpiCommunicator final : public Communicator {
   void all_gather(const void* send, void* recv, size_t send_count, DType dtype) override;
   void broadcast(void* buf, size_t count, DType dtype, int root) override;
   void barrier() override;
+  void set_timeout_seconds(double seconds) override { timeout_seconds_ = seconds; }
 
   std::unique_ptr<CommRequest> iall_reduce(const void* send, void* recv, size_t count, DType dtype,
                                            ReduceOp op) override;
@@ -66,6 +67,7 @@ class MpiCommunicator final : public Communicator {
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;
+  double timeout_seconds_ = 0;  // collective watchdog; 0 = off
 };
 
 }  // namespace mpt

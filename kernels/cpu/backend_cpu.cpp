@@ -34,6 +34,7 @@ namespace {
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
+  void* native_stream() const override { return nullptr; }
 
   Buffer allocate(size_t num_bytes) override {
     constexpr size_t kAlign = 64;
@@ -147,10 +148,12 @@ class CpuBackend final : public Backend {
     dispatch_float_dtype(dtype, [&]<typename S>() { cpu::accumulate_f32(acc, static_cast<const S*>(x), n); });
   }
   void crossentropy_forward_backward(void* dlogits, float* losses, const void* logits, const int32_t* targets,
-                                     int64_t rows, int64_t V, int64_t Vp, float dloss, DType dtype) override {
+                                     int64_t rows, int64_t V, int64_t Vp, float dloss,
+                                     const float* dloss_scale, DType dtype) override {
+    const float multiplier = dloss_scale ? dloss * *dloss_scale : dloss;
     dispatch_float_dtype(dtype, [&]<typename S>() {
       cpu::crossentropy_forward_backward(static_cast<S*>(dlogits), losses, static_cast<const S*>(logits),
-                                         targets, rows, V, Vp, dloss);
+                                         targets, rows, V, Vp, multiplier);
     });
   }
 
