@@ -176,7 +176,7 @@ void GPT::ensure_activations(int64_t B, int64_t T) {
     a->ln1_rstd.push_back(alloc(BT * sizeof(float)));
     a->qkv.push_back(alloc(BT * 3 * C * es));
     a->atty.push_back(alloc(BT * C * es));
-    a->att.push_back(alloc(static_cast<size_t>(B) * NH * static_cast<size_t>(T * T) * es));
+    a->att.push_back(alloc(backend_.attention_saved_bytes(B, T, NH, dtype_)));
     a->attproj.push_back(alloc(BT * C * es));
     a->residual2.push_back(alloc(BT * C * es));
     a->ln2.push_back(alloc(BT * C * es));
@@ -320,8 +320,8 @@ void GPT::backward(const void* params, void* grads) {
     backend_.matmul_backward(a.datty.data(), g(kAttProjW), g(kAttProjB), a.dresidual.data(),
                              a.atty[ul].data(), p(kAttProjW), BT, C, C, dt);
     backend_.fill_zero(a.dqkv.data(), bytes(BT * 3 * C));
-    backend_.attention_backward(a.dqkv.data(), a.datty.data(), a.qkv[ul].data(), a.att[ul].data(), B, T, C,
-                                NH, dt);
+    backend_.attention_backward(a.dqkv.data(), a.datty.data(), a.qkv[ul].data(), a.att[ul].data(),
+                                a.atty[ul].data(), B, T, C, NH, dt);
     backend_.fill_zero(a.dln.data(), bytes(BT * C));
     backend_.matmul_backward(a.dln.data(), g(kQkvW), g(kQkvB), a.dqkv.data(), a.ln1[ul].data(), p(kQkvW), BT,
                              C, 3 * C, dt);

@@ -113,9 +113,17 @@ class Backend {
   /// diagonal are zero).
   virtual void attention_forward(void* out, void* att, const void* qkv, int64_t B, int64_t T, int64_t C,
                                  int64_t NH, DType dtype) = 0;
-  /// dqkv[B,T,3C] += gradient of attention_forward given dout[B,T,C] and the saved att.
-  virtual void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* att, int64_t B,
-                                  int64_t T, int64_t C, int64_t NH, DType dtype) = 0;
+  /// dqkv[B,T,3C] += gradient of attention_forward given dout[B,T,C], the saved att and its output out[B,T,C]
+  /// (fused kernels recompute from the statistics and need out; the CPU ignores it).
+  virtual void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* att,
+                                  const void* out, int64_t B, int64_t T, int64_t C, int64_t NH,
+                                  DType dtype) = 0;
+  /// Bytes attention_forward saves in `att` for this shape: B*NH*T*T elements of dtype for the probabilities
+  /// (CPU, unfused CUDA), or less where a fused kernel keeps only softmax statistics (cuDNN SDPA).
+  virtual size_t attention_saved_bytes(int64_t B, int64_t T, int64_t NH, DType dtype) const {
+    return static_cast<size_t>(B) * static_cast<size_t>(NH) * static_cast<size_t>(T) *
+           static_cast<size_t>(T) * dtype_size(dtype);
+  }
 
   /// out[n] = GELU with the tanh approximation (torch.nn.GELU(approximate="tanh")).
   virtual void gelu_forward(void* out, const void* inp, int64_t n, DType dtype) = 0;

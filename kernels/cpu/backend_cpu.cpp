@@ -119,8 +119,8 @@ class CpuBackend final : public Backend {
                              NH);
     });
   }
-  void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* att, int64_t B,
-                          int64_t T, int64_t C, int64_t NH, DType dtype) override {
+  void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* att, const void* /*out*/,
+                          int64_t B, int64_t T, int64_t C, int64_t NH, DType dtype) override {
     dispatch_float_dtype(dtype, [&]<typename S>() {
       cpu::attention_backward(static_cast<S*>(dqkv), static_cast<const S*>(dout), static_cast<const S*>(qkv),
                               static_cast<const S*>(att), B, T, C, NH, workspace_);
