@@ -382,7 +382,9 @@ struct NcclCommunicator::State {
     }
     // MPI_Abort from the watchdog thread: the process is ending, and Open MPI's abort does not need the
     // thread that initialised MPI.
-    MPI_Abort(MPI_COMM_WORLD, 1);
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Abort(MPI_COMM_WORLD, 1);
     std::_Exit(1);
   }
 
@@ -411,9 +413,9 @@ struct NcclCommunicator::State {
         ncclResult_t rc = ncclCommGetAsyncError(comm, &state);
         if (rc == ncclSuccess) rc = state;
         if (rc != ncclSuccess && rc != ncclInProgress)
-          failure = MPT_FORMAT(
-              "NCCL error during {}: {}",
-              pending.empty() ? std::string("no collective") : "NCCL " + pending.front().what, nccl_text(rc));
+          failure = MPT_FORMAT("NCCL error during {}: {}",
+                               pending.empty() ? std::string("no collective") : pending.front().what,
+                               nccl_text(rc));
       }
       if (failure.empty() && !pending.empty()) {
         const Pending& p = pending.front();
@@ -458,13 +460,13 @@ NcclCommunicator::State::~State() {
       }
     }
     if (comm_ready && rc == ncclSuccess) {
-      if (const ncclResult_t d = ncclCommDestroy(comm); d != ncclSuccess)
+      if (const ncclResult_t d = ncclCommDestroy(comm); d != ncclSuccess && d != ncclInProgress)
         std::fprintf(stderr, "%s: ncclCommDestroy failed: %s\n", prefix.c_str(), nccl_text(d).c_str());
     } else {
       if (comm_ready)
         std::fprintf(stderr, "%s: ncclCommFinalize failed (%s); aborting the communicator\n", prefix.c_str(),
                      nccl_text(rc).c_str());
-      if (const ncclResult_t a = ncclCommAbort(comm); a != ncclSuccess)
+      if (const ncclResult_t a = ncclCommAbort(comm); a != ncclSuccess && a != ncclInProgress)
         std::fprintf(stderr, "%s: ncclCommAbort failed: %s\n", prefix.c_str(), nccl_text(a).c_str());
     }
   }

@@ -508,8 +508,14 @@ TEST(SelectLocalDevice, MalformedLocalRankIsAnInputErrorOnEveryRank) {
 constexpr double kChildTimeoutSeconds = 2;
 constexpr int kChildSleepSeconds = 30;  // how long the stall lasts if the watchdog does nothing
 
+std::atomic<bool> g_release_stall{false};
+
+// Holds the stream for kChildSleepSeconds, or until the process exits (the atexit handler releases it, so
+// an exit through exit() does not wait for this callback in the CUDA runtime's teardown).
 void CUDART_CB stall_stream(void*) {
-  std::this_thread::sleep_for(std::chrono::seconds(kChildSleepSeconds));
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(kChildSleepSeconds);
+  while (!g_release_stall.load() && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
 }
 
 // The child job of the watchdog tests (skipped unless started by them). Mode "stalled-stream": one rank whose
@@ -529,7 +535,11 @@ TEST(NcclWatchdogChild, StalledCollective) {
   MPT_CUDA_CHECK(cudaMalloc(&buf, 2 * sizeof(float)));
   MPT_CUDA_CHECK(cudaMemset(buf, 0, 2 * sizeof(float)));
   c.barrier();
-  if (mode == "stalled-stream") MPT_CUDA_CHECK(cudaLaunchHostFunc(s, stall_stream, nullptr));
+  if (mode == "stalled-stream") {
+    // Registered after CUDA's own handlers, so it runs before them.
+    std::atexit([] { g_release_stall.store(true); });
+    MPT_CUDA_CHECK(cudaLaunchHostFunc(s, stall_stream, nullptr));
+  }
   std::fprintf(stderr, "watchdog child: rank %d issuing\n", c.rank());
   std::fflush(stderr);
   if (mode == "stalled-stream" || c.rank() == 0) {
