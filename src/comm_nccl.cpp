@@ -311,10 +311,11 @@ struct NcclCommunicator::State {
     return timeout_seconds;
   }
 
-  /// Waits out ncclInProgress of the call that returned `rc`; throws LibraryError on failure.
+  /// Waits out ncclInProgress of the call that returned `rc`; throws LibraryError on failure. During the
+  /// initialisation the deadline is checked here; afterwards the watchdog tracks every collective.
   void settle(ncclResult_t rc, const char* call, const char* file, int line) {
     const auto start = Clock::now();
-    const double deadline = current_timeout();
+    const double deadline = comm_ready ? 0.0 : current_timeout();
     while (rc == ncclInProgress) {
       ncclResult_t state = ncclSuccess;
       const ncclResult_t q = ncclCommGetAsyncError(comm, &state);
