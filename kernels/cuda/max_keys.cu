@@ -1,9 +1,8 @@
-// Order-preserving integer keys for the NaN-propagating max of the NCCL communicator (cuda/max_keys.hpp).
-// A float's bit pattern read as a sign-magnitude integer is ordered like the float; flipping every bit of a
-// negative value and setting the sign bit of a non-negative one turns that into unsigned order. NaNs (any
-// sign, any payload) all become the largest key, so an unsigned max returns NaN when any input was NaN.
+// Order-preserving integer keys for the NaN-propagating max of the NCCL communicator (cuda/max_keys.hpp):
+// element-wise kernels over the key math of common/max_key.hpp.
 #include <cstdint>
 
+#include "common/max_key.hpp"
 #include "cuda/max_keys.hpp"
 #include "mptrain/cuda_check.hpp"
 
@@ -14,46 +13,17 @@ namespace {
 constexpr int kThreads = 256;
 constexpr unsigned kMaxBlocks = 4096;
 
-/// Bit layout of one floating-point storage type: Bits is its raw storage, Key the key type; `inf` is the
-/// bit pattern of +inf (every value with larger magnitude bits is NaN) and `qnan` the NaN written back.
-template <typename Bits, typename Key, Bits Sign, Bits Inf, Bits QNaN>
-struct Layout {
-  using bits_type = Bits;
-  using key_type = Key;
-  static constexpr Bits sign = Sign;
-  static constexpr Bits inf = Inf;
-  static constexpr Bits qnan = QNaN;
-  static constexpr Key nan_key = static_cast<Key>(~Key{0});
-};
-using F32 = Layout<uint32_t, uint32_t, 0x80000000u, 0x7F800000u, 0x7FC00000u>;
-using F64 = Layout<uint64_t, uint64_t, 0x8000000000000000ull, 0x7FF0000000000000ull, 0x7FF8000000000000ull>;
-using F16 = Layout<uint16_t, uint32_t, 0x8000u, 0x7C00u, 0x7E00u>;
-using BF16 = Layout<uint16_t, uint32_t, 0x8000u, 0x7F80u, 0x7FC0u>;
-
-template <typename L>
-__device__ __forceinline__ typename L::key_type key_of(typename L::bits_type b) {
-  using Bits = typename L::bits_type;
-  using Key = typename L::key_type;
-  if (static_cast<Bits>(b & static_cast<Bits>(~L::sign)) > L::inf) return L::nan_key;
-  // Keys of 16-bit floats live in the low 16 bits; only NaN uses the upper ones.
-  const Bits k = (b & L::sign) ? static_cast<Bits>(~b) : static_cast<Bits>(b | L::sign);
-  return static_cast<Key>(k);
-}
-
-template <typename L>
-__device__ __forceinline__ typename L::bits_type value_of(typename L::key_type k) {
-  using Bits = typename L::bits_type;
-  if (k == L::nan_key) return L::qnan;
-  const Bits b = static_cast<Bits>(k);
-  return (b & L::sign) ? static_cast<Bits>(b & static_cast<Bits>(~L::sign)) : static_cast<Bits>(~b);
-}
+using F32 = common::MaxKeyF32;
+using F64 = common::MaxKeyF64;
+using F16 = common::MaxKeyF16;
+using BF16 = common::MaxKeyBF16;
 
 template <typename L>
 __global__ void to_max_keys_kernel(typename L::key_type* keys, const typename L::bits_type* values,
                                    size_t n) {
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    keys[i] = key_of<L>(values[i]);
+    keys[i] = common::max_key_of<L>(values[i]);
 }
 
 template <typename L>
@@ -61,7 +31,7 @@ __global__ void from_max_keys_kernel(typename L::bits_type* values, const typena
                                      size_t n) {
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    values[i] = value_of<L>(keys[i]);
+    values[i] = common::max_key_value<L>(keys[i]);
 }
 
 unsigned blocks_for(size_t n) {
