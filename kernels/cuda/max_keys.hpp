@@ -1,9 +1,9 @@
 // NaN-propagating max for the NCCL communicator. NCCL's floating-point max (fmaxf, __hmax) drops a NaN
 // whenever the other operand is a number, but mptrain's Communicator contract says a max returns NaN wherever
-// any rank holds one. So a floating-point max travels as an unsigned-integer max over order-preserving keys:
-// every float maps to a key whose unsigned order is the float order (-inf < ... < -0 < +0 < ... < +inf), and
-// every NaN maps to the largest key. Keys are u32 for f32/f16/bf16 (16-bit floats are widened: NCCL has no
-// 16-bit integer type) and u64 for f64. Only built with MPTRAIN_WITH_CUDA.
+// any rank holds one. So a floating-point max travels as an unsigned-integer max over order-preserving keys
+// (common/max_key.hpp): every float maps to a key whose unsigned order is the float order (-inf < ... < -0 <
+// +0 < ... < +inf), and every NaN maps to the largest key. Keys are u32 for f32/f16/bf16 (16-bit floats are
+// widened: NCCL has no 16-bit integer type) and u64 for f64. Only built with MPTRAIN_WITH_CUDA.
 #pragma once
 
 #include <cuda_runtime.h>
