@@ -46,6 +46,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+case $build_dir in /*) ;; *) build_dir=$root/$build_dir ;; esac
 stage_dir=$root/.gpu-build
 bundle=$stage_dir/bundle.tar.xz
 limit_bytes=$((64 * 1024 * 1024))
@@ -64,9 +65,10 @@ gpu_test_pattern='^(test_cuda_[A-Za-z0-9_]+|test_comm_nccl)$'
 # ---------------------------------------------------------------------------------------------- build
 if [ "$do_build" = 1 ]; then
   log "configuring $build_dir (Release, CUDA architecture 90, tests and benchmarks)"
+  mkdir -p "$build_dir"
   cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DMPTRAIN_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DMPTRAIN_BUILD_TESTS=ON -DMPTRAIN_BUILD_BENCHMARKS=ON >"$root/$build_dir.configure.log" 2>&1 ||
-    { tail -n 30 "$root/$build_dir.configure.log" >&2; die "cmake configure failed (log: $build_dir.configure.log)"; }
+    -DMPTRAIN_BUILD_TESTS=ON -DMPTRAIN_BUILD_BENCHMARKS=ON >"$build_dir/prepare-configure.log" 2>&1 ||
+    { tail -n 30 "$build_dir/prepare-configure.log" >&2; die "cmake failed ($build_dir/prepare-configure.log)"; }
 fi
 [ -f "$build_dir/CMakeCache.txt" ] || die "$build_dir is not a configured build tree"
 grep -q '^MPTRAIN_WITH_CUDA:BOOL=ON' "$build_dir/CMakeCache.txt" || die "$build_dir was configured without CUDA"
@@ -84,8 +86,8 @@ done
 [ ${#missing[@]} -eq 0 ] || log "not built by this tree (the suite will record them as missing): ${missing[*]}"
 if [ "$do_build" = 1 ]; then
   log "building ${wanted[*]} with -j$jobs"
-  cmake --build "$build_dir" -j "$jobs" --target "${wanted[@]}" >"$root/$build_dir.build.log" 2>&1 ||
-    { tail -n 40 "$root/$build_dir.build.log" >&2; die "build failed (log: $build_dir.build.log)"; }
+  cmake --build "$build_dir" -j "$jobs" --target "${wanted[@]}" >"$build_dir/prepare-build.log" 2>&1 ||
+    { tail -n 40 "$build_dir/prepare-build.log" >&2; die "build failed (log: $build_dir/prepare-build.log)"; }
 fi
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -221,18 +223,19 @@ for t in "${host_checks[@]}"; do
     grep -Ev "$is_glibc" | grep -Ev "$is_cuda" | grep -v " $stage_dir/lib/" || true)
   [ -z "$leaks" ] || die "$t resolves libraries outside $stage_dir/lib: $leaks"
   log "check: $t with only the shipped libraries"
-  (cd "${TMPDIR:-/tmp}" && "${check_env[@]}" "$stage_dir/bin/$t" --gtest_brief=1) >"$stage_dir.$t.log" 2>&1 ||
-    { cat "$stage_dir.$t.log" >&2; die "$t failed with only the shipped libraries"; }
-  tail -n 3 "$stage_dir.$t.log" | sed 's/^/  /'
-  rm -f "$stage_dir.$t.log"
+  check_log=$build_dir/prepare-check-$t.log
+  (cd "${TMPDIR:-/tmp}" && "${check_env[@]}" "$stage_dir/bin/$t" --gtest_brief=1) >"$check_log" 2>&1 ||
+    { cat "$check_log" >&2; die "$t failed with only the shipped libraries"; }
+  tail -n 3 "$check_log" | sed 's/^/  /'
+  rm -f "$check_log"
 done
 if [ -x "$stage_dir/bin/test_comm_mpi" ]; then
   log "check: mpiexec -n 1 test_comm_mpi with the shipped Open MPI"
   (cd "${TMPDIR:-/tmp}" && "${check_env[@]}" "$stage_dir/bin/mpiexec" -n 1 "$stage_dir/bin/test_comm_mpi" \
-    --gtest_brief=1) >"$stage_dir.mpiexec.log" 2>&1 ||
-    { cat "$stage_dir.mpiexec.log" >&2; die "mpiexec -n 1 failed with the shipped Open MPI"; }
-  tail -n 2 "$stage_dir.mpiexec.log" | sed 's/^/  /'
-  rm -f "$stage_dir.mpiexec.log"
+    --gtest_brief=1) >"$build_dir/prepare-check-mpiexec.log" 2>&1 ||
+    { cat "$build_dir/prepare-check-mpiexec.log" >&2; die "mpiexec -n 1 failed with the shipped Open MPI"; }
+  tail -n 2 "$build_dir/prepare-check-mpiexec.log" | sed 's/^/  /'
+  rm -f "$build_dir/prepare-check-mpiexec.log"
 fi
 
 # ---------------------------------------------------------------------------------------------- bundle
