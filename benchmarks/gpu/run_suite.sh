@@ -244,11 +244,11 @@ bench_side() {
     json=$name.json
     if [ "$side" = mptrain ]; then
       run_step "$name" bench 75 "$json" "${ours[@]}" "$bundle/bin/bench_step" --device cuda --precision fp16 \
-        "$@" --micro-batch "$b" --accumulation 1 --threads 1 --warmup "$warmup" --iters "$iters" \
+        "$@" --micro-batch "$b" --accumulation 1 --threads 8 --warmup "$warmup" --iters "$iters" \
         --grad-sync reduce-scatter --peak-tflops 989 --json "$res/$json"
     else
       run_step "$name" bench 90 "$json" "$python" "$root/benchmarks/pytorch_step.py" --device cuda \
-        --precision fp16amp "$@" --micro-batch "$b" --accumulation 1 --threads 1 --warmup "$warmup" \
+        --precision fp16amp "$@" --micro-batch "$b" --accumulation 1 --threads 8 --warmup "$warmup" \
         --iters "$iters" --peak-tflops 989 --json "$res/$json"
     fi
     case "$last_status" in
@@ -264,16 +264,16 @@ gpt_1p3b=(--layers 24 --channels 2048 --heads 16 --seq-len 1024 --vocab 50304)
 for side in mptrain pytorch; do
   if [ "$side" = mptrain ] && ! have bench_step; then
     missing "bench.gpt2-small.mptrain" bench "$bundle/bin/bench_step"
-    missing "bench.gpt-1.3b.mptrain" bench "$bundle/bin/bench_step"
+    missing "bench.gpt-1p3b.mptrain" bench "$bundle/bin/bench_step"
     continue
   fi
   if [ "$side" = pytorch ] && [ ! -f "$root/benchmarks/pytorch_step.py" ]; then
     missing "bench.gpt2-small.pytorch" bench "$root/benchmarks/pytorch_step.py"
-    missing "bench.gpt-1.3b.pytorch" bench "$root/benchmarks/pytorch_step.py"
+    missing "bench.gpt-1p3b.pytorch" bench "$root/benchmarks/pytorch_step.py"
     continue
   fi
   bench_side gpt2-small "$side" "32" "${gpt2_small[@]}"
-  bench_side gpt-1.3b "$side" "16 8 4 2 1" "${gpt_1p3b[@]}"
+  bench_side gpt-1p3b "$side" "16 8 4 2 1" "${gpt_1p3b[@]}"
 done
 
 # ------------------------------------------------------------------------------------------- 5. collectives
@@ -288,7 +288,7 @@ fi
 # ------------------------------------------------------------------------------------------- 6. training run
 steps=60
 [ "$quick" = 1 ] && steps=20
-if have mptrain && [ -s "$bundle/data/tiny.txt" ]; then
+if have mptrain && { [ -s "$bundle/data/tiny.txt" ] || [ "$dry" = 1 ]; }; then
   run_step train.cuda.np1 train 60 "" "${ours[@]}" "$bundle/bin/mptrain" train --device cuda --precision fp16 \
     --data "$bundle/data/tiny.txt" --layers 4 --channels 256 --heads 4 --seq-len 256 --global-batch 32 \
     --micro-batch 32 --steps "$steps" --warmup-steps 10 --lr 1e-3 --eval-interval "$steps" --eval-batches 2 \

@@ -364,6 +364,10 @@ def cmd_summarize(out_dir, results):
 
     statuses = [s["status"] for s in steps]
     failed = [s["name"] for s in steps if s["status"] in ("failed", "timeout")]
+    # Out of memory is an answer while the micro-batch search goes on; a side with no micro-batch that ran failed.
+    tried = {".".join(s["name"].split(".")[:3]) for s in steps if s["kind"] == "bench" and s["status"] == "oom"}
+    failed += sorted(t + " (out of memory at every micro-batch)" for t in tried
+                     if not bench.get(t.split(".")[1], {}).get(t.split(".")[2]))
     incomplete = [s["name"] for s in steps if s["status"] in ("missing", "skipped-budget")]
     # A GPU test that skipped on the GPU machine means the device was not used: count it as a problem.
     gpu_skips = [n for n, t in tests.items() if t.get("skipped_no_cuda_device") and not meta.get("dry_run")]
