@@ -71,12 +71,16 @@ if [ "$do_build" = 1 ]; then
     { tail -n 30 "$build_dir/prepare-configure.log" >&2; die "cmake failed ($build_dir/prepare-configure.log)"; }
 fi
 [ -f "$build_dir/CMakeCache.txt" ] || die "$build_dir is not a configured build tree"
-grep -q '^MPTRAIN_WITH_CUDA:BOOL=ON' "$build_dir/CMakeCache.txt" || die "$build_dir was configured without CUDA"
-grep -q '^CMAKE_CUDA_ARCHITECTURES:[A-Z]*=90$' "$build_dir/CMakeCache.txt" ||
+grep -Eq '^MPTRAIN_WITH_CUDA:[A-Z]+=ON$' "$build_dir/CMakeCache.txt" || die "$build_dir was configured without CUDA"
+grep -Eq '^CMAKE_CUDA_ARCHITECTURES:[A-Z]+=90$' "$build_dir/CMakeCache.txt" ||
   die "$build_dir is not built for CUDA architecture 90 alone (CMAKE_CUDA_ARCHITECTURES)"
 
 mapfile -t all_targets < <(cmake --build "$build_dir" --target help | sed -n 's/^\.\.\. \([A-Za-z0-9_]*\).*/\1/p')
-has_target() { printf '%s\n' "${all_targets[@]}" | grep -qx "$1"; }
+has_target() {
+  local t
+  for t in "${all_targets[@]}"; do [ "$t" = "$1" ] && return 0; done
+  return 1
+}
 mapfile -t gpu_tests < <(printf '%s\n' "${all_targets[@]}" | grep -E "$gpu_test_pattern" | sort)
 wanted=()
 missing=()
@@ -111,12 +115,13 @@ install -m 755 /usr/bin/orterun "$stage_dir/bin/mpiexec"
 install -m 755 /usr/bin/orted "$stage_dir/bin/orted"
 
 # Open MPI's components: all of libopenmpi3's except those that link network stacks the GPU image lacks.
-excluded_deps='libuc[pstm]|libfabric|libpsm|libibverbs|librdmacm|libnl-|libmunge|libjvm|libcuda\.so'
+excluded_deps='libuc[pstm]|libfabric|libpsm|libibverbs|librdmacm|libnl-|libjvm|libcuda\.so'
 mkdir -p "$stage_dir/openmpi/lib/openmpi3"
 kept=0
 dropped=()
 for comp in "$ompi_pkglibdir"/mca_*.so; do
-  if ldd "$comp" | grep -Eq "$excluded_deps"; then
+  # (grep reads all of ldd's output: with grep -q and pipefail, ldd's SIGPIPE would fail the test at random)
+  if ldd "$comp" | grep -E "$excluded_deps" >/dev/null; then
     dropped+=("$(basename "$comp" .so)")
   else
     install -m 644 "$comp" "$stage_dir/openmpi/lib/openmpi3/"
@@ -162,11 +167,36 @@ strip --strip-unneeded "$stage_dir"/bin/* "$stage_dir"/lib/*.so* "$stage_dir"/op
 head -c 1000000 data/kjv.txt | sed '$d' >"$stage_dir/data/tiny.txt"
 [ -s "$stage_dir/data/tiny.txt" ] || die "could not write the small corpus"
 
+# The C++ runtime (libstdc++, libgcc_s) goes to lib/cxx: the suite uses the GPU machine's own where it is new
+# enough (it is there for PyTorch, and a newer one may need a newer glibc than Debian 12's 2.36), else this one.
+mkdir -p "$stage_dir/lib/cxx"
+for l in libstdc++.so.6 libgcc_s.so.1; do
+  [ -f "$stage_dir/lib/$l" ] && mv "$stage_dir/lib/$l" "$stage_dir/lib/cxx/$l"
+done
+# newest_version PREFIX FILE...: the newest symbol version PREFIX_x.y.z that FILEs need.
+newest_version() {
+  local prefix=$1
+  shift
+  objdump -T "$@" 2>/dev/null | grep '\*UND\*' | grep -o "[( ]${prefix}_[0-9][0-9.]*" |
+    sed "s/^.${prefix}_//" | sort -uV | tail -n 1
+}
+mapfile -d '' -t shipped < <(find "$stage_dir" -type f \( -name '*.so*' -o -path "$stage_dir/bin/*" \) \
+  -not -path "$stage_dir/lib/cxx/*" -print0)
+glibc_required=$(newest_version GLIBC "${shipped[@]}")
+glibc_with_cxx=$(newest_version GLIBC "${shipped[@]}" "$stage_dir"/lib/cxx/*)
+glibcxx_required=$(newest_version GLIBCXX "${shipped[@]}")
+cxxabi_required=$(newest_version CXXABI "${shipped[@]}")
+gcc_required=$(newest_version GCC "${shipped[@]}")
+log "shipped files need glibc >= $glibc_required ($glibc_with_cxx with the shipped libstdc++)," \
+  "GLIBCXX_$glibcxx_required, CXXABI_$cxxabi_required, GCC_$gcc_required"
+
 # ---------------------------------------------------------------------------------------------- manifest
 cuda_list=$(printf '%s\n' "${!cuda_needed[@]}" | sort | tr '\n' ' ')
-python3 - "$stage_dir" "$build_dir" "$cuda_list" "${missing[*]}" "${dropped[*]}" <<'PY'
+python3 - "$stage_dir" "$build_dir" "$cuda_list" "${missing[*]}" "${dropped[*]}" "$glibc_required" \
+  "$glibc_with_cxx" "$glibcxx_required" "$cxxabi_required" "$gcc_required" <<'PY'
 import hashlib, json, os, subprocess, sys, time
-stage, build_dir, cuda, missing, dropped = sys.argv[1:6]
+stage, build_dir, cuda, missing, dropped, glibc_required = sys.argv[1:7]
+glibc_with_cxx, glibcxx, cxxabi, gcc = sys.argv[7:11]
 def commit():
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -202,6 +232,9 @@ manifest = {
     "host_checks": [b for b in bins if b in ("test_dtype", "test_comm_mpi")],
     "not_built": missing.split(),
     "cuda_sonames_needed": cuda.split(),
+    "glibc_required": glibc_required,
+    "cxx_runtime": {"dir": "lib/cxx", "glibc_required_with_it": glibc_with_cxx,
+                    "versions_required": {"GLIBCXX": glibcxx, "CXXABI": cxxabi, "GCC": gcc}},
     "openmpi_components_left_out": dropped.split(),
     "total_bytes": sum(f["bytes"] for f in files.values()),
     "files": files,
@@ -215,7 +248,7 @@ PY
 # Only the shipped libraries and the system's glibc: env -i, the suite's own environment file.
 # shellcheck disable=SC2016 # expanded by the inner bash, inside the clean environment
 check_env=(env -i PATH=/usr/bin:/bin HOME="${TMPDIR:-/tmp}" MPT_GPU_BUNDLE="$stage_dir" MPT_GPU_ENV="$root/benchmarks/gpu/env.sh" bash -c
-  'source "$MPT_GPU_ENV" && mpt_gpu_env "$MPT_GPU_BUNDLE" && exec "$@"' check)
+  'source "$MPT_GPU_ENV" && mpt_gpu_env "$MPT_GPU_BUNDLE" "$MPT_GPU_BUNDLE/lib/cxx" && exec "$@"' check)
 for t in "${host_checks[@]}"; do
   [ -x "$stage_dir/bin/$t" ] || continue
   # Anything still resolved outside .gpu-build/lib (other than glibc and CUDA) means the closure is incomplete.
@@ -240,9 +273,9 @@ fi
 
 # ---------------------------------------------------------------------------------------------- bundle
 log "packing $bundle"
-(cd "$stage_dir" && tar --sort=name --owner=0 --group=0 --numeric-owner -cf - --exclude=bundle.tar.xz . |
-  xz -T "$jobs" -6 >"$bundle.tmp")
-mv "$bundle.tmp" "$bundle"
+(cd "$stage_dir" && tar --sort=name --owner=0 --group=0 --numeric-owner -cf - --exclude=./bundle.tar.xz . |
+  xz -T "$jobs" -6 >"$build_dir/bundle.tar.xz.tmp") || die "packing the bundle failed"
+mv "$build_dir/bundle.tar.xz.tmp" "$bundle"
 tree_bytes=$(du -sb --exclude=bundle.tar.xz "$stage_dir" | cut -f1)
 bundle_bytes=$(stat -c %s "$bundle")
 log "$(awk -v t="$tree_bytes" -v b="$bundle_bytes" \

@@ -78,6 +78,10 @@ def cmd_manifest(bundle, out_json):
             digest = hashlib.sha256(f.read()).hexdigest()
         if digest != meta["sha256"]:
             result["problems"].append(f"sha256 mismatch {rel}")
+    need, have = manifest.get("glibc_required"), platform.libc_ver()[1]
+    if need and have and version_tuple(have) < version_tuple(need):
+        result["problems"].append(f"this machine's glibc {have} is older than the {need} the shipped files need")
+    result["glibc"] = {"required": need, "machine": have}
     rc, head = run(["git", "rev-parse", "HEAD"])
     head = head if rc == 0 else "unknown"
     built = manifest.get("git_commit", "unknown")
@@ -142,6 +146,48 @@ def ldconfig_map():
     return found
 
 
+def version_tuple(v):
+    return tuple(int(x) for x in v.split(".") if x.isdigit())
+
+
+def choose_cxx_runtime(manifest, bundle, ldc):
+    """The machine's libstdc++/libgcc_s where they define every symbol version the shipped files need (PyTorch
+    already loads them, and a newer one may need a newer glibc than the bundle's), else the bundle's lib/cxx."""
+    info = manifest.get("cxx_runtime") or {}
+    need = info.get("versions_required") or {}
+    shipped_dir = os.path.join(bundle, info.get("dir", "lib/cxx"))
+    checks = {"libstdc++.so.6": [f"GLIBCXX_{need[k]}" if k == "GLIBCXX" else f"CXXABI_{need[k]}"
+                                 for k in ("GLIBCXX", "CXXABI") if need.get(k)],
+              "libgcc_s.so.1": [f"GCC_{need['GCC']}"] if need.get("GCC") else []}
+    lacking = []
+    system = {}
+    for lib, versions in checks.items():
+        path = ldc.get(lib) or next((p for p in (f"/usr/lib/x86_64-linux-gnu/{lib}", f"/lib/x86_64-linux-gnu/{lib}",
+                                                 f"/usr/lib64/{lib}") if os.path.exists(p)), None)
+        system[lib] = os.path.realpath(path) if path else None
+        try:
+            data = open(path, "rb").read() if path else b""
+        except OSError:
+            data = b""
+        lacking += [f"{lib} ({'absent' if not data else v})" for v in versions
+                    if not data or (v.encode() + b"\0") not in data]
+    use_shipped = bool(lacking) and os.path.isdir(shipped_dir)
+    glibc_need, glibc_have = info.get("glibc_required_with_it"), platform.libc_ver()[1]
+    result = {"use_shipped": use_shipped, "shipped_dir": shipped_dir, "system": system, "needed": need,
+              "system_lacks": lacking}
+    if not info:
+        result["reason"] = "no manifest: not checked"
+    elif not lacking:
+        result["reason"] = f"the machine's ({system['libstdc++.so.6']}) has every version the binaries need"
+    elif use_shipped:
+        result["reason"] = f"the bundle's, because the machine's lacks {', '.join(lacking)}"
+        if glibc_need and glibc_have and version_tuple(glibc_have) < version_tuple(glibc_need):
+            result["reason"] += f"; PROBLEM: it needs glibc {glibc_need}, this machine has {glibc_have}"
+    else:
+        result["reason"] = f"PROBLEM: the machine's lacks {', '.join(lacking)} and the bundle has none"
+    return result
+
+
 def cmd_find_libs(manifest_path, out_json):
     manifest = read_json(manifest_path) or {}
     needed = list(dict.fromkeys(manifest.get("cuda_sonames_needed", []) + EXPECTED_CUDA_SONAMES))
@@ -165,8 +211,11 @@ def cmd_find_libs(manifest_path, out_json):
                 soname == DRIVER_SONAME and entry["source"] == "system/driver" and soname in ldc):
             if entry["dir"] not in path_dirs:
                 path_dirs.append(entry["dir"])
+    cxx = choose_cxx_runtime(manifest, os.path.dirname(os.path.abspath(manifest_path)), ldc)
+    if cxx["use_shipped"]:
+        path_dirs.insert(0, cxx["shipped_dir"])
     missing_linked = [s for s, e in libs.items() if e["linked_by_shipped_binaries"] and not e["found"]]
-    result = {"searched": [{"dir": d, "source": s} for d, s in dirs], "libraries": libs,
+    result = {"cxx_runtime": cxx, "searched": [{"dir": d, "source": s} for d, s in dirs], "libraries": libs,
               "ld_library_path_added": path_dirs, "missing_linked": missing_linked,
               "missing_expected": [s for s in EXPECTED_CUDA_SONAMES if not libs[s]["found"]],
               "driver_found": libs[DRIVER_SONAME]["found"]}
@@ -175,6 +224,7 @@ def cmd_find_libs(manifest_path, out_json):
         where = f"{e['real_path']} ({e['source']})" if e["found"] else "NOT FOUND"
         tag = "linked" if e["linked_by_shipped_binaries"] else ("driver" if soname == DRIVER_SONAME else "expected")
         print(f"libs: {soname:<20} [{tag:<8}] {where}", file=sys.stderr)
+    print(f"libs: C++ runtime: {cxx['reason']}", file=sys.stderr)
     if missing_linked:
         print(f"libs: MISSING libraries the shipped binaries link: {' '.join(missing_linked)}", file=sys.stderr)
     for d in path_dirs:
