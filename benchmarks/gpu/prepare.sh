@@ -75,7 +75,9 @@ grep -Eq '^MPTRAIN_WITH_CUDA:[A-Z]+=ON$' "$build_dir/CMakeCache.txt" || die "$bu
 grep -Eq '^CMAKE_CUDA_ARCHITECTURES:[A-Z]+=90$' "$build_dir/CMakeCache.txt" ||
   die "$build_dir is not built for CUDA architecture 90 alone (CMAKE_CUDA_ARCHITECTURES)"
 
-mapfile -t all_targets < <(cmake --build "$build_dir" --target help | sed -n 's/^\.\.\. \([A-Za-z0-9_]*\).*/\1/p')
+# Makefiles list targets as "... name", Ninja as "name: phony".
+mapfile -t all_targets < <(cmake --build "$build_dir" --target help |
+  sed -n 's/^\.\.\. \([A-Za-z0-9_]*\).*/\1/p; s/^\([A-Za-z0-9_]*\): .*/\1/p')
 has_target() {
   local t
   for t in "${all_targets[@]}"; do [ "$t" = "$1" ] && return 0; done

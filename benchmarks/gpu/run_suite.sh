@@ -182,7 +182,7 @@ mapfile -t benv < <(source "$here/env.sh" && mpt_gpu_env "$bundle" "${cuda_dirs[
 ours=(env "${benv[@]}" OMP_NUM_THREADS=1)
 say "<bundle-env>: ${benv[*]} OMP_NUM_THREADS=1"
 if [ -d "$bundle/bin" ]; then
-  (export "${benv[@]}" && "$python" "$here/suite.py" ldd "$bundle" "$res/ldd.json")
+  "$python" "$here/suite.py" ldd "$bundle" "$res/ldd.json" "${benv[@]}"
 fi
 "$python" - "$res/suite_meta.json" "$dry" "$quick" "$budget" "$bundle" <<'PY'
 import json, sys

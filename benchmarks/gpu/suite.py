@@ -4,8 +4,8 @@
   suite.py manifest BUNDLE OUT_JSON         check .gpu-build/manifest.json against the files (sizes, sha256)
   suite.py find-libs MANIFEST OUT_JSON      find the CUDA libraries the shipped binaries need; prints the
                                             folders to put on LD_LIBRARY_PATH, one per line
-  suite.py ldd BUNDLE OUT_JSON              with the suite's environment, list what each shipped binary
-                                            cannot resolve
+  suite.py ldd BUNDLE OUT_JSON [VAR=VALUE...]  with the shipped binaries' environment, list what each
+                                            of them cannot resolve
   suite.py machine OUT_JSON [--no-gpu]      nvidia-smi, driver, toolkit, PyTorch and system versions
   suite.py summarize OUT_DIR RESULTS_DIR    read steps.tsv and the per-step files, write OUT_DIR/summary.json,
                                             print the summary table; exit 1 if a step failed, 3 if none
@@ -221,7 +221,10 @@ def cmd_find_libs(manifest_path, out_json):
               "driver_found": libs[DRIVER_SONAME]["found"]}
     write_json(out_json, result)
     for soname, e in libs.items():
-        where = f"{e['real_path']} ({e['source']})" if e["found"] else "NOT FOUND"
+        where = "NOT FOUND"
+        if e["found"]:
+            real = "" if e["real_path"] == e["path"] else f" -> {e['real_path']}"
+            where = f"{e['path']}{real} ({e['source']})"
         tag = "linked" if e["linked_by_shipped_binaries"] else ("driver" if soname == DRIVER_SONAME else "expected")
         print(f"libs: {soname:<20} [{tag:<8}] {where}", file=sys.stderr)
     print(f"libs: C++ runtime: {cxx['reason']}", file=sys.stderr)
@@ -232,10 +235,13 @@ def cmd_find_libs(manifest_path, out_json):
     return 0
 
 
-def cmd_ldd(bundle, out_json):
+def cmd_ldd(bundle, out_json, env_assignments):
+    # Only ldd gets the bundle's environment: this interpreter must not load the bundle's libraries.
+    env = dict(os.environ)
+    env.update(a.split("=", 1) for a in env_assignments)
     result = {}
     for b in sorted(glob.glob(os.path.join(bundle, "bin", "*"))):
-        rc, text = run(["ldd", b])
+        rc, text = run(["ldd", b], env=env)
         result[os.path.basename(b)] = sorted({ln.split()[0] for ln in text.splitlines() if "not found" in ln})
     write_json(out_json, {"unresolved": result, "ok": not any(result.values())})
     bad = {k: v for k, v in result.items() if v}
@@ -480,8 +486,8 @@ def main(argv):
         return cmd_manifest(*args)
     if cmd == "find-libs" and len(args) == 2:
         return cmd_find_libs(*args)
-    if cmd == "ldd" and len(args) == 2:
-        return cmd_ldd(*args)
+    if cmd == "ldd" and len(args) >= 2:
+        return cmd_ldd(args[0], args[1], args[2:])
     if cmd == "machine" and len(args) in (1, 2):
         return cmd_machine(args[0], no_gpu=args[1:] == ["--no-gpu"])
     if cmd == "summarize" and len(args) == 2:
