@@ -421,6 +421,9 @@ def cmd_summarize(out_dir, results):
     statuses = [s["status"] for s in steps]
     failed = [s["name"] for s in steps if s["status"] in ("failed", "timeout")]
     # Out of memory is an answer while the micro-batch search goes on; a side with no micro-batch that ran failed.
+    for s in steps:  # a training run that exits 0 must also have learned something
+        if s["kind"] == "train" and s["status"] == "passed" and not (train and train["loss_decreased"]):
+            failed.append(s["name"] + " (no decrease of the training loss in metrics.jsonl)")
     tried = {".".join(s["name"].split(".")[:3]) for s in steps if s["kind"] == "bench" and s["status"] == "oom"}
     failed += sorted(t + " (out of memory at every micro-batch)" for t in tried
                      if not bench.get(t.split(".")[1], {}).get(t.split(".")[2]))
