@@ -156,8 +156,8 @@ for obj in "${objects[@]}"; do
     [ -f "$stage_dir/lib/$name" ] || install -m 644 "$(readlink -f "$path")" "$stage_dir/lib/$name"
   done < <(ldd "$obj")
 done
-# Open MPI's common libraries that components dlopen by path through their own RUNPATH resolve through ldd
-# above; libmpi finds its components through OPAL_PKGLIBDIR (benchmarks/gpu/env.sh).
+# (The libmca_common_* libraries that components link come along the same way; Open MPI finds the components
+# themselves through OPAL_PKGLIBDIR, set by benchmarks/gpu/env.sh.)
 
 # Strip what we built and what we copied (OpenBLAS, Open MPI and Debian's libraries are stripped already;
 # strip is idempotent). CUDA device code lives in .nv_fatbin, which --strip-unneeded keeps.
