@@ -4,7 +4,6 @@
 #include <cmath>
 
 #include "common/amp_state.hpp"
-
 #include "mptrain/error.hpp"
 
 namespace mpt {

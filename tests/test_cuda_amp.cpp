@@ -159,7 +159,18 @@ TYPED_TEST(CudaAmp, AdamWFromDeviceStateMatchesCpu) {
     DeviceArray<AdamWSegment> dseg(segments);
     DeviceArray<common::AmpState> dstate(std::vector<common::AmpState>{state});
     cuda::adamw(dp.ptr, dm.ptr, dv.ptr, dg.ptr, dseg.ptr, segments.size(), shard, dstate.ptr, nullptr);
+    DeviceArray<T> dparams(std::vector<T>(flat, from_float<T>(0.0f)));
+    cuda::cast_master(dparams.ptr, dp.ptr, dseg.ptr, segments.size(), shard, nullptr, nullptr);  // no flag
     MPT_CUDA_CHECK(cudaDeviceSynchronize());
+    {
+      const auto master_now = dp.to_host();
+      const auto params_now = dparams.to_host();
+      for (const AdamWSegment& sg : segments)
+        for (size_t i = 0; i < sg.num_elements; ++i)
+          ASSERT_EQ(to_float(params_now[sg.flat_offset + i]),
+                    to_float(from_float<T>(master_now[sg.shard_offset + i])))
+              << "cast without a flag, element " << i;
+    }
     auto hp = p, hm = m, hv = v;
     cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(), segments, &state);
     const auto gp = dp.to_host(), gm = dm.to_host(), gv = dv.to_host();

@@ -63,7 +63,7 @@ void amp_update(common::AmpState* state, const common::ScalerRule& rule, cudaStr
 void sum_losses(double* acc, const float* losses, int64_t n, cudaStream_t stream);
 
 /// Phase 7 on the device: params[flat_offset + i] = round(master[shard_offset + i]) for every segment;
-/// skipped when *found_inf is non-zero.
+/// skipped when *found_inf is non-zero (pass &state->flags[common::kFoundInf]); null found_inf: always cast.
 template <typename T>
 void cast_master(T* params, const float* master, const AdamWSegment* segments, size_t num_segments,
                  size_t max_segment_elements, const float* found_inf, cudaStream_t stream);

@@ -57,7 +57,7 @@ __global__ void adamw_state_kernel(float* master, float* m, float* v, const T* g
 template <typename T>
 __global__ void cast_master_kernel(T* params, const float* master, const AdamWSegment* segments,
                                    size_t num_segments, const float* found_inf) {
-  if (*found_inf != 0.0f) return;
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
   for (size_t s = blockIdx.y; s < num_segments; s += gridDim.y) {
     const AdamWSegment seg = segments[s];
     for (size_t i = blockIdx.x * size_t{kThreads} + threadIdx.x; i < seg.num_elements;
