@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstddef>
 
 #include "mptrain/error.hpp"
 
@@ -71,9 +72,60 @@ MixedPrecisionEngine::MixedPrecisionEngine(std::vector<TensorSpec> tensors, cons
     my_slices_.push_back({layout_.slice_offset(b, comm_.rank()), layout_.buckets()[b].slice_elements});
   for (const ShardSegment& s : layout_.shard_segments(comm_.rank()))
     my_segments_.push_back({s.shard_offset, s.flat_offset, s.num_elements, s.decay});
-  block_sums_.assign(layout_.blocks_per_rank(), 0.0);
-  gathered_block_sums_.assign(layout_.blocks_per_rank() * static_cast<size_t>(comm_.size()), 0.0);
+  block_sums_ = backend_.allocate(layout_.blocks_per_rank() * sizeof(double));
+  gathered_block_sums_ =
+      backend_.allocate(layout_.blocks_per_rank() * static_cast<size_t>(comm_.size()) * sizeof(double));
+  norm_order_ = layout_.global_block_order();
   pending_.resize(layout_.buckets().size());
+
+  scaler_rule_ = scaler_.rule();
+  const AdamWConfig& a = config_.adamw;
+  optimizer_rule_.peak_lr = a.lr;
+  optimizer_rule_.beta1 = a.beta1;
+  optimizer_rule_.beta2 = a.beta2;
+  optimizer_rule_.eps = a.eps;
+  optimizer_rule_.weight_decay = a.weight_decay;
+  optimizer_rule_.grad_clip = config_.grad_clip;
+  optimizer_rule_.min_lr = config_.schedule.min_lr;
+  optimizer_rule_.warmup_steps = config_.schedule.warmup_steps;
+  optimizer_rule_.decay_steps = config_.schedule.decay_steps;
+  state_ = backend_.allocate(sizeof(common::AmpState));
+  upload_state();
+
+  // grad_done(): which buckets each tensor's flat range [offset, offset + n) overlaps.
+  const auto& buckets = layout_.buckets();
+  tensor_buckets_.resize(layout_.tensors().size());
+  bucket_tensors_.assign(buckets.size(), 0);
+  for (size_t t = 0; t < layout_.tensors().size(); ++t) {
+    const TensorPlacement& p = layout_.tensors()[t];
+    const size_t lo = p.offset, hi = p.offset + p.spec.num_elements();
+    for (size_t b = 0; b < buckets.size(); ++b)
+      if (lo < buckets[b].offset + buckets[b].num_elements && buckets[b].offset < hi) {
+        tensor_buckets_[t].push_back(b);
+        ++bucket_tensors_[b];
+      }
+  }
+  reset_grad_done();
+}
+
+void MixedPrecisionEngine::upload_state() {
+  common::AmpState s;
+  s.scaler = scaler_.state();
+  s.used_scale = scaler_.scale();
+  s.applied_steps = applied_steps_;
+  backend_.copy_from_host(state_.data(), &s, sizeof s);
+}
+
+void MixedPrecisionEngine::reset_grad_done() {
+  bucket_done_.assign(layout_.buckets().size(), 0);
+  tensor_done_.assign(layout_.tensors().size(), 0);
+}
+
+const float* MixedPrecisionEngine::loss_scale_device() const {
+  // Address arithmetic only: the state is not dereferenced on the host.
+  return reinterpret_cast<const float*>(static_cast<const std::byte*>(state_.data()) +
+                                        offsetof(common::AmpState, scaler) +
+                                        offsetof(common::ScalerState, scale));
 }
 
 MixedPrecisionEngine::~MixedPrecisionEngine() = default;
@@ -160,11 +212,13 @@ void MixedPrecisionEngine::load_state(const std::vector<std::vector<float>>& mas
   backend_.copy_from_host(adam_v_.data(), v.data(), v.size() * sizeof(float));
   applied_steps_ = applied_steps;
   scaler_ = restored;
+  upload_state();
 }
 
 void MixedPrecisionEngine::zero_grads() {
   backend_.fill_zero(grads_.data(), grads_.num_bytes());
   if (micro_grads_.data()) backend_.fill_zero(micro_grads_.data(), micro_grads_.num_bytes());
+  reset_grad_done();
 }
 
 void MixedPrecisionEngine::accumulate_micro_batch() {
@@ -190,13 +244,25 @@ void MixedPrecisionEngine::bucket_ready(size_t bucket) {
   }
 }
 
+void MixedPrecisionEngine::grad_done(size_t tensor_index) {
+  MPT_CHECK(tensor_index < tensor_done_.size(), "grad_done: tensor {} out of range ({} tensors)",
+            tensor_index, tensor_done_.size());
+  // main_grad: what is reduced is the FP32 buffer, final only after accumulate_micro_batch().
+  if (config_.fp32_grad_accumulation) return;
+  MPT_CHECK(!tensor_done_[tensor_index], "grad_done: tensor '{}' reported twice in one step",
+            layout_.tensors()[tensor_index].spec.name);
+  tensor_done_[tensor_index] = 1;
+  for (const size_t b : tensor_buckets_[tensor_index])
+    if (++bucket_done_[b] == bucket_tensors_[b]) bucket_ready(b);
+}
+
 void MixedPrecisionEngine::sync_grads() {
   for (size_t b = 0; b < pending_.size(); ++b)
     if (!pending_[b]) bucket_ready(b);
   for (auto& request : pending_) request->wait();
 }
 
-StepResult MixedPrecisionEngine::step(bool stop_requested) {
+void MixedPrecisionEngine::step_async(bool stop_requested) {
   // Either no bucket was started (gradients already reduced by the caller, or one rank) or all were.
   size_t started = 0;
   for (const auto& request : pending_) started += request ? 1 : 0;
@@ -206,59 +272,68 @@ StepResult MixedPrecisionEngine::step(bool stop_requested) {
   for (auto& request : pending_)
     if (request) request->wait();  // no-op after sync_grads
   for (auto& request : pending_) request.reset();
+  reset_grad_done();
 
-  StepResult result;
-  result.loss_scale = scaler_.scale();
+  timings_ = StepResult{};
   auto t0 = std::chrono::steady_clock::now();
+  auto* flags =
+      reinterpret_cast<float*>(static_cast<std::byte*>(state_.data()) + offsetof(common::AmpState, flags));
 
-  // Phase 4: read-only pass over my shard.
-  const bool local_inf =
-      backend_.grad_check(grads_.data(), grad_dtype(), my_slices_, config_.block_elements, block_sums_);
-  // Phase 5: agree. After this every rank holds the same found_inf, so the branches below match everywhere.
-  // The same MAX all-reduce carries this rank's stop request (SIGUSR1/SIGTERM), so the ranks also agree on
-  // stopping at this step boundary without a collective of its own.
-  float found[2] = {local_inf ? 1.0f : 0.0f, stop_requested ? 1.0f : 0.0f};
-  comm_.all_reduce(found, found, 2, DType::f32, ReduceOp::max);
-  result.skipped = found[0] != 0.0f;
-  result.stop_requested = found[1] != 0.0f;
-  result.check_seconds = seconds_since(t0);
+  // Phase 4: read-only pass over my shard; zeroes and sets my found_inf, records my stop request.
+  backend_.grad_check(grads_.data(), grad_dtype(), my_slices_, config_.block_elements,
+                      block_sums_.as<double>(), state(), stop_requested);
+  // Phase 5: agree. After this every rank holds the same found_inf, so every op below takes the same branch
+  // everywhere. The same MAX all-reduce carries the stop requests (SIGUSR1/SIGTERM), so the ranks also agree
+  // on stopping at this step boundary without a collective of its own.
+  comm_.all_reduce(flags, flags, 2, DType::f32, ReduceOp::max);
+  timings_.check_seconds = seconds_since(t0);
 
-  if (!result.skipped) {
-    // Phase 6: global norm from every rank's block sums, in a fixed order, unscaled; clip; AdamW.
-    comm_.all_gather(block_sums_.data(), gathered_block_sums_.data(), block_sums_.size(), DType::f64);
-    const double scale = static_cast<double>(result.loss_scale);
-    result.grad_norm = std::sqrt(layout_.sum_blocks_in_global_order(gathered_block_sums_)) / scale;
-    if (config_.grad_clip > 0.0f) {
-      // torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), clamped to 1.
-      const double coefficient = static_cast<double>(config_.grad_clip) / (result.grad_norm + 1e-6);
-      if (coefficient < 1.0) result.clip_factor = static_cast<float>(coefficient);
-    }
-    result.lr = config_.schedule.at(applied_steps_, config_.adamw.lr);
-    const AdamWConfig& a = config_.adamw;
-    const auto step =
-        common::make_adamw_step(result.lr, a.beta1, a.beta2, a.eps, a.weight_decay, applied_steps_ + 1,
-                                static_cast<float>(result.clip_factor / scale));
-    backend_.adamw(master(), adam_m(), adam_v(), grads_.data(), grad_dtype(), my_segments_, step);
-    ++applied_steps_;
-    result.optimizer_seconds = seconds_since(t0) - result.check_seconds;
-    // Phase 7: my slices of params from the master shard, then everyone's slices to everyone.
-    backend_.cast_master(params_.data(), config_.dtype, master(), my_slices_);
-    const size_t esize = dtype_size(config_.dtype);
-    auto* params = static_cast<std::byte*>(params_.data());
-    for (size_t b = 0; b < layout_.buckets().size(); ++b) {
-      const Bucket& bucket = layout_.buckets()[b];
-      pending_[b] = comm_.iall_gather(params + layout_.slice_offset(b, comm_.rank()) * esize,
-                                      params + bucket.offset * esize, bucket.slice_elements, config_.dtype);
-    }
-    for (auto& request : pending_) request->wait();
-    for (auto& request : pending_) request.reset();
-    result.gather_seconds = seconds_since(t0) - result.check_seconds - result.optimizer_seconds;
-  } else {
-    result.grad_norm = std::nan("");
+  // Phase 6: every rank's block sums (gathered even on a skipped step: nobody on the host knows yet), the
+  // global norm in the fixed order, clip factor and lr into the state; AdamW reads them and skips itself on
+  // found_inf.
+  comm_.all_gather(block_sums_.data(), gathered_block_sums_.data(), layout_.blocks_per_rank(), DType::f64);
+  backend_.amp_prepare(state(), gathered_block_sums_.as<double>(), norm_order_, optimizer_rule_);
+  backend_.adamw(master(), adam_m(), adam_v(), grads_.data(), grad_dtype(), my_segments_, state());
+  timings_.optimizer_seconds = seconds_since(t0) - timings_.check_seconds;
+
+  // Phase 7: my slices of params from the master shard (skipped on found_inf), then everyone's slices to
+  // everyone (unchanged weights on a skipped step).
+  backend_.cast_master(params_.data(), config_.dtype, master(), my_slices_, state());
+  const size_t esize = dtype_size(config_.dtype);
+  auto* params = static_cast<std::byte*>(params_.data());
+  for (size_t b = 0; b < layout_.buckets().size(); ++b) {
+    const Bucket& bucket = layout_.buckets()[b];
+    pending_[b] = comm_.iall_gather(params + layout_.slice_offset(b, comm_.rank()) * esize,
+                                    params + bucket.offset * esize, bucket.slice_elements, config_.dtype);
   }
-  result.applied_steps = applied_steps_;
-  scaler_.update(result.skipped);  // may throw NumericsError, identically on every rank
-  return result;
+  for (auto& request : pending_) request->wait();
+  for (auto& request : pending_) request.reset();
+  timings_.gather_seconds = seconds_since(t0) - timings_.check_seconds - timings_.optimizer_seconds;
+
+  // The loss-scaler state machine and Adam's t, on the replicated state.
+  backend_.amp_update(state(), scaler_rule_);
+}
+
+StepResult MixedPrecisionEngine::result() {
+  common::AmpState s;
+  backend_.copy_to_host(&s, state_.data(), sizeof s);
+  scaler_.restore(s.scaler);
+  applied_steps_ = s.applied_steps;
+  StepResult r = timings_;
+  r.skipped = s.flags[common::kFoundInf] != 0.0f;
+  r.stop_requested = s.flags[common::kStopRequested] != 0.0f;
+  r.loss_scale = s.used_scale;
+  r.grad_norm = s.grad_norm;
+  r.clip_factor = s.clip_factor;
+  r.lr = s.lr;
+  r.applied_steps = s.applied_steps;
+  if (s.min_scale_stop != 0) scaler_.throw_min_scale_stop(s.scaler);  // identical on every rank
+  return r;
+}
+
+StepResult MixedPrecisionEngine::step(bool stop_requested) {
+  step_async(stop_requested);
+  return result();
 }
 
 MemoryReport MixedPrecisionEngine::memory() const {
@@ -270,7 +345,7 @@ MemoryReport MixedPrecisionEngine::memory() const {
   r.master_bytes = master_.num_bytes();
   r.adam_m_bytes = adam_m_.num_bytes();
   r.adam_v_bytes = adam_v_.num_bytes();
-  r.scratch_bytes = (block_sums_.capacity() + gathered_block_sums_.capacity()) * sizeof(double);
+  r.scratch_bytes = block_sums_.num_bytes() + gathered_block_sums_.num_bytes() + state_.num_bytes();
   return r;
 }
 

@@ -104,22 +104,28 @@ size_t ParamLayout::find(const std::string& name) const {
   throw Error(fmt::format("parameter layout: no tensor named '{}'", name));
 }
 
-double ParamLayout::sum_blocks_in_global_order(const std::vector<double>& gathered) const {
+std::vector<size_t> ParamLayout::global_block_order() const {
   const size_t per_rank = blocks_per_rank();
-  MPT_CHECK(gathered.size() == per_rank * static_cast<size_t>(world_size_),
-            "sum_blocks_in_global_order: {} values, expected {} ranks x {} blocks", gathered.size(),
-            world_size_, per_rank);
   const size_t block = options_.block_elements;
-  double total = 0.0;
+  std::vector<size_t> order;
   for (const Bucket& b : buckets_) {
     const size_t blocks_per_slice = b.slice_elements / block;
     const size_t real_blocks = (b.num_elements + block - 1) / block;  // independent of N
     for (size_t k = 0; k < real_blocks; ++k) {
       const size_t owner = k / blocks_per_slice;
       const size_t local = b.shard_offset / block + k % blocks_per_slice;
-      total += gathered[owner * per_rank + local];
+      order.push_back(owner * per_rank + local);
     }
   }
+  return order;
+}
+
+double ParamLayout::sum_blocks_in_global_order(const std::vector<double>& gathered) const {
+  MPT_CHECK(gathered.size() == blocks_per_rank() * static_cast<size_t>(world_size_),
+            "sum_blocks_in_global_order: {} values, expected {} ranks x {} blocks", gathered.size(),
+            world_size_, blocks_per_rank());
+  double total = 0.0;
+  for (const size_t k : global_block_order()) total += gathered[k];
   return total;
 }
 

@@ -143,6 +143,7 @@ GPT::GPT(const GPTConfig& config, const ParamLayout& layout, Backend& backend, D
               "GPT: layout tensor {} is '{}', expected '{}'", i, have.name, specs[i].name);
     offsets_.push_back(layout.tensors()[i].offset);
   }
+  loss_sum_ = backend_.allocate(sizeof(double));  // zeroed
 }
 
 GPT::~GPT() = default;
@@ -213,7 +214,33 @@ const void* GPT::logits() const {
 }
 
 float GPT::forward(const void* params, const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
-                   float backward_factor) {
+                   float backward_factor, const float* loss_scale_device) {
+  run_forward(params, tokens, targets, B, T, backward_factor, loss_scale_device);
+  if (!targets) return std::nanf("");
+  const int64_t BT = B * T;
+  std::vector<float> losses(static_cast<size_t>(BT));
+  backend_.copy_to_host(losses.data(), acts_->losses.data(), losses.size() * sizeof(float));
+  double sum = 0.0;  // FP64, in position order: deterministic
+  for (float x : losses) sum += x;
+  return static_cast<float>(sum / static_cast<double>(BT));
+}
+
+void GPT::forward_accumulate(const void* params, const int32_t* tokens, const int32_t* targets, int64_t B,
+                             int64_t T, float backward_factor, const float* loss_scale_device) {
+  MPT_CHECK(targets != nullptr, "GPT::forward_accumulate: needs targets");
+  run_forward(params, tokens, targets, B, T, backward_factor, loss_scale_device);
+  backend_.sum_losses(loss_sum_.as<double>(), acts_->losses.as<float>(), B * T);
+}
+
+double GPT::take_loss_sum() {
+  double sum = 0.0;
+  backend_.copy_to_host(&sum, loss_sum_.data(), sizeof sum);
+  backend_.fill_zero(loss_sum_.data(), sizeof(double));
+  return sum;
+}
+
+void GPT::run_forward(const void* params, const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
+                      float backward_factor, const float* loss_scale_device) {
   MPT_INPUT_CHECK(B >= 1, "model: batch size must be >= 1, got {}", B);
   MPT_INPUT_CHECK(T >= 1 && T <= config_.max_seq_len, "model: sequence length {} outside [1, max_seq_len={}]",
                   T, config_.max_seq_len);
@@ -262,23 +289,18 @@ float GPT::forward(const void* params, const int32_t* tokens, const int32_t* tar
   backend_.matmul_forward(a.logits.data(), a.lnf.data(), param(params, 0), nullptr, BT, C, Vp, dt);
 
   dlogits_ready_ = false;
-  if (!targets) return std::nanf("");
+  if (!targets) return;
   backend_.copy_from_host(a.targets.data(), targets, static_cast<size_t>(BT) * sizeof(int32_t));
   const bool train = backward_factor > 0.0f;
   const float dloss =
       train ? static_cast<float>(static_cast<double>(backward_factor) / static_cast<double>(BT)) : 0.0f;
   backend_.crossentropy_forward_backward(train ? a.logits.data() : nullptr, a.losses.as<float>(),
-                                         a.logits.data(), a.targets.as<int32_t>(), BT, V, Vp, dloss, nullptr,
-                                         dt);
+                                         a.logits.data(), a.targets.as<int32_t>(), BT, V, Vp, dloss,
+                                         train ? loss_scale_device : nullptr, dt);
   dlogits_ready_ = train;
-  std::vector<float> losses(static_cast<size_t>(BT));
-  backend_.copy_to_host(losses.data(), a.losses.data(), losses.size() * sizeof(float));
-  double sum = 0.0;  // FP64, in position order: deterministic
-  for (float x : losses) sum += x;
-  return static_cast<float>(sum / static_cast<double>(BT));
 }
 
-void GPT::backward(const void* params, void* grads) {
+void GPT::backward(const void* params, void* grads, const std::function<void(size_t)>& on_grad_done) {
   MPT_CHECK(dlogits_ready_,
             "GPT::backward: the last forward did not prepare a backward (backward_factor > 0)");
   dlogits_ready_ = false;  // dlogits are consumed: a second backward would need a new forward
@@ -288,6 +310,9 @@ void GPT::backward(const void* params, void* grads) {
   const DType dt = dtype_;
   const size_t es = dtype_size(dt);
   const auto bytes = [&](int64_t elements) { return static_cast<size_t>(elements) * es; };
+  const auto done = [&](size_t index) {
+    if (on_grad_done) on_grad_done(index);
+  };
 
   // LM head (tied to wte): d(lnf) and dwte from dlogits.
   backend_.fill_zero(a.dln.data(), bytes(BT * C));
@@ -298,38 +323,52 @@ void GPT::backward(const void* params, void* grads) {
   backend_.layernorm_backward(a.dresidual.data(), grad(grads, lnf), grad(grads, lnf + 1), a.dln.data(),
                               a.residual3.back().data(), param(params, lnf), a.lnf_mean.as<float>(),
                               a.lnf_rstd.as<float>(), BT, C, dt);
+  done(lnf);
+  done(lnf + 1);
 
   for (int64_t l = config_.num_layers - 1; l >= 0; --l) {
     const auto p = [&](LayerTensor k) { return param(params, layer_index(l, k)); };
     const auto g = [&](LayerTensor k) { return grad(grads, layer_index(l, k)); };
+    const auto finished = [&](LayerTensor w, LayerTensor b) {
+      done(layer_index(l, w));
+      done(layer_index(l, b));
+    };
     const auto ul = static_cast<size_t>(l);
     const void* residual = l == 0 ? a.encoded.data() : a.residual3[ul - 1].data();
     // residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))): dresidual flows to both terms.
     backend_.fill_zero(a.dfch_gelu.data(), bytes(BT * 4 * C));
     backend_.matmul_backward(a.dfch_gelu.data(), g(kFcProjW), g(kFcProjB), a.dresidual.data(),
                              a.fch_gelu[ul].data(), p(kFcProjW), BT, 4 * C, C, dt);
+    finished(kFcProjW, kFcProjB);
     backend_.fill_zero(a.dfch.data(), bytes(BT * 4 * C));
     backend_.gelu_backward(a.dfch.data(), a.fch[ul].data(), a.dfch_gelu.data(), BT * 4 * C, dt);
     backend_.fill_zero(a.dln.data(), bytes(BT * C));
     backend_.matmul_backward(a.dln.data(), g(kFcW), g(kFcB), a.dfch.data(), a.ln2[ul].data(), p(kFcW), BT, C,
                              4 * C, dt);
+    finished(kFcW, kFcB);
     backend_.layernorm_backward(a.dresidual.data(), g(kLn2W), g(kLn2B), a.dln.data(), a.residual2[ul].data(),
                                 p(kLn2W), a.ln2_mean[ul].as<float>(), a.ln2_rstd[ul].as<float>(), BT, C, dt);
+    finished(kLn2W, kLn2B);
     // residual2 = residual + attproj(attention(qkv(ln1(residual)))).
     backend_.fill_zero(a.datty.data(), bytes(BT * C));
     backend_.matmul_backward(a.datty.data(), g(kAttProjW), g(kAttProjB), a.dresidual.data(),
                              a.atty[ul].data(), p(kAttProjW), BT, C, C, dt);
+    finished(kAttProjW, kAttProjB);
     backend_.fill_zero(a.dqkv.data(), bytes(BT * 3 * C));
     backend_.attention_backward(a.dqkv.data(), a.datty.data(), a.qkv[ul].data(), a.att[ul].data(),
                                 a.atty[ul].data(), B, T, C, NH, dt);
     backend_.fill_zero(a.dln.data(), bytes(BT * C));
     backend_.matmul_backward(a.dln.data(), g(kQkvW), g(kQkvB), a.dqkv.data(), a.ln1[ul].data(), p(kQkvW), BT,
                              C, 3 * C, dt);
+    finished(kQkvW, kQkvB);
     backend_.layernorm_backward(a.dresidual.data(), g(kLn1W), g(kLn1B), a.dln.data(), residual, p(kLn1W),
                                 a.ln1_mean[ul].as<float>(), a.ln1_rstd[ul].as<float>(), BT, C, dt);
+    finished(kLn1W, kLn1B);
   }
   backend_.embedding_backward(grad(grads, 0), grad(grads, 1), a.dresidual.data(), a.tokens.as<int32_t>(), B,
                               T, C, dt);
+  done(1);  // wpe
+  done(0);  // wte: the LM head wrote it first, the embedding backward last
 }
 
 }  // namespace mpt

@@ -2,8 +2,8 @@
 #include "mptrain/optimizer.hpp"
 
 #include <cmath>
-#include <numbers>
 
+#include "common/amp_state.hpp"
 #include "mptrain/error.hpp"
 
 namespace mpt {
@@ -27,15 +27,7 @@ void LrSchedule::validate(float peak_lr) const {
 }
 
 float LrSchedule::at(int64_t step, float peak_lr) const {
-  if (step < warmup_steps)
-    return static_cast<float>(static_cast<double>(peak_lr) * static_cast<double>(step + 1) /
-                              static_cast<double>(warmup_steps));
-  if (decay_steps == 0) return peak_lr;
-  if (step >= decay_steps) return min_lr;
-  const double progress =
-      static_cast<double>(step - warmup_steps) / static_cast<double>(decay_steps - warmup_steps);
-  const double cosine = 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
-  return static_cast<float>(min_lr + (static_cast<double>(peak_lr) - min_lr) * cosine);
+  return common::lr_at(step, peak_lr, warmup_steps, decay_steps, min_lr);  // shared with the device
 }
 
 }  // namespace mpt

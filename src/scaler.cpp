@@ -2,8 +2,9 @@
 // by a backoff), DeepSpeed's consecutive_hysteresis, a min_scale floor with a stop when overflows persist
 // there, and an exact string form for checkpoints.
 //
-// Everything here is host code on replicated state: every rank calls update() with the same agreed found_inf,
-// so every rank reaches the same state, and the same NumericsError at the same step, without communicating.
+// The state machine itself is common::scaler_update (kernels/common/amp_state.hpp), shared with the device.
+// It runs on replicated state: every rank calls update() with the same agreed found_inf, so every rank
+// reaches the same state, and the same NumericsError at the same step, without communicating.
 #include "mptrain/scaler.hpp"
 
 #include <algorithm>
@@ -80,63 +81,44 @@ DynamicLossScaler::DynamicLossScaler(const LossScalerConfig& config) : config_(c
   state_.hysteresis_left = config_.hysteresis;
 }
 
+common::ScalerRule DynamicLossScaler::rule() const {
+  common::ScalerRule r;
+  r.enabled = config_.enabled;
+  r.dynamic = config_.dynamic;
+  r.consecutive_hysteresis = config_.consecutive_hysteresis;
+  r.growth_factor = config_.growth_factor;
+  r.backoff_factor = config_.backoff_factor;
+  r.scale_floor = scale_floor(config_);
+  r.growth_interval = config_.growth_interval;
+  r.hysteresis = config_.hysteresis;
+  r.max_overflows_at_min_scale = config_.max_overflows_at_min_scale;
+  return r;
+}
+
 bool DynamicLossScaler::update(bool found_inf) {
-  const bool dynamic = config_.enabled && config_.dynamic;
-  const float scale_before = state_.scale;
-  state_.steps += 1;
+  // The rule itself is kernels/common/amp_state.hpp's, shared with the device-side update.
+  if (common::scaler_update(state_, rule(), found_inf)) throw_min_scale_stop(state_);
+  return found_inf;
+}
 
-  if (!found_inf) {
-    state_.overflows_at_min = 0;
-    if (!dynamic) return false;
-    state_.growth_tracker += 1;
-    if (config_.consecutive_hysteresis) state_.hysteresis_left = config_.hysteresis;
-    // >= rather than PyTorch's ==: a checkpoint restored under a smaller growth_interval must still grow.
-    if (state_.growth_tracker >= config_.growth_interval) {
-      state_.growth_tracker = 0;
-      state_.hysteresis_left = config_.hysteresis;
-      const float grown = state_.scale * config_.growth_factor;
-      // Past FLT_MAX the product is inf; keep the old scale, but restart the interval as PyTorch does.
-      if (std::isfinite(grown)) state_.scale = grown;
-    }
-    return false;
+void DynamicLossScaler::throw_min_scale_stop(const LossScalerState& state) const {
+  const auto count = state.overflows_at_min;
+  if (!config_.enabled) {
+    throw NumericsError(
+        fmt::format("loss scaling is off (scale 1): {} consecutive steps overflowed (inf/NaN gradients); "
+                    "stopping instead of training on garbage",
+                    count));
   }
-
-  state_.skipped_steps += 1;
-  // A fixed scale cannot back off, so for static and disabled scalers every overflow counts as one at the
-  // minimum: a long run of inf/NaN steps there means the model itself has diverged.
-  const bool at_min = !dynamic || scale_before <= scale_floor(config_);
-  state_.overflows_at_min = at_min ? state_.overflows_at_min + 1 : 0;
-  if (dynamic) {
-    state_.growth_tracker = 0;
-    // Megatron-LM: a backoff does not refill hysteresis, so once it is spent every overflow backs off until a
-    // growth (or, with consecutive_hysteresis, a clean step) refills it. Clamped at 0 rather than counting
-    // below, so the field keeps its meaning "overflows still tolerated"; the behaviour is the same.
-    state_.hysteresis_left = std::max<int64_t>(state_.hysteresis_left - 1, 0);
-    if (state_.hysteresis_left == 0) {
-      state_.scale = std::max(state_.scale * config_.backoff_factor, scale_floor(config_));
-    }
-  }
-
-  if (state_.overflows_at_min >= config_.max_overflows_at_min_scale) {
-    const auto count = state_.overflows_at_min;
-    if (!config_.enabled) {
-      throw NumericsError(
-          fmt::format("loss scaling is off (scale 1): {} consecutive steps overflowed (inf/NaN gradients); "
-                      "stopping instead of training on garbage",
-                      count));
-    }
-    if (!config_.dynamic) {
-      throw NumericsError(fmt::format(
-          "static loss scale {}: {} consecutive steps overflowed (inf/NaN gradients); stopping instead of "
-          "training on garbage (use a smaller static scale or dynamic scaling)",
-          state_.scale, count));
-    }
+  if (!config_.dynamic) {
     throw NumericsError(fmt::format(
-        "loss scale stuck at its minimum {}: {} consecutive steps overflowed (inf/NaN gradients); stopping "
-        "instead of training on garbage",
-        state_.scale, count));
+        "static loss scale {}: {} consecutive steps overflowed (inf/NaN gradients); stopping instead of "
+        "training on garbage (use a smaller static scale or dynamic scaling)",
+        state.scale, count));
   }
-  return true;
+  throw NumericsError(fmt::format(
+      "loss scale stuck at its minimum {}: {} consecutive steps overflowed (inf/NaN gradients); stopping "
+      "instead of training on garbage",
+      state.scale, count));
 }
 
 std::map<std::string, std::string> DynamicLossScaler::serialize() const {

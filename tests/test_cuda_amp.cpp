@@ -1,5 +1,6 @@
 // CUDA mixed-precision kernels (kernels/cuda/amp.cu, adamw.cu) against the CPU backend on the same inputs,
 // with odd sizes. Every test skips with "no CUDA device" where there is none (CI, the build machines).
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -7,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include "common/amp_state.hpp"
 #include "mptrain/cuda_check.hpp"
 #include "mptrain/cuda_ops.hpp"
 
@@ -55,7 +57,11 @@ TYPED_TEST(CudaAmp, GradCheckMatchesCpu) {
   for (bool poison : {false, true}) {
     if (poison) g[block * 31 + 5] = from_float<T>(INFINITY);
     std::vector<double> expected(starts.size());
-    const bool cpu_inf = cpu->grad_check(g.data(), dtype_of<T>(), ranges, block, expected);
+    common::AmpState cpu_state;
+    cpu_state.flags[common::kFoundInf] = 5.0f;  // stale: grad_check must overwrite it
+    cpu->grad_check(g.data(), dtype_of<T>(), ranges, block, expected.data(), &cpu_state, poison);
+    const bool cpu_inf = cpu_state.flags[common::kFoundInf] != 0.0f;
+    EXPECT_EQ(cpu_state.flags[common::kStopRequested], poison ? 1.0f : 0.0f);
     DeviceArray<T> d_g(g);
     DeviceArray<size_t> d_starts(starts);
     DeviceArray<double> d_sums(std::vector<double>(starts.size(), -1.0));
@@ -102,8 +108,11 @@ TYPED_TEST(CudaAmp, AdamWAndCastMatchCpuAndSkipOnOverflow) {
     MPT_CUDA_CHECK(cudaDeviceSynchronize());
     auto hp = p, hm = m, hv = v;
     auto hparams = params;
+    common::AmpState cpu_state;
+    cpu_state.flags[common::kFoundInf] = found;
+    cpu_state.step = step;
+    cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(), segments, &cpu_state);
     if (found == 0.0f) {
-      cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(), segments, step);
       for (const auto& s : segments)
         for (size_t i = 0; i < s.num_elements; ++i)
           hparams[s.flat_offset + i] = from_float<T>(hp[s.shard_offset + i]);
@@ -120,6 +129,186 @@ TYPED_TEST(CudaAmp, AdamWAndCastMatchCpuAndSkipOnOverflow) {
                   1e-2f * (1e-3f + std::abs(to_float(hparams[i]))))
           << "params " << i;
   }
+}
+
+// AdamW with the per-step constants read from the device AmpState (the engine's path) against the CPU
+// backend on the same state, and its skip on an agreed overflow.
+TYPED_TEST(CudaAmp, AdamWFromDeviceStateMatchesCpu) {
+  MPT_REQUIRE_GPU();
+  using T = TypeParam;
+  auto cpu = make_cpu_backend();
+  const size_t shard = 777, flat = 1601;
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> p(shard), m(shard), v(shard);
+  for (size_t i = 0; i < shard; ++i) {
+    p[i] = normal(rng);
+    m[i] = 0.01f * normal(rng);
+    v[i] = 1e-4f * std::abs(normal(rng));
+  }
+  std::vector<T> g(flat);
+  for (T& x : g) x = from_float<T>(300.0f * normal(rng));
+  const std::vector<AdamWSegment> segments = {
+      {0, 3, 300, true}, {300, 700, 77, false}, {377, 1000, 400, true}};
+  for (float found : {0.0f, 1.0f}) {
+    common::AmpState state;
+    state.flags[common::kFoundInf] = found;
+    state.step = common::make_adamw_step(6e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, 0.25f / 512.0f);
+    DeviceArray<float> dp(p), dm(m), dv(v);
+    DeviceArray<T> dg(g);
+    DeviceArray<AdamWSegment> dseg(segments);
+    DeviceArray<common::AmpState> dstate(std::vector<common::AmpState>{state});
+    cuda::adamw(dp.ptr, dm.ptr, dv.ptr, dg.ptr, dseg.ptr, segments.size(), shard, dstate.ptr, nullptr);
+    DeviceArray<T> dparams(std::vector<T>(flat, from_float<T>(0.0f)));
+    cuda::cast_master(dparams.ptr, dp.ptr, dseg.ptr, segments.size(), shard, nullptr, nullptr);  // no flag
+    MPT_CUDA_CHECK(cudaDeviceSynchronize());
+    {
+      const auto master_now = dp.to_host();
+      const auto params_now = dparams.to_host();
+      for (const AdamWSegment& sg : segments)
+        for (size_t i = 0; i < sg.num_elements; ++i)
+          ASSERT_EQ(to_float(params_now[sg.flat_offset + i]),
+                    to_float(from_float<T>(master_now[sg.shard_offset + i])))
+              << "cast without a flag, element " << i;
+    }
+    auto hp = p, hm = m, hv = v;
+    cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(), segments, &state);
+    const auto gp = dp.to_host(), gm = dm.to_host(), gv = dv.to_host();
+    for (size_t i = 0; i < shard; ++i) {
+      if (found != 0.0f) {
+        ASSERT_EQ(std::bit_cast<uint32_t>(gp[i]), std::bit_cast<uint32_t>(p[i]))
+            << "skipped step moved " << i;
+        ASSERT_EQ(std::bit_cast<uint32_t>(gv[i]), std::bit_cast<uint32_t>(v[i]))
+            << "skipped step moved v " << i;
+      }
+      ASSERT_NEAR(gp[i], hp[i], 1e-6f * (1.0f + std::abs(hp[i]))) << "master " << i << " found " << found;
+      ASSERT_NEAR(gm[i], hm[i], 1e-6f * (1.0f + std::abs(hm[i]))) << "m " << i;
+      ASSERT_NEAR(gv[i], hv[i], 1e-6f * (1.0f + std::abs(hv[i]))) << "v " << i;
+    }
+  }
+}
+
+/// Runs one device kernel on a copy of `state` and returns the result.
+template <typename F>
+common::AmpState on_device(const common::AmpState& state, F&& launch) {
+  DeviceArray<common::AmpState> d(std::vector<common::AmpState>{state});
+  launch(d.ptr);
+  MPT_CUDA_CHECK(cudaDeviceSynchronize());
+  return d.to_host()[0];
+}
+
+// The loss-scaler update kernel against the CPU backend's, step by step over random found_inf sequences with
+// hysteresis, a min_scale floor and the stop rule (dynamic, static and disabled scalers): the same function
+// compiled for the device must give the same bits.
+TEST(CudaAmpState, ScalerUpdateMatchesCpuOnRandomSequences) {
+  MPT_REQUIRE_GPU();
+  auto cpu = make_cpu_backend();
+  std::mt19937_64 rng(31);
+  int stops = 0;
+  for (int sequence = 0; sequence < 60; ++sequence) {
+    common::ScalerRule rule;
+    rule.enabled = sequence % 10 != 0;
+    rule.dynamic = sequence % 7 != 0;
+    rule.consecutive_hysteresis = sequence % 3 == 0;
+    rule.growth_factor = sequence % 2 ? 2.0f : 1.5f;
+    rule.backoff_factor = sequence % 4 ? 0.5f : 0.3f;
+    rule.scale_floor = sequence % 5 ? 1.0f : 256.0f;
+    rule.growth_interval = 1 + sequence % 5;
+    rule.hysteresis = 1 + sequence % 3;
+    rule.max_overflows_at_min_scale = 3;
+    common::AmpState cpu_state;
+    cpu_state.scaler.scale = rule.enabled ? 4096.0f : 1.0f;
+    cpu_state.scaler.hysteresis_left = rule.hysteresis;
+    common::AmpState gpu_state = cpu_state;
+    std::bernoulli_distribution overflow(0.15 + 0.1 * (sequence % 6));
+    for (int step = 0; step < 40; ++step) {
+      const float found = overflow(rng) ? 1.0f : 0.0f;
+      cpu_state.flags[common::kFoundInf] = found;
+      gpu_state.flags[common::kFoundInf] = found;
+      cpu->amp_update(&cpu_state, rule);
+      gpu_state = on_device(gpu_state, [&](common::AmpState* d) { cuda::amp_update(d, rule, nullptr); });
+      ASSERT_EQ(std::memcmp(&gpu_state.scaler, &cpu_state.scaler, sizeof(common::ScalerState)), 0)
+          << "sequence " << sequence << " step " << step << ": scale " << gpu_state.scaler.scale << " vs "
+          << cpu_state.scaler.scale;
+      ASSERT_EQ(gpu_state.applied_steps, cpu_state.applied_steps);
+      ASSERT_EQ(gpu_state.min_scale_stop, cpu_state.min_scale_stop);
+      stops += cpu_state.min_scale_stop;
+    }
+  }
+  EXPECT_GT(stops, 0) << "the sequences never reached the minimum-scale rule";
+}
+
+// The preparation kernel (global norm over gathered block sums in the fixed order, clip, lr, AdamW constants)
+// against the CPU backend: the norm within FP64 rounding of a different summation tree, the rest equal.
+TEST(CudaAmpState, PrepareMatchesCpu) {
+  MPT_REQUIRE_GPU();
+  auto cpu = make_cpu_backend();
+  std::mt19937 rng(17);
+  std::uniform_real_distribution<double> uniform(0.0, 1e6);
+  const size_t count = 1237;
+  std::vector<double> gathered(count + 50);
+  for (double& x : gathered) x = uniform(rng);
+  std::vector<size_t> order(count);
+  for (size_t i = 0; i < count; ++i) order[i] = (i * 7919) % gathered.size();
+  common::OptimizerRule rule;
+  rule.peak_lr = 3e-3f;
+  rule.warmup_steps = 5;
+  rule.decay_steps = 40;
+  rule.min_lr = 1e-4f;
+  rule.weight_decay = 0.1f;
+  rule.grad_clip = 1.0f;
+  DeviceArray<double> d_gathered(gathered);
+  DeviceArray<size_t> d_order(order);
+  for (int64_t applied : {int64_t{0}, int64_t{4}, int64_t{17}, int64_t{60}}) {
+    for (float found : {0.0f, 1.0f}) {
+      common::AmpState state;
+      state.scaler.scale = 1024.0f;
+      state.applied_steps = applied;
+      state.flags[common::kFoundInf] = found;
+      common::AmpState cpu_state = state;
+      cpu->amp_prepare(&cpu_state, gathered.data(), order, rule);
+      const common::AmpState gpu_state = on_device(state, [&](common::AmpState* d) {
+        cuda::amp_prepare(d, d_gathered.ptr, d_order.ptr, count, rule, nullptr);
+      });
+      SCOPED_TRACE(::testing::Message() << "applied " << applied << " found " << found);
+      EXPECT_EQ(gpu_state.used_scale, 1024.0f);
+      if (found != 0.0f) {
+        EXPECT_TRUE(std::isnan(gpu_state.grad_norm));
+        EXPECT_EQ(gpu_state.lr, 0.0f);
+        EXPECT_EQ(gpu_state.clip_factor, 1.0f);
+        continue;
+      }
+      EXPECT_NEAR(gpu_state.grad_norm, cpu_state.grad_norm, 1e-13 * cpu_state.grad_norm);
+      EXPECT_LT(cpu_state.clip_factor, 1.0f);  // the sums are large: clipping is active
+      EXPECT_NEAR(gpu_state.clip_factor, cpu_state.clip_factor, 1e-6f * cpu_state.clip_factor);
+      EXPECT_NEAR(gpu_state.lr, cpu_state.lr, 1e-6f * cpu_state.lr);
+      EXPECT_NEAR(gpu_state.step.bias_correction1, cpu_state.step.bias_correction1, 1e-6f);
+      EXPECT_NEAR(gpu_state.step.bias_correction2_sqrt, cpu_state.step.bias_correction2_sqrt, 1e-6f);
+      EXPECT_NEAR(gpu_state.step.grad_multiplier, cpu_state.step.grad_multiplier,
+                  1e-6f * cpu_state.step.grad_multiplier);
+    }
+  }
+}
+
+// The flag write and the loss sum kernels against the CPU.
+TEST(CudaAmpState, FlagAndLossSum) {
+  MPT_REQUIRE_GPU();
+  auto cpu = make_cpu_backend();
+  DeviceArray<float> flag(std::vector<float>{0.0f});
+  cuda::write_flag(flag.ptr, 1.0f, nullptr);
+  MPT_CUDA_CHECK(cudaDeviceSynchronize());
+  EXPECT_EQ(flag.to_host()[0], 1.0f);
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> uniform(0.0f, 11.0f);
+  std::vector<float> losses(4099);
+  for (float& x : losses) x = uniform(rng);
+  double expected = 0.5;
+  cpu->sum_losses(&expected, losses.data(), static_cast<int64_t>(losses.size()));
+  DeviceArray<float> d_losses(losses);
+  DeviceArray<double> acc(std::vector<double>{0.5});
+  cuda::sum_losses(acc.ptr, d_losses.ptr, static_cast<int64_t>(losses.size()), nullptr);
+  MPT_CUDA_CHECK(cudaDeviceSynchronize());
+  EXPECT_NEAR(acc.to_host()[0], expected, 1e-12 * expected);
 }
 
 }  // namespace

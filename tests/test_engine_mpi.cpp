@@ -2,9 +2,11 @@
 // against the same step on one rank, agreement on overflow, the replicated loss-scale state machine against a
 // one-process replay, the global grad norm and clipping, reduce-scatter vs all-reduce, the minimum-scale stop
 // and the memory accounting.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <set>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -463,7 +465,11 @@ TEST_F(EngineMpi, MemoryAccountingMatchesAllocations) {
   MixedPrecisionEngine e(small_model(), small_config(), world, *backend);
   const size_t allocated = backend->bytes_in_use() - before;
   const MemoryReport m = e.memory();
-  EXPECT_EQ(m.state_bytes(), allocated);
+  // Every allocation is counted: the ZeRO-1 state plus the scratch (block sums and the step state).
+  EXPECT_EQ(m.state_bytes() + m.scratch_bytes, allocated);
+  EXPECT_EQ(m.scratch_bytes,
+            (e.layout().blocks_per_rank() * (1 + static_cast<size_t>(world.size()))) * sizeof(double) +
+                sizeof(common::AmpState));
   const double P = static_cast<double>(e.layout().num_parameters());
   const double padded = static_cast<double>(e.layout().padded_elements());
   const int N = world.size();
@@ -474,6 +480,186 @@ TEST_F(EngineMpi, MemoryAccountingMatchesAllocations) {
   EXPECT_LT(padded - P, static_cast<double>(e.layout().buckets().size() * N * 16));
   EXPECT_EQ(m.params_bytes, e.layout().padded_elements() * 2);
   EXPECT_EQ(m.master_bytes, e.layout().shard_elements() * 4);
+}
+
+/// A Communicator that forwards to another and records the receive buffer of every non-blocking gradient
+/// collective (iall_reduce / ireduce_scatter) as it is issued.
+class RecordingComm final : public Communicator {
+ public:
+  explicit RecordingComm(Communicator& inner) : inner_(inner) {}
+  std::vector<const void*> started;  // recv pointers of iall_reduce / ireduce_scatter, in issue order
+
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  std::string name() const override { return "recording(" + inner_.name() + ")"; }
+  using Communicator::all_gather;
+  using Communicator::all_reduce;
+  using Communicator::broadcast;
+  void all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override {
+    inner_.all_reduce(send, recv, count, dtype, op);
+  }
+  void reduce_scatter(const void* send, void* recv, size_t recv_count, DType dtype, ReduceOp op) override {
+    inner_.reduce_scatter(send, recv, recv_count, dtype, op);
+  }
+  void all_gather(const void* send, void* recv, size_t send_count, DType dtype) override {
+    inner_.all_gather(send, recv, send_count, dtype);
+  }
+  void broadcast(void* buf, size_t count, DType dtype, int root) override {
+    inner_.broadcast(buf, count, dtype, root);
+  }
+  void barrier() override { inner_.barrier(); }
+  void set_timeout_seconds(double seconds) override { inner_.set_timeout_seconds(seconds); }
+  std::unique_ptr<CommRequest> iall_reduce(const void* send, void* recv, size_t count, DType dtype,
+                                           ReduceOp op) override {
+    started.push_back(recv);
+    return inner_.iall_reduce(send, recv, count, dtype, op);
+  }
+  std::unique_ptr<CommRequest> ireduce_scatter(const void* send, void* recv, size_t recv_count, DType dtype,
+                                               ReduceOp op) override {
+    started.push_back(recv);
+    return inner_.ireduce_scatter(send, recv, recv_count, dtype, op);
+  }
+  std::unique_ptr<CommRequest> iall_gather(const void* send, void* recv, size_t send_count,
+                                           DType dtype) override {
+    return inner_.iall_gather(send, recv, send_count, dtype);
+  }
+
+ private:
+  Communicator& inner_;
+};
+
+// grad_done(): reporting tensors in backward order (reverse registration) starts each bucket's collective at
+// the exact report that completes it, never earlier, each once; the step that follows equals a step after a
+// plain sync_grads() bitwise; a second report of a tensor is an error; with main_grad nothing starts early.
+TEST_F(EngineMpi, GradDoneStartsEachBucketWhenItsLastTensorIsReported) {
+  for (GradSync mode : {GradSync::reduce_scatter, GradSync::all_reduce}) {
+    RecordingComm recording(world);
+    MixedPrecisionEngine e(small_model(), small_config(mode, 1e-3f), recording, *backend);
+    MixedPrecisionEngine plain(small_model(), small_config(mode, 1e-3f), world, *backend);
+    const ParamLayout& L = e.layout();
+    ASSERT_GE(L.buckets().size(), 3u) << "the test needs several buckets";
+    const auto init = initial_values(L.num_parameters());
+    e.set_parameters(init);
+    plain.set_parameters(init);
+    // Where each bucket's collective writes (its recv pointer), to map recorded calls back to buckets.
+    auto* grads = static_cast<std::byte*>(e.grads());
+    std::vector<const void*> bucket_recv;
+    for (size_t b = 0; b < L.buckets().size(); ++b)
+      bucket_recv.push_back(
+          grads +
+          (mode == GradSync::reduce_scatter ? L.slice_offset(b, world.rank()) : L.buckets()[b].offset) * 2);
+    for (int step = 0; step < 2; ++step) {
+      auto value = [&](size_t t, size_t i) { return grad_value(step, t, i); };
+      e.zero_grads();
+      plain.zero_grads();
+      write_grads(e, value, e.loss_scale());
+      write_grads(plain, value, plain.loss_scale());
+      recording.started.clear();
+      std::set<size_t> reported;
+      for (size_t t = L.tensors().size(); t-- > 0;) {
+        e.grad_done(t);
+        reported.insert(t);
+        // Expected: exactly the buckets all of whose tensors are reported, each started once.
+        std::vector<const void*> expected;
+        for (size_t b = 0; b < L.buckets().size(); ++b) {
+          bool complete = true;
+          for (size_t k = 0; k < L.tensors().size(); ++k)
+            if (L.tensors()[k].bucket == b && !reported.count(k)) complete = false;
+          if (complete) expected.push_back(bucket_recv[b]);
+        }
+        std::vector<const void*> got = recording.started;
+        std::sort(got.begin(), got.end());
+        std::sort(expected.begin(), expected.end());
+        ASSERT_EQ(got, expected) << "after reporting tensor " << L.tensors()[t].spec.name << " (step " << step
+                                 << ")";
+      }
+      EXPECT_EQ(recording.started.size(), L.buckets().size());
+      EXPECT_THROW(e.grad_done(0), Error);  // reported twice
+      e.sync_grads();                       // waits; starts nothing new
+      EXPECT_EQ(recording.started.size(), L.buckets().size());
+      plain.sync_grads();
+      const StepResult a = e.step(), b = plain.step();
+      ASSERT_FALSE(a.skipped);
+      EXPECT_EQ(a.grad_norm, b.grad_norm);
+      EXPECT_EQ(std::memcmp(e.master(), plain.master(), L.shard_elements() * sizeof(float)), 0);
+      EXPECT_EQ(std::memcmp(e.params(), plain.params(), L.padded_elements() * 2), 0);
+    }
+  }
+  // main_grad: the reduced FP32 buffer is final only after accumulate_micro_batch, so nothing starts early.
+  EngineConfig on = small_config();
+  on.fp32_grad_accumulation = true;
+  RecordingComm recording(world);
+  MixedPrecisionEngine e(small_model(), on, recording, *backend);
+  e.zero_grads();
+  for (size_t t = e.layout().tensors().size(); t-- > 0;) e.grad_done(t);
+  EXPECT_TRUE(recording.started.empty());
+  e.accumulate_micro_batch();
+  e.sync_grads();
+  EXPECT_EQ(recording.started.size(), e.layout().buckets().size());
+}
+
+// step_async() + result() is step(): the same numbers and state; the host mirrors lag until result(); the
+// device scale pointer holds the current scale; the stop request of one rank reaches every rank.
+TEST_F(EngineMpi, StepAsyncThenResultEqualsStep) {
+  MixedPrecisionEngine a(small_model(), small_config(GradSync::reduce_scatter, 1e-3f), world, *backend);
+  MixedPrecisionEngine b(small_model(), small_config(GradSync::reduce_scatter, 1e-3f), world, *backend);
+  const auto init = initial_values(a.layout().num_parameters());
+  a.set_parameters(init);
+  b.set_parameters(init);
+  for (int step = 0; step < 4; ++step) {
+    auto value = [&](size_t t, size_t i) { return grad_value(step, t, i); };
+    for (MixedPrecisionEngine* e : {&a, &b}) {
+      e->zero_grads();
+      write_grads(*e, value, e->loss_scale());
+      if (step == 2) poison_slice_of(*e, world.size() - 1, world.rank(), INFINITY);
+      e->sync_grads();
+    }
+    const bool stop = step == 3 && world.rank() == world.size() - 1;
+    const int64_t applied_before = a.applied_steps();
+    a.step_async(stop);
+    EXPECT_EQ(a.applied_steps(), applied_before) << "the mirror moves only at result()";
+    const StepResult ra = a.result();
+    const StepResult rb = b.step(stop);
+    EXPECT_EQ(ra.skipped, step == 2);
+    EXPECT_EQ(ra.skipped, rb.skipped);
+    EXPECT_EQ(ra.stop_requested, step == 3) << "rank " << world.rank();
+    EXPECT_EQ(ra.stop_requested, rb.stop_requested);
+    EXPECT_EQ(std::isnan(ra.grad_norm), ra.skipped);
+    if (!ra.skipped) {
+      EXPECT_EQ(ra.grad_norm, rb.grad_norm);
+    }
+    EXPECT_EQ(ra.lr, rb.lr);
+    EXPECT_EQ(ra.clip_factor, rb.clip_factor);
+    EXPECT_EQ(ra.loss_scale, rb.loss_scale);
+    EXPECT_EQ(ra.applied_steps, a.applied_steps());
+    EXPECT_EQ(a.scaler().state(), b.scaler().state());
+    EXPECT_EQ(*a.loss_scale_device(), a.loss_scale());  // CPU backend: backend memory is host memory
+    EXPECT_EQ(std::memcmp(a.master(), b.master(), a.layout().shard_elements() * sizeof(float)), 0);
+  }
+  EXPECT_EQ(a.applied_steps(), 3);
+  EXPECT_EQ(a.loss_scale(), 32768.0f);
+}
+
+// load_state restores the backend-memory state too: the next step continues Adam's t and the scaler.
+TEST_F(EngineMpi, LoadStateRestoresTheDeviceState) {
+  MixedPrecisionEngine a(small_model(), small_config(), world, *backend);
+  a.set_parameters(initial_values(a.layout().num_parameters()));
+  DynamicLossScaler restored(a.config().scaler);
+  restored.update(true);  // scale halves
+  MixedPrecisionEngine b(small_model(), small_config(), world, *backend);
+  b.load_state(a.gather_tensors(MixedPrecisionEngine::ShardState::master),
+               a.gather_tensors(MixedPrecisionEngine::ShardState::adam_m),
+               a.gather_tensors(MixedPrecisionEngine::ShardState::adam_v), 7, restored.serialize());
+  EXPECT_EQ(*b.loss_scale_device(), 32768.0f);
+  b.zero_grads();
+  write_grads(
+      b, [](size_t t, size_t i) { return grad_value(0, t, i); }, b.loss_scale());
+  b.sync_grads();
+  const StepResult r = b.step();
+  EXPECT_FALSE(r.skipped);
+  EXPECT_EQ(r.loss_scale, 32768.0f);
+  EXPECT_EQ(r.applied_steps, 8);
+  EXPECT_EQ(b.scaler().state().steps, 2);
 }
 
 }  // namespace

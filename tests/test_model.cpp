@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <set>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -234,6 +235,65 @@ TEST(GptMixedPrecision, HalfAndBf16TrackFp32) {
       diff = std::max(diff, std::abs(g[i] / scale - static_cast<double>(g32[i])));
     EXPECT_LE(diff, 10 * rel * max_abs(g32)) << dtype_name(dt);
   }
+}
+
+// on_grad_done fires once per tensor per backward, ln_f first, layers from the last down, wpe and the tied
+// wte last, and each tensor's gradient is already final when its index is reported (the snapshot taken in the
+// callback equals the gradient after backward, bitwise), over two accumulated micro-batches.
+TEST(GptBackward, OnGradDoneReportsEachTensorOnceWithItsFinalGradient) {
+  ModelSetup s(tiny(), DType::f16);
+  const auto specs = gpt_tensors(s.config);
+  const size_t es = dtype_size(s.dtype);
+  s.zero_grads();
+  for (int micro = 0; micro < 2; ++micro) {
+    const auto tokens = random_tokens(2 * 9, 37, 10 + micro), targets = random_tokens(2 * 9, 37, 20 + micro);
+    s.model->forward(s.params.data(), tokens.data(), targets.data(), 2, 9, 512.0f);
+    std::vector<size_t> order;
+    std::vector<std::vector<std::byte>> snapshot(specs.size());
+    s.model->backward(s.params.data(), s.grads.data(), [&](size_t index) {
+      order.push_back(index);
+      const TensorPlacement& t = s.layout.tensors()[index];
+      const auto* g = static_cast<const std::byte*>(s.grads.data()) + t.offset * es;
+      snapshot[index].assign(g, g + t.spec.num_elements() * es);
+    });
+    ASSERT_EQ(order.size(), specs.size());
+    EXPECT_EQ(std::set<size_t>(order.begin(), order.end()).size(), specs.size()) << "a tensor reported twice";
+    EXPECT_EQ(specs[order.front()].name, "ln_f.weight");
+    EXPECT_EQ(specs[order[order.size() - 2]].name, "wpe.weight");
+    EXPECT_EQ(specs[order.back()].name, "wte.weight");
+    // Layer tensors arrive layer by layer from the last: their registration index never increases by a layer.
+    for (size_t k = 3; k + 2 < order.size(); ++k)
+      EXPECT_LE((order[k] - 2) / 12, (order[k - 1] - 2) / 12) << specs[order[k]].name;
+    for (size_t index = 0; index < specs.size(); ++index) {
+      const TensorPlacement& t = s.layout.tensors()[index];
+      const auto* g = static_cast<const std::byte*>(s.grads.data()) + t.offset * es;
+      ASSERT_EQ(std::memcmp(snapshot[index].data(), g, snapshot[index].size()), 0)
+          << specs[index].name << " changed after it was reported (micro-batch " << micro << ")";
+    }
+  }
+}
+
+// The loss scale read from backend memory gives the gradients of the same scale passed as a host factor
+// (bitwise for a power of two); forward_accumulate's loss sum equals forward()'s loss without a read-back.
+TEST(GptForward, DeviceLossScaleAndAccumulatedLoss) {
+  ModelSetup host(tiny(), DType::f16), device(tiny(), DType::f16);
+  const auto tokens = random_tokens(3 * 9, 37, 7), targets = random_tokens(3 * 9, 37, 8);
+  Buffer scale = device.backend->allocate(sizeof(float));
+  *scale.as<float>() = 1024.0f;  // CPU backend: backend memory is host memory
+  host.zero_grads();
+  device.zero_grads();
+  const float loss = host.model->forward(host.params.data(), tokens.data(), targets.data(), 3, 9, 1024.0f);
+  host.model->backward(host.params.data(), host.grads.data());
+  device.model->forward_accumulate(device.params.data(), tokens.data(), targets.data(), 3, 9, 1.0f,
+                                   scale.as<float>());
+  device.model->backward(device.params.data(), device.grads.data());
+  const auto a = host.grads_as_float(), b = device.grads_as_float();
+  EXPECT_GT(max_abs(a), 0.0);
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+  device.model->forward_accumulate(device.params.data(), tokens.data(), targets.data(), 3, 9);
+  const double sum = device.model->take_loss_sum();
+  EXPECT_EQ(static_cast<float>(sum / (2 * 27)), loss);
+  EXPECT_EQ(device.model->take_loss_sum(), 0.0) << "take_loss_sum clears the accumulator";
 }
 
 }  // namespace

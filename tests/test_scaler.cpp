@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "common/amp_state.hpp"
+#include "mptrain/backend.hpp"
 #include "mptrain/error.hpp"
 
 namespace {
@@ -833,6 +835,134 @@ TEST(ScalerCrossCheck, MatchesMegatronHysteresisOn10000RandomSequences) {
       ASSERT_EQ(reference.growth_tracker, scaler.state().growth_tracker) << where;
       ASSERT_EQ(std::max<int64_t>(reference.hysteresis_tracker, 0), scaler.state().hysteresis_left) << where;
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The shared state machine (common::scaler_update, used by DynamicLossScaler and by the device kernel)
+// against the host implementation it replaced, transcribed here as it stood: random flag sequences over
+// dynamic, static and disabled scalers with hysteresis (plain and consecutive), min_scale floors and the stop
+// rule. Checked through DynamicLossScaler (host) and through the CPU backend's amp_update on a
+// common::AmpState (the engine's path, which also advances Adam's t on applied steps).
+
+struct OldHostScaler {
+  LossScalerConfig config;
+  LossScalerState state;
+
+  explicit OldHostScaler(const LossScalerConfig& c) : config(c) {
+    state.scale = config.enabled ? config.init_scale : 1.0f;
+    state.hysteresis_left = config.hysteresis;
+  }
+  // Returns true when the old update() threw NumericsError (after updating the state).
+  bool update(bool found_inf) {
+    const bool dynamic = config.enabled && config.dynamic;
+    const float floor = std::max(config.min_scale, std::numeric_limits<float>::min());
+    const float scale_before = state.scale;
+    state.steps += 1;
+    if (!found_inf) {
+      state.overflows_at_min = 0;
+      if (!dynamic) return false;
+      state.growth_tracker += 1;
+      if (config.consecutive_hysteresis) state.hysteresis_left = config.hysteresis;
+      if (state.growth_tracker >= config.growth_interval) {
+        state.growth_tracker = 0;
+        state.hysteresis_left = config.hysteresis;
+        const float grown = state.scale * config.growth_factor;
+        if (std::isfinite(grown)) state.scale = grown;
+      }
+      return false;
+    }
+    state.skipped_steps += 1;
+    const bool at_min = !dynamic || scale_before <= floor;
+    state.overflows_at_min = at_min ? state.overflows_at_min + 1 : 0;
+    if (dynamic) {
+      state.growth_tracker = 0;
+      state.hysteresis_left = std::max<int64_t>(state.hysteresis_left - 1, 0);
+      if (state.hysteresis_left == 0) state.scale = std::max(state.scale * config.backoff_factor, floor);
+    }
+    return state.overflows_at_min >= config.max_overflows_at_min_scale;
+  }
+};
+
+TEST(ScalerCrossCheck, SharedRuleMatchesTheOldHostUpdateOn5000RandomSequences) {
+  std::mt19937_64 rng(4242);
+  auto backend = mpt::make_cpu_backend();
+  int64_t stops = 0, backoffs_to_floor = 0, growths = 0;
+  for (int sequence = 0; sequence < 5000; ++sequence) {
+    LossScalerConfig config;
+    config.enabled = std::bernoulli_distribution(0.9)(rng);
+    config.dynamic = std::bernoulli_distribution(0.85)(rng);
+    config.init_scale = std::bernoulli_distribution(0.5)(rng) ? 1024.0f : 3.0e38f;
+    config.growth_factor = std::bernoulli_distribution(0.5)(rng) ? 2.0f : 1.7f;
+    config.backoff_factor = std::bernoulli_distribution(0.5)(rng) ? 0.5f : 0.3f;
+    config.growth_interval = std::uniform_int_distribution<int64_t>(1, 6)(rng);
+    config.hysteresis = std::uniform_int_distribution<int64_t>(1, 4)(rng);
+    config.consecutive_hysteresis = std::bernoulli_distribution(0.3)(rng);
+    const int floor_kind = std::uniform_int_distribution<int>(0, 2)(rng);
+    config.min_scale = floor_kind == 0 ? 0.0f : floor_kind == 1 ? 1.0f : 64.0f;
+    config.max_overflows_at_min_scale = std::uniform_int_distribution<int64_t>(1, 5)(rng);
+    const auto length = std::uniform_int_distribution<size_t>(1, 80)(rng);
+    std::bernoulli_distribution overflow(std::uniform_real_distribution<double>(0.0, 0.9)(rng));
+
+    OldHostScaler old(config);
+    DynamicLossScaler scaler(config);
+    mpt::common::AmpState amp;
+    amp.scaler = scaler.state();
+    const mpt::common::ScalerRule rule = scaler.rule();
+    int64_t applied = 0;
+    for (size_t step = 1; step <= length; ++step) {
+      const bool found_inf = overflow(rng);
+      const float before = old.state.scale;
+      const bool old_stop = old.update(found_inf);
+      bool new_stop = false;
+      try {
+        scaler.update(found_inf);
+      } catch (const mpt::NumericsError&) {
+        new_stop = true;
+      }
+      amp.flags[mpt::common::kFoundInf] = found_inf ? 1.0f : 0.0f;
+      backend->amp_update(&amp, rule);
+      applied += found_inf ? 0 : 1;
+      const auto where = fmt::format("sequence {} step {}", sequence, step);
+      ASSERT_EQ(old.state, scaler.state()) << where;
+      ASSERT_TRUE(same_float(old.state.scale, scaler.scale())) << where;
+      ASSERT_EQ(old.state, amp.scaler) << where;
+      ASSERT_EQ(new_stop, old_stop) << where;
+      ASSERT_EQ(amp.min_scale_stop != 0, old_stop) << where;
+      ASSERT_EQ(amp.applied_steps, applied) << where;
+      stops += old_stop;
+      if (found_inf && old.state.scale < before && old.state.scale == std::max(config.min_scale, FLT_MIN))
+        ++backoffs_to_floor;
+      if (!found_inf && old.state.scale > before) ++growths;
+    }
+  }
+  // The sequences reached every part of the rule.
+  EXPECT_GT(stops, 100);
+  EXPECT_GT(backoffs_to_floor, 100);
+  EXPECT_GT(growths, 1000);
+}
+
+// The stop error thrown from a replayed state (the engine's result()) is the one update() throws.
+TEST(ScalerStopMessage, ThrowFromStateEqualsUpdate) {
+  LossScalerConfig config;
+  config.init_scale = 4.0f;
+  config.min_scale = 2.0f;
+  config.max_overflows_at_min_scale = 2;
+  DynamicLossScaler scaler(config);
+  std::string thrown;
+  for (int i = 0; i < 10 && thrown.empty(); ++i) {
+    try {
+      scaler.update(true);
+    } catch (const mpt::NumericsError& e) {
+      thrown = e.what();
+    }
+  }
+  ASSERT_FALSE(thrown.empty());
+  try {
+    scaler.throw_min_scale_stop(scaler.state());
+    FAIL() << "no throw";
+  } catch (const mpt::NumericsError& e) {
+    EXPECT_EQ(std::string(e.what()), thrown);
   }
 }
 

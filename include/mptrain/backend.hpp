@@ -13,6 +13,7 @@
 #include <string>
 
 #include "common/adamw.hpp"
+#include "common/amp_state.hpp"
 #include "mptrain/dtype.hpp"
 
 namespace mpt {
@@ -147,23 +148,52 @@ class Backend {
                                              const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
                                              float dloss, const float* dloss_scale, DType dtype) = 0;
 
+  /// Adds the FP64 sum of losses[0..n) (FP32, backend memory), summed in position order on the CPU and in a
+  /// fixed-shape tree on CUDA (deterministic either way), to *acc (one double, backend memory): the model's
+  /// loss accumulator, read by the host only when it wants the number (GPT::take_loss_sum).
+  virtual void sum_losses(double* acc, const float* losses, int64_t n) = 0;
+
+  // ---- optimizer side of the mixed-precision step (DESIGN.md phases 4-7) ----
+  // Every op below reads or writes the step state common::AmpState (kernels/common/amp_state.hpp) in backend
+  // memory, so on CUDA the whole step is enqueued without a host synchronisation; the host reads the state
+  // back only when it wants the numbers (MixedPrecisionEngine::result). Tables (ranges, segments, order) are
+  // host memory and do not change between steps of one engine (a device backend may cache device copies).
+
   /// Phase 4: one read-only pass over `ranges` of the flat gradient buffer `grads` (dtype `grad_dtype`).
   /// Each range's length is a multiple of `block_elements`. Writes, for every block in range order, the FP64
-  /// sum of squares of its elements in an order fixed by the element positions within the block (so the
-  /// same on every run, thread count and number of ranks; block_sums_out, host memory, one double per block)
-  /// and returns true when any element is inf or NaN (then block sums are unspecified).
-  virtual bool grad_check(const void* grads, DType grad_dtype, std::span<const ElementRange> ranges,
-                          size_t block_elements, std::span<double> block_sums_out) = 0;
+  /// sum of squares of its elements to block_sums[k] (backend memory, one double per block) in an order fixed
+  /// by the element positions within the block (so the same on every run, thread count and number of ranks;
+  /// unspecified when the block holds inf/NaN). This op owns the flags: it ZEROES
+  /// state->flags[kFoundInf] and then sets it to 1 when any element is inf or NaN, and writes
+  /// state->flags[kStopRequested] = stop_requested (this rank's stop request, passed by value so that no host
+  /// buffer has to outlive the call). Throws mpt::Error for a range that is not a multiple of the block.
+  virtual void grad_check(const void* grads, DType grad_dtype, std::span<const ElementRange> ranges,
+                          size_t block_elements, double* block_sums, common::AmpState* state,
+                          bool stop_requested) = 0;
 
-  /// Phase 6: AdamW (kernels/common/adamw.hpp) on FP32 `master`, `m`, `v` (indexed by shard offset) reading
-  /// the stored gradient `grads[flat_offset + i] * step.grad_multiplier` for every segment element.
+  /// Phase 6, before AdamW: sums gathered_block_sums[order[0]], gathered_block_sums[order[1]], ... in FP64
+  /// (the global norm's fixed block order, independent of the number of ranks: the CPU adds them one by one
+  /// in that order, CUDA in a fixed-shape tree over that sequence, so each is bitwise N-independent), then
+  /// common::amp_prepare: norm, clip factor, lr from Adam's t and the AdamW constants into *state. On a step
+  /// whose agreed flags[kFoundInf] is set the sums are not read (norm NaN, lr 0).
+  virtual void amp_prepare(common::AmpState* state, const double* gathered_block_sums,
+                           std::span<const size_t> order, const common::OptimizerRule& rule) = 0;
+
+  /// Phase 6: AdamW (kernels/common/adamw.hpp) with the constants state->step on FP32 `master`, `m`, `v`
+  /// (indexed by shard offset), reading the stored gradient `grads[flat_offset + i] * step.grad_multiplier`
+  /// for every segment element. Does nothing when state->flags[kFoundInf] is set (the skipped step).
   virtual void adamw(float* master, float* m, float* v, const void* grads, DType grad_dtype,
-                     std::span<const AdamWSegment> segments, const common::AdamWStep& step) = 0;
+                     std::span<const AdamWSegment> segments, const common::AmpState* state) = 0;
 
   /// Phase 7: params[ranges[k].offset + i] = round(master[shard position]) to `param_dtype`, with the shard
-  /// position running through the ranges consecutively from 0 (round to nearest even).
+  /// position running through the ranges consecutively from 0 (round to nearest even). Does nothing when
+  /// `state` is non-null and state->flags[kFoundInf] is set (the weights did not change).
   virtual void cast_master(void* params, DType param_dtype, const float* master,
-                           std::span<const ElementRange> ranges) = 0;
+                           std::span<const ElementRange> ranges, const common::AmpState* state) = 0;
+
+  /// End of the step: common::amp_update on *state (the loss-scaler state machine with the agreed found_inf,
+  /// Adam's t + 1 when the step was applied, min_scale_stop when the minimum-scale rule fired).
+  virtual void amp_update(common::AmpState* state, const common::ScalerRule& rule) = 0;
 
   /// The stream the ops run on (a cudaStream_t on CUDA; null on the CPU, whose ops are synchronous). The NCCL
   /// communicator orders its collectives after the work already issued here.

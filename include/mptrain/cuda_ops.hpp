@@ -9,6 +9,7 @@
 #include <cstddef>
 
 #include "common/adamw.hpp"
+#include "common/amp_state.hpp"
 #include "mptrain/backend.hpp"
 
 namespace mpt::cuda {
@@ -35,8 +36,34 @@ void adamw(float* master, float* m, float* v, const T* grads, const AdamWSegment
            size_t num_segments, size_t max_segment_elements, const common::AdamWStep& step,
            const float* found_inf, const float* loss_scale, const float* clip_factor, cudaStream_t stream);
 
+/// Phase 6 on the device with the step state: AdamW with the constants state->step (written by amp_prepare),
+/// nothing when state->flags[kFoundInf] is set. `max_segment_elements` only sizes the grid (any upper bound
+/// of the largest segment works).
+template <typename T>
+void adamw(float* master, float* m, float* v, const T* grads, const AdamWSegment* segments,
+           size_t num_segments, size_t max_segment_elements, const common::AmpState* state,
+           cudaStream_t stream);
+
+/// *flag = value on `stream` (a one-thread kernel: a host value without a host buffer that must outlive the
+/// copy). The engine's stop request into AmpState::flags[kStopRequested].
+void write_flag(float* flag, float value, cudaStream_t stream);
+
+/// Phase 6 before AdamW, one thread block: sums gathered_block_sums[order[i]] for i < count (`order`: device,
+/// ParamLayout::global_block_order()) in a fixed-shape tree (deterministic and independent of the number of
+/// ranks, but not the CPU's sequential rounding), then common::amp_prepare(*state, sum, rule). The sums are
+/// not read when state->flags[kFoundInf] is set.
+void amp_prepare(common::AmpState* state, const double* gathered_block_sums, const size_t* order,
+                 size_t count, const common::OptimizerRule& rule, cudaStream_t stream);
+
+/// End of the step, one thread: common::amp_update(*state, rule) (scaler state machine, Adam's t,
+/// min_scale_stop).
+void amp_update(common::AmpState* state, const common::ScalerRule& rule, cudaStream_t stream);
+
+/// *acc += FP64 sum of losses[0..n), one thread block, fixed-shape tree (deterministic for a given n).
+void sum_losses(double* acc, const float* losses, int64_t n, cudaStream_t stream);
+
 /// Phase 7 on the device: params[flat_offset + i] = round(master[shard_offset + i]) for every segment;
-/// skipped when *found_inf is non-zero.
+/// skipped when *found_inf is non-zero (pass &state->flags[common::kFoundInf]); null found_inf: always cast.
 template <typename T>
 void cast_master(T* params, const float* master, const AdamWSegment* segments, size_t num_segments,
                  size_t max_segment_elements, const float* found_inf, cudaStream_t stream);

@@ -10,6 +10,12 @@
 // and back off, or clip and AdamW) and the loss-scale state machine stays replicated; phase 7 casts the shard
 // back and all-gathers the weights. The global grad norm sums FP64 block sums in a fixed order, so it is
 // bitwise the same for any number of ranks.
+//
+// The step's decision state (loss scale and scaler counters, found_inf, Adam's t / LR-schedule position, the
+// last norm, clip factor and lr: common::AmpState) lives in backend memory, and every op of phases 4-7 reads
+// or writes it there, so step_async() enqueues a whole step without reading anything back (on CUDA: no host
+// synchronisation). result() reads it back once; the host copies behind scaler(), loss_scale() and
+// applied_steps() are refreshed only by result() (and so by step()) and by load_state().
 #pragma once
 
 #include <cstddef>
@@ -62,7 +68,8 @@ struct StepResult {
   float lr = 0.0f;              ///< learning rate used (0 when skipped)
   int64_t applied_steps = 0;    ///< Adam's t and the LR-schedule position after this step
   bool stop_requested = false;  ///< some rank passed stop_requested = true to step() (agreed by all ranks)
-  // Wall-clock seconds of the phases on this rank (host clock; the CPU backend runs synchronously).
+  // Wall-clock seconds of the phases on this rank as seen by the host in step_async() (the CPU backend runs
+  // synchronously, so these are the phases' times there; on CUDA they are enqueue times).
   double check_seconds = 0;      ///< phases 4-5: inf/NaN check, block sums, found_inf agreement
   double optimizer_seconds = 0;  ///< phase 6: block-sum gather, norm, clipping, AdamW
   double gather_seconds = 0;     ///< phase 7: cast and weight all-gather
@@ -77,7 +84,7 @@ struct MemoryReport {
   size_t master_bytes = 0;    ///< FP32 master shard
   size_t adam_m_bytes = 0;    ///< FP32 Adam m shard
   size_t adam_v_bytes = 0;    ///< FP32 Adam v shard
-  size_t scratch_bytes = 0;   ///< grad-norm block sums (local and gathered)
+  size_t scratch_bytes = 0;   ///< grad-norm block sums (local and gathered) and the step state (AmpState)
   /// params + grads + master + m + v (the ZeRO-1 state: 4P + 12P/N plus padding in fp16 mode).
   size_t state_bytes() const {
     return params_bytes + grads_bytes + master_bytes + adam_m_bytes + adam_v_bytes;
@@ -100,10 +107,15 @@ class MixedPrecisionEngine {
   /// This process's rank in the engine's communicator.
   int rank() const { return comm_.rank(); }
   const EngineConfig& config() const { return config_; }
+  /// Host mirror of the loss scaler: its config, and its state as of the last result()/step() or load_state()
+  /// (after a step_async() without result() it lags the backend-memory state by that step).
   const DynamicLossScaler& scaler() const { return scaler_; }
-  /// Loss scale to multiply the loss by before backward (1 unless fp16).
+  /// Loss scale to multiply the loss by before backward (1 unless fp16), from the host mirror (see scaler()).
   float loss_scale() const { return scaler_.scale(); }
-  /// Optimizer steps applied so far (Adam's t; the LR-schedule position).
+  /// The current loss scale in backend memory (one FP32, advanced by every step on the backend's stream):
+  /// pass it to GPT::forward / Backend::crossentropy_forward_backward so that the scaling needs no host read.
+  const float* loss_scale_device() const;
+  /// Optimizer steps applied so far (Adam's t; the LR-schedule position), host mirror as for scaler().
   int64_t applied_steps() const { return applied_steps_; }
 
   /// Flat weights, padded_elements() of dtype, backend memory.
@@ -139,7 +151,7 @@ class MixedPrecisionEngine {
                   const std::vector<std::vector<float>>& adam_v, int64_t applied_steps,
                   const std::map<std::string, std::string>& scaler_fields);
 
-  /// Phase 1: grads = 0 (padding included), the FP32 accumulation buffer too.
+  /// Phase 1: grads = 0 (padding included), the FP32 accumulation buffer too; resets grad_done()'s counts.
   void zero_grads();
   /// After each micro-batch's backward: with fp32_grad_accumulation, adds grads() into the FP32 buffer and
   /// zeroes grads(); otherwise nothing (backward already accumulated in place).
@@ -147,14 +159,34 @@ class MixedPrecisionEngine {
   /// Phase 3 for one bucket: starts its non-blocking collective now (backward has finished writing it).
   /// Buckets may be reported in any order, each at most once per step.
   void bucket_ready(size_t bucket);
+  /// Phase 3 driven by backward (GPT::backward's on_grad_done): tensor `tensor_index` (registration order, as
+  /// layout().tensors()) has received its last gradient write of this step. Counts the finished tensors of
+  /// every bucket the tensor overlaps (a bucket may hold parts of tensors) and calls bucket_ready(b) the
+  /// moment bucket b's last tensor is reported, so its collective overlaps the rest of backward. Report each
+  /// tensor at most once per step (throws mpt::Error otherwise), and only during the LAST micro-batch's
+  /// backward (earlier micro-batches still add into the buckets). With fp32_grad_accumulation it does
+  /// nothing: the reduced buffer is final only after accumulate_micro_batch(), so sync_grads() starts every
+  /// bucket then (no overlap). Counts reset in zero_grads() and after each step.
+  void grad_done(size_t tensor_index);
   /// Phase 3: starts the buckets not reported yet and waits for all. After it, this rank's slices of grads
   /// hold the average over ranks (reduce-scatter mode: other slices are unspecified; all-reduce: all valid).
   void sync_grads();
-  /// Phases 4-7 on the gradients as they stand. In data-parallel training call sync_grads() first; with no
-  /// bucket started the gradients are taken as already reduced (every rank must then hold the same values in
-  /// its slices). Throws mpt::Error when only some buckets were started. Throws mpt::NumericsError on every
-  /// rank alike when the scaler's minimum-scale rule fires. `stop_requested` (this rank wants to stop, e.g.
-  /// after SIGUSR1) travels in the found_inf all-reduce; StepResult::stop_requested is its OR over ranks.
+  /// Phases 4-7 on the gradients as they stand, enqueued without any host read of the step state: the
+  /// inf/NaN check and block sums (grad_check, which also records this rank's `stop_requested`), the MAX
+  /// all-reduce of {found_inf, stop} and the block-sum all-gather (through the Communicator, on backend
+  /// memory), norm/clip/lr (amp_prepare), AdamW and the cast (both skip themselves on found_inf), the weight
+  /// all-gather (issued on every step: on a skipped one it re-sends unchanged weights), and the scaler update
+  /// with Adam's t. In data-parallel training call sync_grads() (or report every tensor through grad_done())
+  /// first; with no bucket started the gradients are taken as already reduced (every rank must then hold the
+  /// same values in its slices). Throws mpt::Error when only some buckets were started.
+  void step_async(bool stop_requested = false);
+  /// Reads the step state back (a host synchronisation), refreshes the host mirrors (scaler(), loss_scale(),
+  /// applied_steps()) and describes the last step_async(). Throws mpt::NumericsError, on every rank alike
+  /// (the state is replicated), when that step's scaler update hit the minimum-scale rule.
+  StepResult result();
+  /// step_async() then result(): one step with its numbers (the trainer's and the tests' form; on the CPU
+  /// the read-back costs nothing). `stop_requested` (this rank wants to stop, e.g. after SIGUSR1) travels in
+  /// the found_inf all-reduce; StepResult::stop_requested is its OR over ranks.
   StepResult step(bool stop_requested = false);
 
   /// Memory accounting from the allocated buffers.
@@ -163,6 +195,11 @@ class MixedPrecisionEngine {
  private:
   /// This rank's shard of a full set of unpadded tensors (registration order), padding zero.
   std::vector<float> shard_of(std::span<const float> values) const;
+  /// Writes a fresh step state (flags clear) holding the host mirrors (scaler state, applied steps).
+  void upload_state();
+  common::AmpState* state() const { return state_.as<common::AmpState>(); }
+  /// Resets grad_done()'s per-step counts.
+  void reset_grad_done();
 
   EngineConfig config_;
   Communicator& comm_;
@@ -172,12 +209,21 @@ class MixedPrecisionEngine {
   int64_t applied_steps_ = 0;
 
   Buffer params_, grads_, master_, adam_m_, adam_v_;
-  Buffer micro_grads_;                       // only with fp32_grad_accumulation: backward's target, dtype
-  std::vector<ElementRange> my_slices_;      // this rank's slice of every bucket, in shard order
-  std::vector<AdamWSegment> my_segments_;    // real-parameter parts of the shard
-  std::vector<double> block_sums_;           // this rank's block sums (blocks_per_rank)
-  std::vector<double> gathered_block_sums_;  // every rank's, rank-major
+  Buffer micro_grads_;                     // only with fp32_grad_accumulation: backward's target, dtype
+  std::vector<ElementRange> my_slices_;    // this rank's slice of every bucket, in shard order
+  std::vector<AdamWSegment> my_segments_;  // real-parameter parts of the shard
+  common::ScalerRule scaler_rule_;
+  common::OptimizerRule optimizer_rule_;
+  Buffer state_;                    // one common::AmpState, backend memory
+  Buffer block_sums_;               // this rank's block sums (blocks_per_rank doubles), backend memory
+  Buffer gathered_block_sums_;      // every rank's, rank-major, backend memory
+  std::vector<size_t> norm_order_;  // ParamLayout::global_block_order()
+  StepResult timings_;              // host-side phase times of the last step_async()
   std::vector<std::unique_ptr<CommRequest>> pending_;  // per bucket; null when not started this step
+  // grad_done(): buckets each tensor overlaps, tensors overlapping each bucket, this step's counts.
+  std::vector<std::vector<size_t>> tensor_buckets_;
+  std::vector<size_t> bucket_tensors_, bucket_done_;
+  std::vector<char> tensor_done_;
 };
 
 }  // namespace mpt

@@ -91,6 +91,9 @@ class ParamLayout {
   /// each) in the fixed global order: bucket by bucket, block by block through the real elements. The order
   /// and the blocks do not depend on N, so the result is bitwise the same for every N.
   double sum_blocks_in_global_order(const std::vector<double>& gathered) const;
+  /// The indices into the gathered block sums that sum_blocks_in_global_order adds, in its order: every real
+  /// block once (padding-only blocks left out), as many as the unpadded blocks of all buckets for any N.
+  std::vector<size_t> global_block_order() const;
 
  private:
   std::vector<TensorPlacement> tensors_;

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -56,17 +57,35 @@ class GPT {
 
   /// Runs the model on tokens [B, T] (host int32). With targets [B, T] (host int32) returns the mean
   /// cross-entropy loss over B*T positions (computed in FP64 from FP32 per-position losses); without, NaN.
+  /// Returning the loss reads it back: a host synchronisation (use forward_accumulate() to avoid it).
   /// `params` is the flat padded parameter buffer (backend memory). When `backward_factor` > 0 (targets
-  /// required), the fused cross-entropy pass also writes dlogits = factor * dLoss/dlogits in place of the
-  /// logits (llm.c's fused classifier: one pass, no second logits-sized buffer), ready for backward().
-  /// factor is loss_scale / accumulation_steps. Throws mpt::InputError for B < 1, T outside [1, max_seq_len]
-  /// or a token/target outside [0, V), naming the position and value.
+  /// required), the fused cross-entropy pass also writes dlogits = factor * s * dLoss/dlogits in place of the
+  /// logits (llm.c's fused classifier: one pass, no second logits-sized buffer), ready for backward(), where
+  /// s = *loss_scale_device when that is given (one FP32 in backend memory, e.g.
+  /// MixedPrecisionEngine::loss_scale_device(), read on the backend's stream) and 1 otherwise. So factor is
+  /// loss_scale / accumulation_steps with a host scale, or 1 / accumulation_steps with a device scale. Throws
+  /// mpt::InputError for B < 1, T outside [1, max_seq_len] or a token/target outside [0, V), naming the
+  /// position and value.
   float forward(const void* params, const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
-                float backward_factor = 0.0f);
+                float backward_factor = 0.0f, const float* loss_scale_device = nullptr);
+
+  /// forward() with targets, without reading anything back: adds the FP64 sum of this call's B*T
+  /// per-position losses to the model's loss accumulator in backend memory (Backend::sum_losses) instead of
+  /// returning the mean. Same arguments and errors as forward(); targets must be non-null.
+  void forward_accumulate(const void* params, const int32_t* tokens, const int32_t* targets, int64_t B,
+                          int64_t T, float backward_factor = 0.0f, const float* loss_scale_device = nullptr);
+  /// The loss accumulator's value (the sum of per-position losses of every forward_accumulate() since the
+  /// last take), read back (a host synchronisation) and reset to 0. Divide by the positions for the mean.
+  double take_loss_sum();
 
   /// Accumulates backward_factor * dLoss/dparams of the last forward into `grads` (flat padded buffer).
-  /// Throws mpt::Error when the last forward was not run with backward_factor > 0.
-  void backward(const void* params, void* grads);
+  /// When `on_grad_done` is set it is called with a tensor's registration index (gpt_tensors() order) right
+  /// after the last op that writes that tensor's gradient has been issued to the backend (ordered on its
+  /// stream before anything issued later), once per tensor: ln_f first, then each layer from the last down,
+  /// and wpe and the tied wte last (wte's gradient gets its final write from the embedding backward, not the
+  /// LM head). Throws mpt::Error when the last forward was not run with backward_factor > 0.
+  void backward(const void* params, void* grads,
+                const std::function<void(size_t tensor_index)>& on_grad_done = {});
 
   /// Logits [B, T, Vp] of the last forward (backend memory; dlogits after a forward with backward_factor).
   const void* logits() const;
@@ -76,6 +95,10 @@ class GPT {
  private:
   struct Activations;
   void ensure_activations(int64_t B, int64_t T);
+  /// The shared body of forward() and forward_accumulate(): leaves the per-position losses in acts_->losses
+  /// when targets are given.
+  void run_forward(const void* params, const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
+                   float backward_factor, const float* loss_scale_device);
   const void* param(const void* base, size_t index) const;
   void* grad(void* base, size_t index) const;
 
@@ -85,6 +108,7 @@ class GPT {
   DType dtype_;
   std::vector<size_t> offsets_;  // flat offset of every tensor, registration order
   std::unique_ptr<Activations> acts_;
+  Buffer loss_sum_;  // one double, backend memory: forward_accumulate's accumulator
   int64_t B_ = 0, T_ = 0;
   bool dlogits_ready_ = false;
 };

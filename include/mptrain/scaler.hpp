@@ -11,6 +11,8 @@
 #include <map>
 #include <string>
 
+#include "common/amp_state.hpp"
+
 namespace mpt {
 
 /// Loss-scaler options. Defaults are torch.amp.GradScaler's, plus min_scale 1 (Megatron's and DeepSpeed's
@@ -31,17 +33,9 @@ struct LossScalerConfig {
   void validate() const;
 };
 
-/// The whole mutable state; equal on every rank at every step.
-struct LossScalerState {
-  float scale = 65536.0f;
-  int64_t growth_tracker = 0;    ///< consecutive clean steps since the last growth or overflow
-  int64_t hysteresis_left = 1;   ///< overflows tolerated before the next backoff; 0: each one backs off
-  int64_t overflows_at_min = 0;  ///< consecutive overflowing steps that found the scale at min_scale
-  int64_t steps = 0;             ///< updates seen (clean + skipped)
-  int64_t skipped_steps = 0;     ///< updates with found_inf
-
-  bool operator==(const LossScalerState&) const = default;
-};
+/// The whole mutable state; equal on every rank at every step. The struct lives in kernels/common/ because
+/// the device keeps the same state (common::AmpState::scaler) and advances it with the same function.
+using LossScalerState = common::ScalerState;
 
 class DynamicLossScaler {
  public:
@@ -60,6 +54,15 @@ class DynamicLossScaler {
   /// the count, once `max_overflows_at_min_scale` consecutive overflows happened with the scale at min_scale
   /// (or, for a static scale, at that scale). The state is updated before throwing.
   bool update(bool found_inf);
+
+  /// The config in the flat form common::scaler_update reads (for the device-side update).
+  common::ScalerRule rule() const;
+  /// Replaces the state with one advanced elsewhere by common::scaler_update on the same rule (the engine's
+  /// host mirror of the device state). No validation: the state must come from this scaler's rule.
+  void restore(const LossScalerState& state) { state_ = state; }
+  /// Throws the mpt::NumericsError that update() throws when the minimum-scale rule fires, for `state` (the
+  /// state after the firing update), naming the scale and the count.
+  [[noreturn]] void throw_min_scale_stop(const LossScalerState& state) const;
 
   /// The state as strings (exact: floats in shortest round-trip form), keys prefixed "scaler.", for the
   /// checkpoint's metadata.

@@ -8,7 +8,7 @@
 
 namespace mpt::common {
 
-/// Step constants computed once per optimizer step on the host.
+/// Step constants computed once per optimizer step (on the host, or on the device from the AmpState).
 struct AdamWStep {
   float lr = 1e-3f;
   float beta1 = 0.9f;
@@ -21,8 +21,8 @@ struct AdamWStep {
       1.0f;  ///< clip_factor / loss_scale: turns the stored scaled gradient into the true one
 };
 
-/// Fills the bias corrections for step t (1-based, t >= 1).
-inline AdamWStep make_adamw_step(float lr, float beta1, float beta2, float eps, float weight_decay,
+/// Fills the bias corrections for step t (1-based, t >= 1), in FP64 rounded once to FP32.
+MPT_HD AdamWStep make_adamw_step(float lr, float beta1, float beta2, float eps, float weight_decay,
                                  long long t, float grad_multiplier) {
   AdamWStep s;
   s.lr = lr;
@@ -30,9 +30,9 @@ inline AdamWStep make_adamw_step(float lr, float beta1, float beta2, float eps, 
   s.beta2 = beta2;
   s.eps = eps;
   s.weight_decay = weight_decay;
-  s.bias_correction1 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(t)));
+  s.bias_correction1 = static_cast<float>(1.0 - pow(static_cast<double>(beta1), static_cast<double>(t)));
   s.bias_correction2_sqrt =
-      static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(t))));
+      static_cast<float>(sqrt(1.0 - pow(static_cast<double>(beta2), static_cast<double>(t))));
   s.grad_multiplier = grad_multiplier;
   return s;
 }

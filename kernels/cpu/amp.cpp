@@ -1,5 +1,6 @@
 // CPU mixed-precision check (DESIGN.md phase 4): found_inf and FP64 per-block sums of squares of the rank's
-// gradient shard, in one read-only pass.
+// gradient shard, in one read-only pass; the norm/clip/lr preparation of phase 6 over the gathered block
+// sums; and the FP64 loss sum of the model's loss accumulator.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -62,6 +63,21 @@ bool grad_check(const T* grads, std::span<const ElementRange> ranges, size_t blo
     found |= bad ? 1 : 0;
   }
   return found != 0;
+}
+
+void amp_prepare(common::AmpState& state, const double* gathered_block_sums, std::span<const size_t> order,
+                 const common::OptimizerRule& rule) {
+  double total = 0.0;
+  // Sequential in the fixed global order: the same bits for every number of ranks.
+  if (state.flags[common::kFoundInf] == 0.0f)
+    for (const size_t k : order) total += gathered_block_sums[k];
+  common::amp_prepare(state, total, rule);
+}
+
+void sum_losses(double* acc, const float* losses, int64_t n) {
+  double sum = 0.0;  // FP64, in position order: deterministic
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(losses[i]);
+  *acc += sum;
 }
 
 template bool grad_check<float>(const float*, std::span<const ElementRange>, size_t, std::span<double>);

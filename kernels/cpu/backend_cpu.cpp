@@ -157,22 +157,40 @@ class CpuBackend final : public Backend {
     });
   }
 
-  bool grad_check(const void* grads, DType grad_dtype, std::span<const ElementRange> ranges,
-                  size_t block_elements, std::span<double> block_sums_out) override {
-    return dispatch_float_dtype(grad_dtype, [&]<typename T>() {
-      return cpu::grad_check(static_cast<const T*>(grads), ranges, block_elements, block_sums_out);
+  void sum_losses(double* acc, const float* losses, int64_t n) override { cpu::sum_losses(acc, losses, n); }
+
+  void grad_check(const void* grads, DType grad_dtype, std::span<const ElementRange> ranges,
+                  size_t block_elements, double* block_sums, common::AmpState* state,
+                  bool stop_requested) override {
+    MPT_CHECK(block_elements >= 1, "grad_check: block_elements must be >= 1");
+    size_t num_blocks = 0;
+    for (const ElementRange& r : ranges) num_blocks += r.num_elements / block_elements;
+    const bool found = dispatch_float_dtype(grad_dtype, [&]<typename T>() {
+      return cpu::grad_check(static_cast<const T*>(grads), ranges, block_elements,
+                             std::span<double>(block_sums, num_blocks));
     });
+    state->flags[common::kFoundInf] = found ? 1.0f : 0.0f;  // zeroed here, every step
+    state->flags[common::kStopRequested] = stop_requested ? 1.0f : 0.0f;
+  }
+  void amp_prepare(common::AmpState* state, const double* gathered_block_sums, std::span<const size_t> order,
+                   const common::OptimizerRule& rule) override {
+    cpu::amp_prepare(*state, gathered_block_sums, order, rule);
   }
   void adamw(float* master, float* m, float* v, const void* grads, DType grad_dtype,
-             std::span<const AdamWSegment> segments, const common::AdamWStep& step) override {
+             std::span<const AdamWSegment> segments, const common::AmpState* state) override {
+    if (state->flags[common::kFoundInf] != 0.0f) return;  // skipped step
     dispatch_float_dtype(grad_dtype, [&]<typename T>() {
-      cpu::adamw(master, m, v, static_cast<const T*>(grads), segments, step);
+      cpu::adamw(master, m, v, static_cast<const T*>(grads), segments, state->step);
     });
   }
-  void cast_master(void* params, DType param_dtype, const float* master,
-                   std::span<const ElementRange> ranges) override {
+  void cast_master(void* params, DType param_dtype, const float* master, std::span<const ElementRange> ranges,
+                   const common::AmpState* state) override {
+    if (state && state->flags[common::kFoundInf] != 0.0f) return;  // the weights did not change
     dispatch_float_dtype(param_dtype,
                          [&]<typename T>() { cpu::cast_master(static_cast<T*>(params), master, ranges); });
+  }
+  void amp_update(common::AmpState* state, const common::ScalerRule& rule) override {
+    common::amp_update(*state, rule);
   }
 
  private:

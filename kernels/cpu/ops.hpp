@@ -17,6 +17,13 @@ template <typename T>
 bool grad_check(const T* grads, std::span<const ElementRange> ranges, size_t block_elements,
                 std::span<double> block_sums_out);
 
+/// See Backend::amp_prepare: the block sums added one by one in `order`, then common::amp_prepare.
+void amp_prepare(common::AmpState& state, const double* gathered_block_sums, std::span<const size_t> order,
+                 const common::OptimizerRule& rule);
+
+/// See Backend::sum_losses: FP64, position order.
+void sum_losses(double* acc, const float* losses, int64_t n);
+
 /// See Backend::adamw.
 template <typename T>
 void adamw(float* master, float* m, float* v, const T* grads, std::span<const AdamWSegment> segments,

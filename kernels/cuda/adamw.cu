@@ -36,10 +36,28 @@ __global__ void adamw_kernel(float* master, float* m, float* v, const T* grads, 
   }
 }
 
+// The same update with every per-step constant read from the device step state (common::amp_prepare wrote
+// it): no host value of this step enters the launch.
+template <typename T>
+__global__ void adamw_state_kernel(float* master, float* m, float* v, const T* grads,
+                                   const AdamWSegment* segments, size_t num_segments,
+                                   const common::AmpState* state) {
+  if (state->flags[common::kFoundInf] != 0.0f) return;
+  const common::AdamWStep step = state->step;
+  for (size_t s = blockIdx.y; s < num_segments; s += gridDim.y) {
+    const AdamWSegment seg = segments[s];
+    for (size_t i = blockIdx.x * size_t{kThreads} + threadIdx.x; i < seg.num_elements;
+         i += size_t{gridDim.x} * kThreads) {
+      const size_t k = seg.shard_offset + i;
+      common::adamw_update(master[k], m[k], v[k], load_as_float(grads, seg.flat_offset + i), seg.decay, step);
+    }
+  }
+}
+
 template <typename T>
 __global__ void cast_master_kernel(T* params, const float* master, const AdamWSegment* segments,
                                    size_t num_segments, const float* found_inf) {
-  if (*found_inf != 0.0f) return;
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
   for (size_t s = blockIdx.y; s < num_segments; s += gridDim.y) {
     const AdamWSegment seg = segments[s];
     for (size_t i = blockIdx.x * size_t{kThreads} + threadIdx.x; i < seg.num_elements;
@@ -59,6 +77,16 @@ void adamw(float* master, float* m, float* v, const T* grads, const AdamWSegment
 }
 
 template <typename T>
+void adamw(float* master, float* m, float* v, const T* grads, const AdamWSegment* segments,
+           size_t num_segments, size_t max_segment_elements, const common::AmpState* state,
+           cudaStream_t stream) {
+  if (num_segments == 0) return;
+  adamw_state_kernel<T><<<segment_grid(num_segments, max_segment_elements), kThreads, 0, stream>>>(
+      master, m, v, grads, segments, num_segments, state);
+  MPT_CUDA_LAUNCH_CHECK();
+}
+
+template <typename T>
 void cast_master(T* params, const float* master, const AdamWSegment* segments, size_t num_segments,
                  size_t max_segment_elements, const float* found_inf, cudaStream_t stream) {
   if (num_segments == 0) return;
@@ -71,7 +99,9 @@ void cast_master(T* params, const float* master, const AdamWSegment* segments, s
   template void adamw<T>(float*, float*, float*, const T*, const AdamWSegment*, size_t, size_t,             \
                          const common::AdamWStep&, const float*, const float*, const float*, cudaStream_t); \
   template void cast_master<T>(T*, const float*, const AdamWSegment*, size_t, size_t, const float*,         \
-                               cudaStream_t);
+                               cudaStream_t);                                                               \
+  template void adamw<T>(float*, float*, float*, const T*, const AdamWSegment*, size_t, size_t,             \
+                         const common::AmpState*, cudaStream_t);
 MPT_INSTANTIATE(float)
 MPT_INSTANTIATE(half)
 MPT_INSTANTIATE(bf16)
