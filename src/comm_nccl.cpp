@@ -634,6 +634,10 @@ void NcclCommunicator::broadcast(void* buf, size_t count, DType dtype, int root)
   s.compute_waits(*done);
 }
 
+cudaStream_t NcclCommunicator::comm_stream() const {
+  return state_->comm_stream.get();
+}
+
 void NcclCommunicator::barrier() {
   State& s = *state_;
   auto done = s.enqueue("barrier (all_reduce of 1 i32)", [&](cudaStream_t stream) {

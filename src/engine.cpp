@@ -165,10 +165,11 @@ std::vector<std::vector<float>> MixedPrecisionEngine::gather_tensors(ShardState 
                          : which == ShardState::adam_m ? adam_m_
                                                        : adam_v_;
   const size_t shard = layout_.shard_elements();
-  std::vector<float> mine(shard);
-  backend_.copy_to_host(mine.data(), buffer.data(), shard * sizeof(float));
+  // Gathered where the shards live (the NCCL communicator takes device memory only), then copied out once.
   std::vector<float> all(shard * static_cast<size_t>(comm_.size()));
-  comm_.all_gather(mine.data(), all.data(), shard, DType::f32);
+  Buffer gathered = backend_.allocate(all.size() * sizeof(float));
+  comm_.all_gather(buffer.data(), gathered.data(), shard, DType::f32);
+  backend_.copy_to_host(all.data(), gathered.data(), all.size() * sizeof(float));
   // Rank-major shards -> the padded flat vector -> tensors.
   std::vector<float> flat(layout_.padded_elements(), 0.0f);
   for (int r = 0; r < comm_.size(); ++r)

@@ -63,6 +63,9 @@ class NcclCommunicator final : public Communicator {
   std::string name() const override { return "nccl"; }
   /// The CUDA device the communicator was created on.
   int device() const { return device_; }
+  /// The communication stream the collectives run on (for timing them with events, as the overlap test and
+  /// the benchmarks do). Valid for the communicator's lifetime.
+  cudaStream_t comm_stream() const;
 
   using Communicator::all_gather;
   using Communicator::all_reduce;

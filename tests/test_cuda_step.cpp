@@ -1,0 +1,259 @@
+// Whole training steps on the CUDA backend + NCCL communicator against the CPU backend + MPI communicator:
+// the same model, weights and batches; losses, loss scale, skipped steps and the FP32 master weights after
+// several optimizer steps must agree within a dtype-aware tolerance. Also checks that the first gradient
+// bucket's reduce-scatter starts on the communication stream before backward ends (DESIGN.md phase 3
+// overlap), from CUDA event timestamps. Skips with "no CUDA device" where there is none.
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include "mptrain/comm_mpi.hpp"
+#include "mptrain/comm_nccl.hpp"
+#include "mptrain/cuda_check.hpp"
+#include "mptrain/cuda_ops.hpp"
+#include "mptrain/engine.hpp"
+#include "mptrain/model.hpp"
+
+namespace {
+
+using namespace mpt;
+
+/// One data-parallel trainer: backend, communicator, engine and model.
+struct Trainer {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Communicator> comm;
+  std::unique_ptr<MixedPrecisionEngine> engine;
+  std::unique_ptr<GPT> model;
+
+  std::unique_ptr<Communicator> wrapper;  // when set, the engine talks through it
+
+  /// `wrap` (optional) puts a decorator between the engine and the communicator.
+  Trainer(bool cuda, const GPTConfig& config, const EngineConfig& engine_config,
+          const std::function<std::unique_ptr<Communicator>(Communicator&)>& wrap = {}) {
+    if (cuda) {
+      const int device = select_local_device(MPI_COMM_WORLD);
+      MPT_CUDA_CHECK(cudaSetDevice(device));
+      backend = make_cuda_backend(device);
+      comm = std::make_unique<NcclCommunicator>(MPI_COMM_WORLD,
+                                                static_cast<cudaStream_t>(backend->native_stream()), 60.0);
+    } else {
+      backend = make_cpu_backend();
+      comm = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
+    }
+    if (wrap) wrapper = wrap(*comm);
+    engine = std::make_unique<MixedPrecisionEngine>(gpt_tensors(config), engine_config,
+                                                    wrapper ? *wrapper : *comm, *backend);
+    model = std::make_unique<GPT>(config, engine->layout(), *backend, engine_config.dtype);
+    engine->set_parameters(gpt_init(config, 1234));
+  }
+
+  /// One optimizer step over `tokens`/`targets` (this rank's micro-batch), overlapping the bucket reduction
+  /// with backward through grad_done. Returns the step's numbers and the micro-batch loss.
+  StepResult step(const std::vector<int32_t>& tokens, const std::vector<int32_t>& targets, int64_t B,
+                  int64_t T, double* loss) {
+    engine->zero_grads();
+    model->forward_accumulate(engine->params(), tokens.data(), targets.data(), B, T, 1.0f,
+                              engine->loss_scale_device());
+    model->backward(engine->params(), engine->grads(), [&](size_t tensor) { engine->grad_done(tensor); });
+    engine->sync_grads();
+    engine->step_async();
+    const StepResult r = engine->result();
+    *loss = model->take_loss_sum() / static_cast<double>(B * T);
+    return r;
+  }
+};
+
+/// Forwards to the NCCL communicator and records `first_issued` on its comm stream right after the first
+/// reduce-scatter of each step was enqueued there (so the event completes when that collective has).
+class FirstBucketRecorder final : public Communicator {
+ public:
+  FirstBucketRecorder(NcclCommunicator& inner, cudaEvent_t first_issued)
+      : inner_(inner), event_(first_issued) {}
+  void arm() { armed_ = true; }
+  bool fired() const { return !armed_; }
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  std::string name() const override { return inner_.name(); }
+  using Communicator::all_gather;
+  using Communicator::all_reduce;
+  using Communicator::broadcast;
+  void all_reduce(const void* s, void* r, size_t n, DType t, ReduceOp op) override {
+    inner_.all_reduce(s, r, n, t, op);
+  }
+  void reduce_scatter(const void* s, void* r, size_t n, DType t, ReduceOp op) override {
+    inner_.reduce_scatter(s, r, n, t, op);
+  }
+  void all_gather(const void* s, void* r, size_t n, DType t) override { inner_.all_gather(s, r, n, t); }
+  void broadcast(void* b, size_t n, DType t, int root) override { inner_.broadcast(b, n, t, root); }
+  void barrier() override { inner_.barrier(); }
+  void set_timeout_seconds(double seconds) override { inner_.set_timeout_seconds(seconds); }
+  std::unique_ptr<CommRequest> iall_reduce(const void* s, void* r, size_t n, DType t, ReduceOp op) override {
+    auto request = inner_.iall_reduce(s, r, n, t, op);
+    record();
+    return request;
+  }
+  std::unique_ptr<CommRequest> ireduce_scatter(const void* s, void* r, size_t n, DType t,
+                                               ReduceOp op) override {
+    auto request = inner_.ireduce_scatter(s, r, n, t, op);
+    record();
+    return request;
+  }
+  std::unique_ptr<CommRequest> iall_gather(const void* s, void* r, size_t n, DType t) override {
+    return inner_.iall_gather(s, r, n, t);
+  }
+
+ private:
+  void record() {
+    if (!armed_) return;
+    MPT_CUDA_CHECK(cudaEventRecord(event_, inner_.comm_stream()));
+    armed_ = false;
+  }
+  NcclCommunicator& inner_;
+  cudaEvent_t event_;
+  bool armed_ = false;
+};
+
+bool have_device() {
+  return cuda::device_count() > 0;
+}
+
+class CudaStep : public testing::TestWithParam<DType> {};
+
+TEST_P(CudaStep, MatchesCpuStepByStep) {
+  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  const DType dtype = GetParam();
+  GPTConfig config;
+  config.vocab_size = 61;
+  config.num_layers = 2;
+  config.channels = 64;
+  config.num_heads = 4;
+  config.max_seq_len = 32;
+  EngineConfig ec;
+  ec.dtype = dtype;
+  ec.bucket_bytes = 16 << 10;  // several buckets
+  ec.grad_clip = 1.0f;
+  ec.adamw.lr = 1e-3f;
+  Trainer gpu(true, config, ec);
+  Trainer cpu(false, config, ec);
+  const int64_t B = 3, T = 32;
+  std::mt19937 rng(7 + static_cast<unsigned>(gpu.comm->rank()));
+  std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(config.vocab_size) - 1);
+  const double tolerance = dtype == DType::f32 ? 2e-4 : dtype == DType::f16 ? 2e-2 : 5e-2;
+  for (int s = 0; s < 4; ++s) {
+    std::vector<int32_t> tokens(static_cast<size_t>(B * T)), targets(tokens.size());
+    for (auto& t : tokens) t = token(rng);
+    for (auto& t : targets) t = token(rng);
+    double loss_gpu = 0, loss_cpu = 0;
+    const StepResult rg = gpu.step(tokens, targets, B, T, &loss_gpu);
+    const StepResult rc = cpu.step(tokens, targets, B, T, &loss_cpu);
+    EXPECT_NEAR(loss_gpu, loss_cpu, tolerance * std::abs(loss_cpu)) << "step " << s;
+    EXPECT_EQ(rg.skipped, rc.skipped) << "step " << s;
+    EXPECT_EQ(rg.loss_scale, rc.loss_scale) << "step " << s;
+    EXPECT_EQ(rg.applied_steps, rc.applied_steps) << "step " << s;
+    if (!rc.skipped) EXPECT_NEAR(rg.grad_norm, rc.grad_norm, tolerance * rc.grad_norm + 1e-6) << "step " << s;
+  }
+  const auto master_gpu = gpu.engine->gather_tensors(MixedPrecisionEngine::ShardState::master);
+  const auto master_cpu = cpu.engine->gather_tensors(MixedPrecisionEngine::ShardState::master);
+  ASSERT_EQ(master_gpu.size(), master_cpu.size());
+  // Four AdamW steps of lr 1e-3 move a weight by at most ~4e-3; the two backends' weights must stay close.
+  for (size_t k = 0; k < master_cpu.size(); ++k)
+    for (size_t i = 0; i < master_cpu[k].size(); ++i)
+      ASSERT_NEAR(master_gpu[k][i], master_cpu[k][i], 1e-3 + 1e-3 * std::abs(master_cpu[k][i]))
+          << "tensor " << gpt_tensors(config)[k].name << " element " << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaStep, testing::Values(DType::f32, DType::f16, DType::bf16),
+                         [](const auto& info) { return std::string(dtype_name(info.param)); });
+
+/// An injected inf in one gradient skips the step on the device: weights unchanged, scale halved, Adam's t
+/// not advanced — read back only after the step, as the trainer does at log intervals.
+TEST(CudaStepScaler, InjectedInfSkipsOnDevice) {
+  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  GPTConfig config;
+  config.vocab_size = 61;
+  config.num_layers = 1;
+  config.channels = 32;
+  config.num_heads = 2;
+  config.max_seq_len = 16;
+  EngineConfig ec;
+  ec.dtype = DType::f16;
+  Trainer gpu(true, config, ec);
+  const int64_t B = 2, T = 16;
+  std::vector<int32_t> tokens(static_cast<size_t>(B * T), 5), targets(tokens.size(), 7);
+  const auto before = gpu.engine->gather_tensors(MixedPrecisionEngine::ShardState::master);
+  const float scale_before = gpu.engine->loss_scale();
+  gpu.engine->zero_grads();
+  gpu.model->forward_accumulate(gpu.engine->params(), tokens.data(), targets.data(), B, T, 1.0f,
+                                gpu.engine->loss_scale_device());
+  gpu.model->backward(gpu.engine->params(), gpu.engine->grads());
+  const half inf = half::from_bits(0x7c00);
+  gpu.backend->copy_from_host(gpu.engine->grads(), &inf, sizeof(inf));  // first gradient element: wte[0][0]
+  gpu.engine->sync_grads();
+  gpu.engine->step_async();
+  const StepResult r = gpu.engine->result();
+  EXPECT_TRUE(r.skipped);
+  EXPECT_EQ(r.applied_steps, 0);
+  EXPECT_EQ(gpu.engine->loss_scale(), scale_before * 0.5f);
+  EXPECT_EQ(gpu.engine->gather_tensors(MixedPrecisionEngine::ShardState::master), before);
+}
+
+/// DESIGN.md phase 3: the first bucket's reduce-scatter runs on the communication stream while backward is
+/// still running on the compute stream. An event recorded on the comm stream right after the first bucket's
+/// collective was issued must complete before the event recorded on the compute stream after backward.
+TEST(CudaStepOverlap, FirstBucketBeforeBackwardEnds) {
+  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  GPTConfig config;
+  config.vocab_size = 256;
+  config.num_layers = 6;
+  config.channels = 256;
+  config.num_heads = 4;
+  config.max_seq_len = 256;
+  EngineConfig ec;
+  ec.dtype = DType::f16;
+  ec.bucket_bytes = 256 << 10;  // many buckets: the first covers only the last layers' tensors
+  cudaEvent_t backward_start{}, first_bucket_done{}, backward_end{};
+  MPT_CUDA_CHECK(cudaEventCreate(&backward_start));
+  MPT_CUDA_CHECK(cudaEventCreate(&first_bucket_done));
+  MPT_CUDA_CHECK(cudaEventCreate(&backward_end));
+  FirstBucketRecorder* recorder = nullptr;
+  Trainer gpu(true, config, ec, [&](Communicator& inner) {
+    auto r = std::make_unique<FirstBucketRecorder>(dynamic_cast<NcclCommunicator&>(inner), first_bucket_done);
+    recorder = r.get();
+    return r;
+  });
+  ASSERT_GE(gpu.engine->layout().buckets().size(), 3u);
+  const auto compute = static_cast<cudaStream_t>(gpu.backend->native_stream());
+  const int64_t B = 8, T = 256;
+  std::vector<int32_t> tokens(static_cast<size_t>(B * T), 3), targets(tokens.size(), 4);
+  for (int iteration = 0; iteration < 2; ++iteration) {  // the first warms up cuBLASLt and NCCL
+    gpu.engine->zero_grads();
+    gpu.model->forward_accumulate(gpu.engine->params(), tokens.data(), targets.data(), B, T, 1.0f,
+                                  gpu.engine->loss_scale_device());
+    MPT_CUDA_CHECK(cudaEventRecord(backward_start, compute));
+    recorder->arm();
+    gpu.model->backward(gpu.engine->params(), gpu.engine->grads(),
+                        [&](size_t tensor) { gpu.engine->grad_done(tensor); });
+    MPT_CUDA_CHECK(cudaEventRecord(backward_end, compute));
+    ASSERT_TRUE(recorder->fired()) << "no bucket collective was issued during backward";
+    gpu.engine->sync_grads();
+    gpu.engine->step_async();
+    gpu.engine->result();
+  }
+  float first_ms = 0, backward_ms = 0;
+  MPT_CUDA_CHECK(cudaEventElapsedTime(&first_ms, backward_start, first_bucket_done));
+  MPT_CUDA_CHECK(cudaEventElapsedTime(&backward_ms, backward_start, backward_end));
+  std::printf("backward %.3f ms; first bucket's reduce-scatter done at %.3f ms\n", backward_ms, first_ms);
+  EXPECT_LT(first_ms, backward_ms);
+  MPT_CUDA_CHECK(cudaEventDestroy(backward_start));
+  MPT_CUDA_CHECK(cudaEventDestroy(first_bucket_done));
+  MPT_CUDA_CHECK(cudaEventDestroy(backward_end));
+}
+
+}  // namespace
