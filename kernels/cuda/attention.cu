@@ -206,6 +206,8 @@ void unfused_forward(BlasContext& ctx, T* out, T* att, const T* qkv, int64_t B, 
   using W = Bits<T>;
   const int64_t hs = C / NH, BH = B * NH;
   const int64_t n = BH * T_ * hs;  // elements of one of q, k, v, y
+  MPT_CHECK(BH * T_ / kRowWarps < (int64_t{1} << 31),
+            "cuda::attention_forward: B*NH*T = {} rows are too many", BH * T_);
   const auto es = sizeof(T);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
   const cudaDataType_t type = blas_type(dtype_of<T>(), "cuda::attention_forward");
@@ -246,6 +248,8 @@ void unfused_backward(BlasContext& ctx, T* dqkv, const T* dout, const T* qkv, co
   using W = Bits<T>;
   const int64_t hs = C / NH, BH = B * NH;
   const int64_t n = BH * T_ * hs;
+  MPT_CHECK(BH * T_ / kRowWarps < (int64_t{1} << 31),
+            "cuda::attention_backward: B*NH*T = {} rows are too many", BH * T_);
   const auto es = sizeof(T);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
   const cudaDataType_t type = blas_type(dtype_of<T>(), "cuda::attention_backward");

@@ -86,8 +86,10 @@ BlasContext::State::State() {
   MPT_CUBLAS_CHECK(cublasLtCreate(&lt));
   const cudaError_t rc = cudaMalloc(&lt_workspace, kLtWorkspaceBytes);
   if (rc != cudaSuccess) {
+    // The destructor does not run for a half-built object: release the handle here.
     report_destroy_failure(cublasLtDestroy(lt), "cublasLtDestroy");
-    MPT_CUDA_CHECK(rc);
+    throw LibraryError(detail::library_error_message(
+        "CUDA", __FILE__, __LINE__, "cudaMalloc(cuBLASLt workspace, 32 MiB)", cudaGetErrorString(rc)));
   }
 }
 
