@@ -1,12 +1,15 @@
 // cuBLASLt linear layer and causal attention (kernels/cuda/matmul.cu, attention.cu) against the CPU backend
-// on the same inputs, for f32, f16 and bf16 at odd sizes and misaligned pointers. Gradients start from
-// non-zero values so that accumulation (beta = 1) is checked, and outputs start from garbage so that
-// overwriting is. Every test skips with "no CUDA device" where there is none (CI, the build machines).
+// on the same inputs, for f32, f16 and bf16 at odd sizes and misaligned pointers; the cuDNN SDPA path
+// (attention_cudnn.cu) against the unfused one and an FP64 log-sum-exp, skipping where cuDNN refuses.
+// Gradients start from non-zero values so that accumulation (beta = 1) is checked, and outputs start from
+// garbage so that overwriting is. Every test skips with "no CUDA device" where there is none (CI, the build
+// machines).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -246,22 +249,136 @@ TYPED_TEST(CudaBlas, UnfusedAttentionMatchesCpu) {
   }
 }
 
-TYPED_TEST(CudaBlas, CudnnAttentionRefusedWhereUnsupported) {
+/// cuDNN SDPA against the unfused path: each side rounds the probabilities (flash attention feeds them to its
+/// second GEMM in the storage type, as the unfused path stores them), but in different orders, and cuDNN
+/// rounds dq/dk/dv once more before they are added into dqkv. Twice the GPU-vs-CPU tolerance.
+template <typename T>
+Tolerance cudnn_tolerance() {
+  const Tolerance t = attention_tolerance<T>();
+  return {2 * t.abs, 2 * t.rel};
+}
+
+/// What cuDNN's forward saves in `att`: per (b, h, t) the natural-log log-sum-exp of the scaled causal
+/// scores, log(sum_{j <= t} exp(q_t . k_j / sqrt(hs))), in double from the stored inputs.
+template <typename T>
+std::vector<float> reference_log_sum_exp(const std::vector<T>& qkv, int64_t B, int64_t T_, int64_t C,
+                                         int64_t NH) {
+  const int64_t hs = C / NH;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+  std::vector<float> lse(static_cast<size_t>(B * NH * T_));
+  std::vector<double> scores(static_cast<size_t>(T_));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < NH; ++h)
+      for (int64_t t = 0; t < T_; ++t) {
+        const T* q = qkv.data() + (b * T_ + t) * 3 * C + h * hs;
+        double max_score = -INFINITY;
+        for (int64_t j = 0; j <= t; ++j) {
+          const T* k = qkv.data() + (b * T_ + j) * 3 * C + C + h * hs;
+          double dot = 0;
+          for (int64_t d = 0; d < hs; ++d) dot += double{to_float(q[d])} * double{to_float(k[d])};
+          scores[j] = dot * scale;
+          max_score = std::max(max_score, scores[j]);
+        }
+        double sum = 0;
+        for (int64_t j = 0; j <= t; ++j) sum += std::exp(scores[j] - max_score);
+        lse[(b * NH + h) * T_ + t] = static_cast<float>(max_score + std::log(sum));
+      }
+  return lse;
+}
+
+/// head sizes 64 and 32, each at T = 1, 37 and 128.
+const AttentionShape kCudnnShapes[] = {{2, 37, 128, 2}, {1, 128, 192, 3}, {3, 1, 64, 1},
+                                       {2, 37, 96, 3},  {2, 128, 64, 2},  {2, 1, 32, 1}};
+
+TYPED_TEST(CudaBlas, CudnnAttentionMatchesUnfused) {
+  MPT_REQUIRE_GPU();
+  using T = TypeParam;
+  if constexpr (std::is_same_v<T, float>) {
+    GTEST_SKIP() << "cuDNN SDPA runs f16 and bf16 only (refusal of f32 is checked by CudnnAttentionRefusals)";
+  } else {
+    const DType dtype = dtype_of<T>();
+    cuda::BlasContext ctx;
+    uint32_t seed = 300;
+    std::string skipped;
+    for (const auto& s : kCudnnShapes) {
+      const std::string what = "B " + std::to_string(s.B) + " T " + std::to_string(s.T) + " C " +
+                               std::to_string(s.C) + " NH " + std::to_string(s.NH);
+      std::string why_not;
+      if (!cuda::attention_supported(ctx, cuda::AttentionImpl::cudnn, s.B, s.T, s.C, s.NH, dtype, &why_not)) {
+        EXPECT_FALSE(why_not.empty()) << what;
+        skipped += (skipped.empty() ? "" : "; ") + what + ": " + why_not;
+        continue;
+      }
+      const size_t n_qkv = s.B * s.T * 3 * s.C, n_out = s.B * s.T * s.C, n_rows = s.B * s.NH * s.T;
+      const size_t n_att = n_rows * s.T;
+      ASSERT_EQ(cuda::attention_saved_bytes(cuda::AttentionImpl::cudnn, s.B, s.T, s.NH, dtype),
+                n_rows * sizeof(float));
+      const auto qkv = random_vector<T>(n_qkv, -2, 2, seed++);
+      const auto dout = random_vector<T>(n_out, -1, 1, seed++);
+      const auto dqkv = random_vector<T>(n_qkv, -1, 1, seed++);  // non-zero: backward accumulates
+      DeviceArray<T> d_qkv(qkv, 0), d_dout(dout, 0);
+      DeviceArray<T> d_dqkv_ref(dqkv, 0), d_dqkv(dqkv, 0);
+      DeviceArray<T> d_out_ref(std::vector<T>(n_out, from_float<T>(1234.0f)), 0);
+      DeviceArray<T> d_out(std::vector<T>(n_out, from_float<T>(1234.0f)), 0);
+      DeviceArray<T> d_att(std::vector<T>(n_att), 0);
+      DeviceArray<float> d_stats(std::vector<float>(n_rows, 1234.0f), 0);
+
+      cuda::attention_forward(ctx, cuda::AttentionImpl::unfused, d_out_ref.ptr, d_att.ptr, d_qkv.ptr, s.B,
+                              s.T, s.C, s.NH, dtype, nullptr);
+      cuda::attention_backward(ctx, cuda::AttentionImpl::unfused, d_dqkv_ref.ptr, d_dout.ptr, d_qkv.ptr,
+                               d_att.ptr, d_out_ref.ptr, s.B, s.T, s.C, s.NH, dtype, nullptr);
+      cuda::attention_forward(ctx, cuda::AttentionImpl::cudnn, d_out.ptr, d_stats.ptr, d_qkv.ptr, s.B, s.T,
+                              s.C, s.NH, dtype, nullptr);
+      // Backward from cuDNN's own forward output and statistics, as in training.
+      cuda::attention_backward(ctx, cuda::AttentionImpl::cudnn, d_dqkv.ptr, d_dout.ptr, d_qkv.ptr,
+                               d_stats.ptr, d_out.ptr, s.B, s.T, s.C, s.NH, dtype, nullptr);
+      MPT_CUDA_CHECK(cudaDeviceSynchronize());
+
+      expect_close(d_out.to_host(), d_out_ref.to_host(), cudnn_tolerance<T>(), "out, " + what);
+      expect_close(d_stats.to_host(), reference_log_sum_exp(qkv, s.B, s.T, s.C, s.NH), Tolerance{2e-3, 1e-3},
+                   "softmax statistics, " + what);
+      expect_close(d_dqkv.to_host(), d_dqkv_ref.to_host(), cudnn_tolerance<T>(), "dqkv, " + what);
+    }
+    if (!skipped.empty()) GTEST_SKIP() << "cuDNN SDPA not supported: " << skipped;
+  }
+}
+
+TYPED_TEST(CudaBlas, CudnnAttentionRefusals) {
   MPT_REQUIRE_GPU();
   using T = TypeParam;
   const DType dtype = dtype_of<T>();
   cuda::BlasContext ctx;
+  EXPECT_EQ(cuda::attention_saved_bytes(cuda::AttentionImpl::cudnn, 2, 16, 3, dtype),
+            static_cast<size_t>(2 * 3 * 16) * sizeof(float));
+  std::string why_not;
+  // Head sizes cuDNN SDPA does not run (not a multiple of 8; over 128), whatever the dtype, with a reason.
+  EXPECT_FALSE(cuda::attention_supported(ctx, cuda::AttentionImpl::cudnn, 1, 16, 36, 3, dtype, &why_not));
+  EXPECT_FALSE(why_not.empty());
+  why_not.clear();
+  EXPECT_FALSE(cuda::attention_supported(ctx, cuda::AttentionImpl::cudnn, 1, 16, 256, 1, dtype, &why_not));
+  EXPECT_FALSE(why_not.empty());
   const int64_t B = 1, T_ = 16, C = 64, NH = 1;
-  EXPECT_EQ(cuda::attention_saved_bytes(cuda::AttentionImpl::cudnn, B, T_, NH, dtype),
-            static_cast<size_t>(B * NH * T_) * sizeof(float));
-  // The cuDNN SDPA path is not implemented (see kernels/cuda/attention.cu): it must say so, and calling it
-  // must throw rather than leave the outputs unwritten.
-  ASSERT_FALSE(cuda::attention_supported(ctx, cuda::AttentionImpl::cudnn, B, T_, C, NH, dtype));
   DeviceArray<T> d_qkv(std::vector<T>(B * T_ * 3 * C), 0), d_out(std::vector<T>(B * T_ * C), 0);
   DeviceArray<float> d_stats(std::vector<float>(B * NH * T_), 0);
-  EXPECT_THROW(cuda::attention_forward(ctx, cuda::AttentionImpl::cudnn, d_out.ptr, d_stats.ptr, d_qkv.ptr, B,
-                                       T_, C, NH, dtype, nullptr),
-               Error);
+  why_not.clear();
+  const bool supported =
+      cuda::attention_supported(ctx, cuda::AttentionImpl::cudnn, B, T_, C, NH, dtype, &why_not);
+  if (!supported) {
+    // Refused paths throw rather than leave the outputs unwritten.
+    EXPECT_FALSE(why_not.empty());
+    EXPECT_THROW(cuda::attention_forward(ctx, cuda::AttentionImpl::cudnn, d_out.ptr, d_stats.ptr, d_qkv.ptr,
+                                         B, T_, C, NH, dtype, nullptr),
+                 Error);
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    EXPECT_FALSE(supported) << "cuDNN SDPA claims f32 support";
+  } else if (supported) {
+    // cuDNN needs 16-byte aligned tensors: a pointer one element off is refused, not passed on.
+    DeviceArray<T> d_qkv_off(std::vector<T>(B * T_ * 3 * C), 1);
+    EXPECT_THROW(cuda::attention_forward(ctx, cuda::AttentionImpl::cudnn, d_out.ptr, d_stats.ptr,
+                                         d_qkv_off.ptr, B, T_, C, NH, dtype, nullptr),
+                 Error);
+  }
 }
 
 TEST(CudaBlasErrors, BadArgumentsThrow) {

@@ -10,13 +10,15 @@
 // the two tensor-core GEMMs that consume them, the q/k/v gradients come out of their GEMMs in FP32 and are
 // added into dqkv with one rounding. Intermediates live in the BlasContext's grow-only scratch.
 //
-// The fused path (cuDNN SDPA) is not implemented: see attention_supported.
+// The fused path (cuDNN SDPA, saving only softmax statistics) is in attention_cudnn.cu; the launchers at the
+// bottom dispatch to it.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
 #include <type_traits>
 
+#include "cuda/attention_cudnn.cuh"
 #include "cuda/blas_context.cuh"
 #include "cuda/dtype.cuh"
 #include "mptrain/cuda_blas.hpp"
@@ -317,9 +319,11 @@ void dispatch(DType dtype, const char* op, F&& f) {
 
 void require_supported(BlasContext& ctx, AttentionImpl impl, int64_t B, int64_t T_, int64_t C, int64_t NH,
                        DType dtype, const char* op) {
-  MPT_CHECK(attention_supported(ctx, impl, B, T_, C, NH, dtype),
-            "{}: the {} attention path does not support B = {}, T = {}, C = {}, NH = {}, dtype {}", op,
-            impl == AttentionImpl::cudnn ? "cuDNN" : "unfused", B, T_, C, NH, std::string(dtype_name(dtype)));
+  std::string why_not;
+  MPT_CHECK(attention_supported(ctx, impl, B, T_, C, NH, dtype, &why_not),
+            "{}: the {} attention path does not support B = {}, T = {}, C = {}, NH = {}, dtype {}: {}", op,
+            impl == AttentionImpl::cudnn ? "cuDNN" : "unfused", B, T_, C, NH, std::string(dtype_name(dtype)),
+            why_not);
 }
 
 }  // namespace
@@ -330,14 +334,15 @@ size_t attention_saved_bytes(AttentionImpl impl, int64_t B, int64_t T, int64_t N
   return b * nh * t * t * dtype_size(dtype);
 }
 
-bool attention_supported(BlasContext& /*ctx*/, AttentionImpl impl, int64_t /*B*/, int64_t /*T*/,
-                         int64_t /*C*/, int64_t /*NH*/, DType dtype) {
+bool attention_supported(BlasContext& ctx, AttentionImpl impl, int64_t B, int64_t T, int64_t C, int64_t NH,
+                         DType dtype, std::string* why_not) {
+  check_shape("cuda::attention_supported", B, T, C, NH);
+  if (impl == AttentionImpl::cudnn)
+    return cudnn_attention_supported(ctx.state(), B, T, NH, C / NH, dtype, why_not);
   const bool storage_type = dtype == DType::f32 || dtype == DType::f16 || dtype == DType::bf16;
-  if (impl == AttentionImpl::unfused) return storage_type;
-  // cuDNN SDPA is not implemented: its graph (matmul, scale, causal mask, softmax with statistics, matmul,
-  // and the matching backward graph) could not be verified on a GPU when this was written, and an untested
-  // fused kernel is no reference. Callers fall back to the unfused path.
-  return false;
+  if (!storage_type && why_not != nullptr)
+    *why_not = "dtype " + std::string(dtype_name(dtype)) + " is not a CUDA storage type (f32, f16, bf16)";
+  return storage_type;
 }
 
 void attention_forward(BlasContext& ctx, AttentionImpl impl, void* out, void* att, const void* qkv, int64_t B,
@@ -348,6 +353,10 @@ void attention_forward(BlasContext& ctx, AttentionImpl impl, void* out, void* at
   MPT_CHECK(out != nullptr, "cuda::attention_forward: out is null");
   MPT_CHECK(att != nullptr, "cuda::attention_forward: att is null");
   MPT_CHECK(qkv != nullptr, "cuda::attention_forward: qkv is null");
+  if (impl == AttentionImpl::cudnn) {
+    cudnn_attention_forward(ctx.state(), out, static_cast<float*>(att), qkv, B, T, NH, C / NH, dtype, stream);
+    return;
+  }
   dispatch(dtype, "cuda::attention_forward", [&]<typename S>() {
     unfused_forward<S>(ctx, static_cast<S*>(out), static_cast<S*>(att), static_cast<const S*>(qkv), B, T, C,
                        NH, stream);
@@ -355,7 +364,7 @@ void attention_forward(BlasContext& ctx, AttentionImpl impl, void* out, void* at
 }
 
 void attention_backward(BlasContext& ctx, AttentionImpl impl, void* dqkv, const void* dout, const void* qkv,
-                        const void* att, const void* /*out*/, int64_t B, int64_t T, int64_t C, int64_t NH,
+                        const void* att, const void* out, int64_t B, int64_t T, int64_t C, int64_t NH,
                         DType dtype, cudaStream_t stream) {
   check_shape("cuda::attention_backward", B, T, C, NH);
   require_supported(ctx, impl, B, T, C, NH, dtype, "cuda::attention_backward");
@@ -364,6 +373,12 @@ void attention_backward(BlasContext& ctx, AttentionImpl impl, void* dqkv, const 
   MPT_CHECK(dout != nullptr, "cuda::attention_backward: dout is null");
   MPT_CHECK(qkv != nullptr, "cuda::attention_backward: qkv is null");
   MPT_CHECK(att != nullptr, "cuda::attention_backward: att is null");
+  if (impl == AttentionImpl::cudnn) {
+    MPT_CHECK(out != nullptr, "cuda::attention_backward: out is null (the cuDNN path reads it)");
+    cudnn_attention_backward(ctx.state(), dqkv, dout, qkv, static_cast<const float*>(att), out, B, T, NH,
+                             C / NH, dtype, stream);
+    return;
+  }
   dispatch(dtype, "cuda::attention_backward", [&]<typename S>() {
     unfused_backward<S>(ctx, static_cast<S*>(dqkv), static_cast<const S*>(dout), static_cast<const S*>(qkv),
                         static_cast<const S*>(att), B, T, C, NH, stream);

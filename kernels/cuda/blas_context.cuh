@@ -1,6 +1,8 @@
-// BlasContext's private state, shared by kernels/cuda/matmul.cu and kernels/cuda/attention.cu: the cuBLASLt
-// handle and its fixed workspace, a cache of matmul plans (descriptor, layouts, heuristic's algorithm) keyed
-// by everything the heuristic looks at, and a grow-only scratch buffer for the ops' intermediates.
+// BlasContext's private state, shared by kernels/cuda/matmul.cu, attention.cu and attention_cudnn.cu: the
+// cuBLASLt handle and its fixed workspace, a cache of matmul plans (descriptor, layouts, heuristic's
+// algorithm) keyed by everything the heuristic looks at, a grow-only scratch buffer for the ops'
+// intermediates, and the cuDNN SDPA state (handle and cached graphs), opaque here so that only
+// attention_cudnn.cu needs the cuDNN frontend's headers.
 #pragma once
 
 #include <cublasLt.h>
@@ -9,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <tuple>
 
 #include "mptrain/cuda_blas.hpp"
@@ -55,6 +58,14 @@ struct GemmCall {
   const void* bias = nullptr;  ///< [N] of c_type, only with batch == 1
 };
 
+/// cuDNN SDPA state, defined in kernels/cuda/attention_cudnn.cu: the cuDNN handle (created on first use) and
+/// the graphs built per shape.
+struct CudnnAttention;
+/// Destroys a CudnnAttention (defined next to it); logs instead of throwing.
+struct CudnnAttentionDeleter {
+  void operator()(CudnnAttention* p) const noexcept;
+};
+
 struct BlasContext::State {
   static constexpr size_t kLtWorkspaceBytes = size_t{32} << 20;
 
@@ -68,6 +79,8 @@ struct BlasContext::State {
   using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                          int64_t, int64_t, int, int, bool, unsigned, unsigned, unsigned, unsigned>;
   std::map<Key, GemmPlan> plans;
+  /// Null until the cuDNN attention path is first asked about (attention_cudnn.cu creates it).
+  std::unique_ptr<CudnnAttention, CudnnAttentionDeleter> cudnn;
 
   State();
   ~State();
