@@ -36,7 +36,7 @@ struct Tol {
 template <typename T>
 Tol elem_tol() {
   if constexpr (std::is_same_v<T, float>)
-    return {1e-6, 1e-5};
+    return {5e-6, 1e-5};
   else if constexpr (std::is_same_v<T, half>)
     return {1e-4, 2e-3};
   else

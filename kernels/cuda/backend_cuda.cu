@@ -194,7 +194,10 @@ class CudaBackend final : public Backend {
   size_t bytes_in_use() const override { return bytes_in_use_; }
   void release(void* data, size_t num_bytes) noexcept override {
     if (data) {
-      // cudaFree waits for the device, so work still reading the buffer finishes first.
+      // Work still reading the buffer finishes first (cudaFree waits for the device too, but only
+      // implicitly).
+      const cudaError_t sync_rc = cudaStreamSynchronize(stream_.get());
+      if (sync_rc != cudaSuccess) log_cuda_failure("cudaStreamSynchronize before cudaFree", sync_rc);
       const cudaError_t rc = cudaFree(data);
       if (rc != cudaSuccess) log_cuda_failure("cudaFree", rc);
     }
@@ -356,7 +359,10 @@ class CudaBackend final : public Backend {
     // One device array: [found_inf (a float in the first 8 bytes)][block sums (doubles)], read back in one
     // copy.
     const size_t bytes = (1 + starts.size()) * sizeof(double);
-    if (check_state_.num_bytes() < bytes) check_state_ = DeviceMemory(bytes);
+    if (check_state_.num_bytes() < bytes) {
+      synchronize();  // the previous pass's copy has finished before its array is freed
+      check_state_ = DeviceMemory(bytes);
+    }
     auto* found_inf = static_cast<float*>(check_state_.data());
     double* sums = static_cast<double*>(check_state_.data()) + 1;
     dispatch_float_dtype(grad_dtype, [&]<typename S>() {
@@ -419,10 +425,11 @@ class CudaBackend final : public Backend {
   cudaStream_t stream() const { return stream_.get(); }
 
   /// A device scratch area of at least `num_bytes`, grown (never shrunk) on demand. Reuse between ops is
-  /// ordered by the stream; freeing the old area waits for the device (cudaFree), so no op still uses it.
+  /// ordered by the stream; growing waits for the stream before freeing the old area.
   void* workspace(size_t num_bytes) {
     if (workspace_.num_bytes() < num_bytes) {
       const size_t grown = std::max(num_bytes, 2 * workspace_.num_bytes());
+      synchronize();       // no op still uses the old area
       workspace_.reset();  // free first: peak memory is one workspace
       workspace_ = DeviceMemory(grown);
     }
@@ -439,7 +446,10 @@ class CudaBackend final : public Backend {
     key.append(reinterpret_cast<const char*>(data), bytes);
     auto it = uploads_.find(key);
     if (it != uploads_.end()) return it->second.data();
-    if (uploads_.size() >= kMaxCachedUploads) uploads_.clear();  // cudaFree waits for users of the old ones
+    if (uploads_.size() >= kMaxCachedUploads) {
+      synchronize();  // no op still reads the old arrays
+      uploads_.clear();
+    }
     DeviceMemory memory(bytes);
     // From pageable memory: staged before the call returns, so `data` may go away afterwards.
     MPT_CUDA_CHECK(cudaMemcpyAsync(memory.data(), data, bytes, cudaMemcpyHostToDevice, stream()));

@@ -126,6 +126,8 @@ void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, 
   MPT_CHECK(workspace != nullptr && workspace_bytes >= needed,
             "cuda::embedding_backward: workspace of {} bytes is smaller than the {} needed", workspace_bytes,
             needed);
+  MPT_CHECK((C + kPiece - 1) / kPiece <= 65535,
+            "cuda::embedding_backward: C = {} needs more than 65535 channel pieces", C);
   const int64_t n = B * T_;
   const size_t array_bytes = align256(static_cast<size_t>(n) * sizeof(int32_t));
   auto* base = static_cast<unsigned char*>(workspace);
@@ -141,7 +143,6 @@ void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, 
                                                  sorted_positions, static_cast<int>(n), 0,
                                                  static_cast<int>(sizeof(int32_t) * 8), stream));
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((C + kPiece - 1) / kPiece));
-  MPT_CHECK(grid.y <= 65535, "cuda::embedding_backward: C = {} needs more than 65535 channel pieces", C);
   embedding_backward_wte_kernel<T>
       <<<grid, kThreads, 0, stream>>>(dwte, dout, sorted_tokens, sorted_positions, n, C);
   MPT_CUDA_LAUNCH_CHECK();
