@@ -17,8 +17,11 @@
 // refuses that, the default algorithm is used instead.
 //
 // Graphs are built once per (direction, B, T, NH, hs, dtype) and kept in the BlasContext, together with
-// refusals, so attention_supported is a map lookup after the first call for a shape. Workspace comes from
-// the context's grow-only scratch. Built only with MPTRAIN_WITH_CUDNN; otherwise every shape is refused.
+// refusals, so attention_supported is a map lookup after the first call for a shape. A shape is supported
+// only when cuDNN takes both directions (cuDNN 9.19's backward refuses T = 1, so T = 1 runs unfused).
+// Workspace comes from the context's grow-only scratch. The same graph descriptions can be validated
+// without a device for a given compute capability (cudnn_attention_validate_offline, used by the tests).
+// Built only with MPTRAIN_WITH_CUDNN; otherwise every shape is refused.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -146,11 +149,14 @@ std::string lower(fe::graph::Graph& g, cudnnHandle_t handle, int64_t* workspace_
   return {};
 }
 
-std::shared_ptr<fe::graph::Graph> new_graph(DType dtype) {
+/// An empty graph for `dtype` I/O with FP32 intermediates and compute. sm_version 0: the frontend reads the
+/// compute capability from the current device; otherwise it validates for that one (no device needed).
+std::shared_ptr<fe::graph::Graph> new_graph(DType dtype, int sm_version) {
   auto g = std::make_shared<fe::graph::Graph>();
   g->set_io_data_type(fe_type(dtype))
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
+  if (sm_version > 0) g->set_sm_version(sm_version);
   return g;
 }
 
@@ -158,10 +164,10 @@ float attention_scale(int64_t hs) {
   return 1.0f / std::sqrt(static_cast<float>(hs));
 }
 
-/// Forward graph: (q, k, v) -> (o, stats).
-CachedGraph build_forward(cudnnHandle_t handle, int64_t B, int64_t T, int64_t NH, int64_t hs, DType dtype) {
-  CachedGraph entry;
-  auto g = new_graph(dtype);
+/// Forward graph, described but not lowered: (q, k, v) -> (o, stats).
+std::shared_ptr<fe::graph::Graph> describe_forward(int64_t B, int64_t T, int64_t NH, int64_t hs, DType dtype,
+                                                   int sm_version) {
+  auto g = new_graph(dtype, sm_version);
   const std::vector<int64_t> dims{B, NH, T, hs};
   const auto in_strides = qkv_strides(T, NH, hs);
   auto q = input(*g, "q", kQ, dims, in_strides);
@@ -180,16 +186,13 @@ CachedGraph build_forward(cudnnHandle_t handle, int64_t B, int64_t T, int64_t NH
       .set_data_type(fe::DataType_t::FLOAT)
       .set_dim({B, NH, T, 1})
       .set_stride({NH * T, T, 1, 1});
-  entry.failure = lower(*g, handle, &entry.workspace_bytes);
-  if (entry.failure.empty()) entry.graph = std::move(g);
-  return entry;
+  return g;
 }
 
-/// Backward graph: (q, k, v, o, do, stats) -> (dq, dk, dv).
-CachedGraph build_backward(cudnnHandle_t handle, int64_t B, int64_t T, int64_t NH, int64_t hs, DType dtype,
-                           bool deterministic) {
-  CachedGraph entry;
-  auto g = new_graph(dtype);
+/// Backward graph, described but not lowered: (q, k, v, o, do, stats) -> (dq, dk, dv).
+std::shared_ptr<fe::graph::Graph> describe_backward(int64_t B, int64_t T, int64_t NH, int64_t hs, DType dtype,
+                                                    bool deterministic, int sm_version) {
+  auto g = new_graph(dtype, sm_version);
   const std::vector<int64_t> dims{B, NH, T, hs};
   const auto in_strides = qkv_strides(T, NH, hs);
   const auto out_strides = bthd_strides(T, NH, hs);
@@ -214,8 +217,27 @@ CachedGraph build_backward(cudnnHandle_t handle, int64_t B, int64_t T, int64_t N
   dq->set_output(true).set_uid(kDQ).set_dim(dims).set_stride(in_strides);
   dk->set_output(true).set_uid(kDK).set_dim(dims).set_stride(in_strides);
   dv->set_output(true).set_uid(kDV).set_dim(dims).set_stride(in_strides);
+  return g;
+}
+
+/// Lowers a described graph for the current device; on failure keeps the reason instead of the graph.
+CachedGraph lowered(std::shared_ptr<fe::graph::Graph> g, cudnnHandle_t handle) {
+  CachedGraph entry;
   entry.failure = lower(*g, handle, &entry.workspace_bytes);
   if (entry.failure.empty()) entry.graph = std::move(g);
+  return entry;
+}
+
+/// The forward graph (backward == false) or the backward graph, deterministic where cuDNN accepts that and
+/// its default algorithm otherwise: `make(deterministic)` returns a CachedGraph.
+template <typename Make>
+CachedGraph build_with_fallback(bool backward, Make&& make) {
+  if (!backward) return make(false);
+  CachedGraph entry = make(true);
+  if (entry.graph) return entry;
+  CachedGraph fallback = make(false);
+  if (fallback.graph) return fallback;
+  entry.failure += " (deterministic); " + fallback.failure + " (default algorithm)";
   return entry;
 }
 
@@ -231,18 +253,11 @@ const CachedGraph& graph_for(BlasContext::State& state, bool backward, int64_t B
     entry.failure = ca.handle_failure;
   } else {
     try {
-      if (!backward) {
-        entry = build_forward(ca.handle, B, T, NH, hs, dtype);
-      } else {
-        entry = build_backward(ca.handle, B, T, NH, hs, dtype, true);
-        if (!entry.graph) {
-          CachedGraph fallback = build_backward(ca.handle, B, T, NH, hs, dtype, false);
-          if (fallback.graph)
-            entry = std::move(fallback);
-          else
-            entry.failure += " (deterministic); " + fallback.failure + " (default algorithm)";
-        }
-      }
+      entry = build_with_fallback(backward, [&](bool deterministic) {
+        return lowered(backward ? describe_backward(B, T, NH, hs, dtype, deterministic, 0)
+                                : describe_forward(B, T, NH, hs, dtype, 0),
+                       ca.handle);
+      });
     } catch (const std::exception& e) {
       entry = CachedGraph{};
       entry.failure = std::string("cuDNN frontend threw: ") + e.what();
@@ -353,6 +368,35 @@ void cudnn_attention_backward(BlasContext::State& state, void* dqkv, const void*
     accumulate(static_cast<half*>(dqkv), static_cast<const half*>(grad), n_qkv, stream);
 }
 
+bool cudnn_attention_built() {
+  return true;
+}
+
+std::string cudnn_attention_validate_offline(int64_t B, int64_t T, int64_t NH, int64_t hs, DType dtype,
+                                             int sm_version) {
+  MPT_CHECK(sm_version > 0, "cudnn_attention_validate_offline: sm_version {} must be positive", sm_version);
+  const auto validated = [](std::shared_ptr<fe::graph::Graph> g) {
+    CachedGraph entry;
+    if (auto rc = g->validate(); rc.is_bad())
+      entry.failure = "validate: " + rc.get_message();
+    else
+      entry.graph = std::move(g);
+    return entry;
+  };
+  try {
+    for (const bool backward : {false, true}) {
+      const CachedGraph entry = build_with_fallback(backward, [&](bool deterministic) {
+        return validated(backward ? describe_backward(B, T, NH, hs, dtype, deterministic, sm_version)
+                                  : describe_forward(B, T, NH, hs, dtype, sm_version));
+      });
+      if (!entry.graph) return std::string(backward ? "backward graph: " : "forward graph: ") + entry.failure;
+    }
+  } catch (const std::exception& e) {
+    return std::string("cuDNN frontend threw: ") + e.what();
+  }
+  return {};
+}
+
 #else  // !MPTRAIN_WITH_CUDNN
 
 struct CudnnAttention {};
@@ -384,6 +428,15 @@ void cudnn_attention_backward(BlasContext::State& /*state*/, void* /*dqkv*/, con
                               int64_t /*T*/, int64_t /*NH*/, int64_t /*hs*/, DType /*dtype*/,
                               cudaStream_t /*stream*/) {
   throw Error(std::string("cuda::attention_backward: ") + kNotBuilt);
+}
+
+bool cudnn_attention_built() {
+  return false;
+}
+
+std::string cudnn_attention_validate_offline(int64_t /*B*/, int64_t /*T*/, int64_t /*NH*/, int64_t /*hs*/,
+                                             DType /*dtype*/, int /*sm_version*/) {
+  return kNotBuilt;
 }
 
 #endif  // MPTRAIN_WITH_CUDNN

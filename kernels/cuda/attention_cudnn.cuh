@@ -35,4 +35,15 @@ void cudnn_attention_backward(BlasContext::State& state, void* dqkv, const void*
                               const float* stats, const void* out, int64_t B, int64_t T, int64_t NH,
                               int64_t hs, DType dtype, cudaStream_t stream);
 
+/// Whether this build has the cuDNN path (MPTRAIN_WITH_CUDNN).
+bool cudnn_attention_built();
+
+/// Validates the forward and backward graph descriptions that the path would build for (B, T, NH, hs, dtype)
+/// against the frontend's SDPA support rules for compute capability `sm_version` (90 for Hopper), without a
+/// device or a cuDNN handle, with the same deterministic-then-default fallback. Returns "" when both are
+/// accepted, else the reason. For tests on machines without a GPU: it checks the descriptions, not the
+/// plans or the numbers. Throws mpt::Error for sm_version <= 0.
+std::string cudnn_attention_validate_offline(int64_t B, int64_t T, int64_t NH, int64_t hs, DType dtype,
+                                             int sm_version);
+
 }  // namespace mpt::cuda
