@@ -26,7 +26,8 @@ if [ -f "$dest/VERSION" ] && [ "$(cat "$dest/VERSION")" = "$version" ] && [ -f "
 fi
 
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+staging=""
+trap 'rm -rf "$tmp" ${staging:+"$staging"}' EXIT
 
 echo "cudnn-frontend: downloading nvidia-cudnn-frontend==$version (headers only are kept)"
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 --implementation cp \
