@@ -193,7 +193,7 @@ TEST(CudaStepScaler, InjectedInfSkipsOnDevice) {
   gpu.model->forward_accumulate(gpu.engine->params(), tokens.data(), targets.data(), B, T, 1.0f,
                                 gpu.engine->loss_scale_device());
   gpu.model->backward(gpu.engine->params(), gpu.engine->grads());
-  const half inf = half::from_bits(0x7c00);
+  const mpt::half inf = mpt::half::from_bits(0x7c00);
   gpu.backend->copy_from_host(gpu.engine->grads(), &inf, sizeof(inf));  // first gradient element: wte[0][0]
   gpu.engine->sync_grads();
   gpu.engine->step_async();

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "mptrain/dtype.hpp"
 
@@ -60,18 +61,26 @@ void matmul_backward(BlasContext& ctx, void* dinp, void* dweight, void* dbias, c
 /// softmax statistics B*NH*T FP32 (cudnn). The model allocates max of the two.
 size_t attention_saved_bytes(AttentionImpl impl, int64_t B, int64_t T, int64_t NH, DType dtype);
 
-/// True when `impl` can run this shape and dtype on the current device (cudnn: cuDNN >= 9 present and the
-/// head size and dtype supported by its SDPA; unfused: always).
+/// True when `impl` can run this shape and dtype on the context's device. unfused: any storage dtype.
+/// cudnn: built with MPTRAIN_WITH_CUDNN, dtype f16 or bf16, hs = C/NH a multiple of 8 and at most 128, and
+/// cuDNN's SDPA accepts both the forward and the backward graph for (B, T, NH, hs, dtype) on this device;
+/// the first call for a shape builds those graphs (milliseconds to seconds) and caches them with the answer,
+/// later calls are a map lookup. When false and `why_not` is not null, *why_not receives the reason (for
+/// cudnn, cuDNN's own message where it refused). Throws mpt::Error for a bad shape (C not a multiple of NH).
 bool attention_supported(BlasContext& ctx, AttentionImpl impl, int64_t B, int64_t T, int64_t C, int64_t NH,
-                         DType dtype);
+                         DType dtype, std::string* why_not = nullptr);
 
 /// Causal multi-head self-attention (GPT-2; scale 1/sqrt(C/NH)). qkv[B,T,3C] holds q, k, v (each [NH, hs] per
 /// position, hs = C/NH); out[B,T,C] overwritten; `att` receives what backward needs (attention_saved_bytes).
-/// Throws mpt::Error when `impl` is not supported for the shape.
+/// cudnn additionally needs qkv, out and att 16-byte aligned. Throws mpt::Error when `impl` is not supported
+/// for the shape (with the reason) or a pointer is null or misaligned, LibraryError when cuDNN fails.
 void attention_forward(BlasContext& ctx, AttentionImpl impl, void* out, void* att, const void* qkv, int64_t B,
                        int64_t T, int64_t C, int64_t NH, DType dtype, cudaStream_t stream);
 
-/// dqkv[B,T,3C] += gradient of attention_forward given dout[B,T,C] and what forward saved in att (same impl).
+/// dqkv[B,T,3C] += gradient of attention_forward given dout[B,T,C], what forward saved in att and forward's
+/// output out[B,T,C] (read by cudnn only), with the same impl as forward. cudnn computes dq, dk, dv into
+/// device scratch (rounded to the storage type there) and adds them into dqkv in FP32 with one more rounding;
+/// all pointers 16-byte aligned. Throws as attention_forward.
 void attention_backward(BlasContext& ctx, AttentionImpl impl, void* dqkv, const void* dout, const void* qkv,
                         const void* att, const void* out, int64_t B, int64_t T, int64_t C, int64_t NH,
                         DType dtype, cudaStream_t stream);

@@ -1,0 +1,531 @@
+// The CUDA backend: device memory with byte accounting, its own non-blocking stream, and every Backend op
+// dispatched on the storage dtype to the launchers in include/mptrain/cuda_kernels.hpp (model ops),
+// include/mptrain/cuda_blas.hpp (cuBLASLt linear layers, attention) and include/mptrain/cuda_ops.hpp (the
+// optimizer-side kernels). Ops enqueue on the backend's stream and return; copy_to_host and synchronize wait.
+//
+// The host-side arrays the optimizer ops take (ranges, segments) are uploaded once and cached by content, so
+// a training step that passes the same spans every time copies nothing: the step's scalars (loss scale,
+// found_inf, clip factor, lr, Adam's t) live in device memory (common::AmpState).
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "mptrain/backend.hpp"
+#include "mptrain/cuda_blas.hpp"
+#include "mptrain/cuda_check.hpp"
+#include "mptrain/cuda_kernels.hpp"
+#include "mptrain/cuda_ops.hpp"
+#include "mptrain/error.hpp"
+
+namespace mpt {
+
+namespace cuda_backend_detail {
+
+/// Logs a failed CUDA call in a destructor or another place that must not throw.
+void log_cuda_failure(const char* what, cudaError_t rc) noexcept {
+  std::fprintf(stderr, "mptrain: cuda backend: %s failed: %s\n", what, cudaGetErrorString(rc));
+}
+
+/// Move-only owner of a cudaMalloc allocation used internally (workspace, cached uploads, scalars). Not
+/// counted in bytes_in_use(), which tracks what callers allocated.
+class DeviceMemory {
+ public:
+  DeviceMemory() = default;
+  explicit DeviceMemory(size_t num_bytes) : num_bytes_(num_bytes) {
+    if (num_bytes == 0) return;
+    const cudaError_t rc = cudaMalloc(&data_, num_bytes);
+    if (rc != cudaSuccess) {
+      (void)cudaGetLastError();
+      data_ = nullptr;
+      throw Error(MPT_FORMAT("cuda backend: cannot allocate {} bytes of device scratch: {}", num_bytes,
+                             cudaGetErrorString(rc)));
+    }
+  }
+  ~DeviceMemory() { reset(); }
+  DeviceMemory(DeviceMemory&& other) noexcept
+      : data_(std::exchange(other.data_, nullptr)), num_bytes_(std::exchange(other.num_bytes_, 0)) {}
+  DeviceMemory& operator=(DeviceMemory&& other) noexcept {
+    if (this != &other) {
+      reset();
+      data_ = std::exchange(other.data_, nullptr);
+      num_bytes_ = std::exchange(other.num_bytes_, 0);
+    }
+    return *this;
+  }
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+
+  void* data() const { return data_; }
+  size_t num_bytes() const { return num_bytes_; }
+  void reset() noexcept {
+    if (data_) {
+      const cudaError_t rc = cudaFree(data_);
+      if (rc != cudaSuccess) log_cuda_failure("cudaFree of scratch", rc);
+    }
+    data_ = nullptr;
+    num_bytes_ = 0;
+  }
+
+ private:
+  void* data_ = nullptr;
+  size_t num_bytes_ = 0;
+};
+
+/// Move-only owner of a non-blocking CUDA stream on the current device.
+class Stream {
+ public:
+  Stream() { MPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+  ~Stream() {
+    if (stream_) {
+      const cudaError_t rc = cudaStreamDestroy(stream_);
+      if (rc != cudaSuccess) log_cuda_failure("cudaStreamDestroy", rc);
+    }
+  }
+  Stream(Stream&& other) noexcept : stream_(std::exchange(other.stream_, nullptr)) {}
+  Stream& operator=(Stream&& other) noexcept {
+    std::swap(stream_, other.stream_);
+    return *this;
+  }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return stream_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
+/// Move-only owner of a CUDA event (timing enabled).
+class Event {
+ public:
+  Event() { MPT_CUDA_CHECK(cudaEventCreate(&event_)); }
+  ~Event() {
+    if (event_) {
+      const cudaError_t rc = cudaEventDestroy(event_);
+      if (rc != cudaSuccess) log_cuda_failure("cudaEventDestroy", rc);
+    }
+  }
+  Event(Event&& other) noexcept : event_(std::exchange(other.event_, nullptr)) {}
+  Event& operator=(Event&& other) noexcept {
+    std::swap(event_, other.event_);
+    return *this;
+  }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  cudaEvent_t get() const { return event_; }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+}  // namespace cuda_backend_detail
+
+namespace {
+
+using namespace cuda_backend_detail;
+
+/// Makes `device` current; constructed first so that every later member is created on that device.
+struct DeviceSelection {
+  explicit DeviceSelection(int device) {
+    const int count = cuda::device_count();
+    MPT_CHECK(count > 0, "cuda backend: no CUDA device is available");
+    MPT_CHECK(device >= 0 && device < count, "cuda backend: device {} does not exist ({} devices)", device,
+              count);
+    MPT_CUDA_CHECK(cudaSetDevice(device));
+  }
+};
+
+/// MPTRAIN_ATTENTION: unset, "auto" or "cudnn" use cuDNN SDPA where attention_supported() says so; "unfused"
+/// forces the unfused path. Anything else is an input error.
+bool attention_forced_unfused() {
+  const char* env = std::getenv("MPTRAIN_ATTENTION");
+  if (env == nullptr) return false;
+  const std::string_view value(env);
+  if (value.empty() || value == "auto" || value == "cudnn") return false;
+  if (value == "unfused") return true;
+  throw InputError(MPT_FORMAT("MPTRAIN_ATTENTION={} is not one of auto, cudnn, unfused", value));
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device)
+      : device_(device), selection_(device), force_unfused_(attention_forced_unfused()) {}
+  ~CudaBackend() override {
+    const cudaError_t rc = cudaStreamSynchronize(stream_.get());
+    if (rc != cudaSuccess) log_cuda_failure("cudaStreamSynchronize in the backend destructor", rc);
+  }
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  std::string name() const override { return "cuda"; }
+  void* native_stream() const override { return stream_.get(); }
+
+  // ---- memory ----
+
+  Buffer allocate(size_t num_bytes) override {
+    if (num_bytes == 0) return Buffer(this, nullptr, 0);
+    void* p = nullptr;
+    const cudaError_t rc = cudaMalloc(&p, num_bytes);  // 256-byte aligned (CUDA guarantees it)
+    if (rc != cudaSuccess) {
+      (void)cudaGetLastError();
+      size_t free_bytes = 0, total_bytes = 0;
+      if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) (void)cudaGetLastError();
+      throw Error(
+          MPT_FORMAT("cuda backend: out of device memory allocating {} bytes on device {} ({} of {} "
+                     "bytes free, {} in use by mptrain): {}",
+                     num_bytes, device_, free_bytes, total_bytes, bytes_in_use_, cudaGetErrorString(rc)));
+    }
+    bytes_in_use_ += num_bytes;
+    Buffer buffer(this, p, num_bytes);  // owns p from here: a failing memset frees it
+    MPT_CUDA_CHECK(cudaMemsetAsync(p, 0, num_bytes, stream_.get()));
+    return buffer;
+  }
+  size_t bytes_in_use() const override { return bytes_in_use_; }
+  void release(void* data, size_t num_bytes) noexcept override {
+    if (data) {
+      // Work still reading the buffer finishes first (cudaFree waits for the device too, but only
+      // implicitly).
+      const cudaError_t sync_rc = cudaStreamSynchronize(stream_.get());
+      if (sync_rc != cudaSuccess) log_cuda_failure("cudaStreamSynchronize before cudaFree", sync_rc);
+      const cudaError_t rc = cudaFree(data);
+      if (rc != cudaSuccess) log_cuda_failure("cudaFree", rc);
+    }
+    bytes_in_use_ -= num_bytes;
+  }
+  void fill_zero(void* dst, size_t num_bytes) override {
+    if (num_bytes) MPT_CUDA_CHECK(cudaMemsetAsync(dst, 0, num_bytes, stream_.get()));
+  }
+  void copy_from_host(void* dst, const void* src, size_t num_bytes) override {
+    if (num_bytes == 0) return;
+    MPT_CUDA_CHECK(cudaMemcpyAsync(dst, src, num_bytes, cudaMemcpyHostToDevice, stream_.get()));
+    // From pageable memory the call returns once `src` is staged, so the caller may reuse it at once. From
+    // page-locked memory the copy is truly asynchronous: wait, so the caller may still reuse `src`.
+    cudaPointerAttributes attributes{};
+    if (cudaPointerGetAttributes(&attributes, src) != cudaSuccess) {
+      (void)cudaGetLastError();
+      synchronize();
+    } else if (attributes.type != cudaMemoryTypeUnregistered) {
+      synchronize();
+    }
+  }
+  void copy_to_host(void* dst, const void* src, size_t num_bytes) override {
+    if (num_bytes == 0) return;
+    MPT_CUDA_CHECK(cudaMemcpyAsync(dst, src, num_bytes, cudaMemcpyDeviceToHost, stream_.get()));
+    synchronize();
+  }
+  void synchronize() override { MPT_CUDA_CHECK(cudaStreamSynchronize(stream_.get())); }
+
+  /// Dense FP16/BF16 tensor-core peak (FP32 accumulate) of the device from the vendor data sheets: 989e12 for
+  /// sm_90 (H100/H200 SXM), 312e12 for sm_80 (A100). Any other device is measured once: the best of 10
+  /// 4096^3 FP16 cuBLASLt GEMMs (through cuda::matmul_forward) after 3 warm-ups, timed with CUDA events.
+  double peak_flops() override {
+    if (peak_flops_ > 0.0) return peak_flops_;
+    int major = 0, minor = 0;
+    MPT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_));
+    MPT_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_));
+    if (major == 9 && minor == 0)
+      peak_flops_ = 989e12;
+    else if (major == 8 && minor == 0)
+      peak_flops_ = 312e12;
+    else
+      peak_flops_ = measure_fp16_gemm_flops();
+    return peak_flops_;
+  }
+
+  // ---- model ops ----
+
+  void embedding_forward(void* out, const int32_t* tokens, const void* wte, const void* wpe, int64_t B,
+                         int64_t T, int64_t C, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cuda::embedding_forward(static_cast<S*>(out), tokens, static_cast<const S*>(wte),
+                              static_cast<const S*>(wpe), B, T, C, stream());
+    });
+  }
+  void embedding_backward(void* dwte, void* dwpe, const void* dout, const int32_t* tokens, int64_t B,
+                          int64_t T, int64_t C, DType dtype) override {
+    const size_t bytes = cuda::embedding_backward_workspace_bytes(B, T);
+    void* ws = workspace(bytes);
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cuda::embedding_backward(static_cast<S*>(dwte), static_cast<S*>(dwpe), static_cast<const S*>(dout),
+                               tokens, B, T, C, ws, bytes, stream());
+    });
+  }
+  void layernorm_forward(void* out, float* mean, float* rstd, const void* inp, const void* weight,
+                         const void* bias, int64_t rows, int64_t C, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cuda::layernorm_forward(static_cast<S*>(out), mean, rstd, static_cast<const S*>(inp),
+                              static_cast<const S*>(weight), static_cast<const S*>(bias), rows, C, stream());
+    });
+  }
+  void layernorm_backward(void* dinp, void* dweight, void* dbias, const void* dout, const void* inp,
+                          const void* weight, const float* mean, const float* rstd, int64_t rows, int64_t C,
+                          DType dtype) override {
+    const size_t bytes = cuda::layernorm_backward_workspace_bytes(rows, C);
+    void* ws = workspace(bytes);
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cuda::layernorm_backward(static_cast<S*>(dinp), static_cast<S*>(dweight), static_cast<S*>(dbias),
+                               static_cast<const S*>(dout), static_cast<const S*>(inp),
+                               static_cast<const S*>(weight), mean, rstd, rows, C, ws, bytes, stream());
+    });
+  }
+  void matmul_forward(void* out, const void* inp, const void* weight, const void* bias, int64_t rows,
+                      int64_t IC, int64_t OC, DType dtype) override {
+    cuda::matmul_forward(blas_, out, inp, weight, bias, rows, IC, OC, dtype, stream());
+  }
+  void matmul_backward(void* dinp, void* dweight, void* dbias, const void* dout, const void* inp,
+                       const void* weight, int64_t rows, int64_t IC, int64_t OC, DType dtype) override {
+    cuda::matmul_backward(blas_, dinp, dweight, dbias, dout, inp, weight, rows, IC, OC, dtype, stream());
+  }
+  void attention_forward(void* out, void* att, const void* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
+                         DType dtype) override {
+    cuda::attention_forward(blas_, attention_impl(B, T, C, NH, dtype), out, att, qkv, B, T, C, NH, dtype,
+                            stream());
+  }
+  void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* att, const void* out,
+                          int64_t B, int64_t T, int64_t C, int64_t NH, DType dtype) override {
+    // The same shape gives the same choice as in forward, so backward reads what forward saved.
+    cuda::attention_backward(blas_, attention_impl(B, T, C, NH, dtype), dqkv, dout, qkv, att, out, B, T, C,
+                             NH, dtype, stream());
+  }
+  /// The most either path may save (the model sizes `att` before knowing which one a shape takes).
+  size_t attention_saved_bytes(int64_t B, int64_t T, int64_t NH, DType dtype) const override {
+    size_t bytes = cuda::attention_saved_bytes(cuda::AttentionImpl::unfused, B, T, NH, dtype);
+    if (!force_unfused_)
+      bytes = std::max(bytes, cuda::attention_saved_bytes(cuda::AttentionImpl::cudnn, B, T, NH, dtype));
+    return bytes;
+  }
+  void gelu_forward(void* out, const void* inp, int64_t n, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cuda::gelu_forward(static_cast<S*>(out), static_cast<const S*>(inp), n, stream());
+    });
+  }
+  void gelu_backward(void* dinp, const void* inp, const void* dout, int64_t n, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cuda::gelu_backward(static_cast<S*>(dinp), static_cast<const S*>(inp), static_cast<const S*>(dout), n,
+                          stream());
+    });
+  }
+  void residual_forward(void* out, const void* a, const void* b, int64_t n, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cuda::residual_forward(static_cast<S*>(out), static_cast<const S*>(a), static_cast<const S*>(b), n,
+                             stream());
+    });
+  }
+  void accumulate(void* acc, const void* x, int64_t n, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cuda::accumulate(static_cast<S*>(acc), static_cast<const S*>(x), n, stream());
+    });
+  }
+  void accumulate_f32(float* acc, const void* x, int64_t n, DType dtype) override {
+    dispatch_float_dtype(
+        dtype, [&]<typename S>() { cuda::accumulate_f32(acc, static_cast<const S*>(x), n, stream()); });
+  }
+  void crossentropy_forward_backward(void* dlogits, float* losses, const void* logits, const int32_t* targets,
+                                     int64_t rows, int64_t V, int64_t Vp, float dloss,
+                                     const float* dloss_scale, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cuda::crossentropy_forward_backward(static_cast<S*>(dlogits), losses, static_cast<const S*>(logits),
+                                          targets, rows, V, Vp, dloss, dloss_scale, stream());
+    });
+  }
+
+  // ---- optimizer-side ops: the mixed-precision state lives in device memory (common::AmpState), so a
+  // whole step is enqueued without reading anything back (DESIGN.md, "Numerics contract") ----
+
+  void sum_losses(double* acc, const float* losses, int64_t n) override {
+    cuda::sum_losses(acc, losses, n, stream());
+  }
+
+  void grad_check(const void* grads, DType grad_dtype, std::span<const ElementRange> ranges,
+                  size_t block_elements, double* block_sums, common::AmpState* state,
+                  bool stop_requested) override {
+    MPT_CHECK(block_elements >= 1, "cuda grad_check: block_elements must be >= 1");
+    MPT_CHECK(state != nullptr, "cuda grad_check: state is null");
+    size_t num_blocks = 0;
+    for (const ElementRange& r : ranges) {
+      MPT_CHECK(r.num_elements % block_elements == 0,
+                "cuda grad_check: range at offset {} has {} elements, not a multiple of the block size {}",
+                r.offset, r.num_elements, block_elements);
+      num_blocks += r.num_elements / block_elements;
+    }
+    float* found_inf = &state->flags[common::kFoundInf];
+    if (num_blocks > 0) {
+      // The block starts follow from the ranges (a few per bucket): cached by the ranges, built on a miss.
+      const auto* d_starts = static_cast<const size_t*>(upload_derived('g', ranges, block_elements, [&] {
+        std::vector<size_t> starts;
+        starts.reserve(num_blocks);
+        for (const ElementRange& r : ranges)
+          for (size_t b = 0; b < r.num_elements; b += block_elements) starts.push_back(r.offset + b);
+        return starts;
+      }));
+      // The launcher zeroes *found_inf on the stream before the pass.
+      dispatch_float_dtype(grad_dtype, [&]<typename S>() {
+        cuda::grad_check(block_sums, found_inf, static_cast<const S*>(grads), d_starts, num_blocks,
+                         block_elements, stream());
+      });
+    } else {
+      cuda::write_flag(found_inf, 0.0f, stream());  // a rank with an empty shard still owns the flag
+    }
+    cuda::write_flag(&state->flags[common::kStopRequested], stop_requested ? 1.0f : 0.0f, stream());
+  }
+
+  void amp_prepare(common::AmpState* state, const double* gathered_block_sums, std::span<const size_t> order,
+                   const common::OptimizerRule& rule) override {
+    const auto* d_order = static_cast<const size_t*>(upload_cached('o', order.data(), order.size()));
+    cuda::amp_prepare(state, gathered_block_sums, d_order, order.size(), rule, stream());
+  }
+
+  void adamw(float* master, float* m, float* v, const void* grads, DType grad_dtype,
+             std::span<const AdamWSegment> segments, const common::AmpState* state) override {
+    if (segments.empty()) return;
+    size_t max_elements = 0;
+    for (const AdamWSegment& s : segments) max_elements = std::max(max_elements, s.num_elements);
+    const auto* d_segments =
+        static_cast<const AdamWSegment*>(upload_cached('a', segments.data(), segments.size()));
+    dispatch_float_dtype(grad_dtype, [&]<typename S>() {
+      cuda::adamw(master, m, v, static_cast<const S*>(grads), d_segments, segments.size(), max_elements,
+                  state, stream());
+    });
+  }
+
+  void cast_master(void* params, DType param_dtype, const float* master, std::span<const ElementRange> ranges,
+                   const common::AmpState* state) override {
+    std::vector<AdamWSegment> segments;
+    size_t shard_position = 0, max_elements = 0;
+    for (const ElementRange& r : ranges) {
+      if (r.num_elements == 0) continue;
+      segments.push_back({shard_position, r.offset, r.num_elements, true});
+      shard_position += r.num_elements;
+      max_elements = std::max(max_elements, r.num_elements);
+    }
+    if (segments.empty()) return;
+    const auto* d_segments =
+        static_cast<const AdamWSegment*>(upload_cached('c', segments.data(), segments.size()));
+    dispatch_float_dtype(param_dtype, [&]<typename S>() {
+      cuda::cast_master(static_cast<S*>(params), master, d_segments, segments.size(), max_elements,
+                        state ? &state->flags[common::kFoundInf] : nullptr, stream());
+    });
+  }
+
+  void amp_update(common::AmpState* state, const common::ScalerRule& rule) override {
+    cuda::amp_update(state, rule, stream());
+  }
+
+ private:
+  /// Cached uploads are dropped (all at once) beyond this many distinct arrays.
+  static constexpr size_t kMaxCachedUploads = 64;
+
+  cudaStream_t stream() const { return stream_.get(); }
+
+  /// A device scratch area of at least `num_bytes`, grown (never shrunk) on demand. Reuse between ops is
+  /// ordered by the stream; growing waits for the stream before freeing the old area.
+  void* workspace(size_t num_bytes) {
+    if (workspace_.num_bytes() < num_bytes) {
+      const size_t grown = std::max(num_bytes, 2 * workspace_.num_bytes());
+      synchronize();       // no op still uses the old area
+      workspace_.reset();  // free first: peak memory is one workspace
+      workspace_ = DeviceMemory(grown);
+    }
+    return workspace_.data();
+  }
+
+  /// Device copy of `count` elements at `data`, uploaded the first time this content (tagged by the op) is
+  /// seen and reused afterwards. Null for an empty array.
+  template <typename E>
+  const void* upload_cached(char tag, const E* data, size_t count) {
+    if (count == 0) return nullptr;
+    const size_t bytes = count * sizeof(E);
+    std::string key(1, tag);
+    key.append(reinterpret_cast<const char*>(data), bytes);
+    auto it = uploads_.find(key);
+    if (it != uploads_.end()) return it->second.data();
+    if (uploads_.size() >= kMaxCachedUploads) {
+      synchronize();  // no op still reads the old arrays
+      uploads_.clear();
+    }
+    DeviceMemory memory(bytes);
+    // From pageable memory: staged before the call returns, so `data` may go away afterwards.
+    MPT_CUDA_CHECK(cudaMemcpyAsync(memory.data(), data, bytes, cudaMemcpyHostToDevice, stream()));
+    return uploads_.emplace(std::move(key), std::move(memory)).first->second.data();
+  }
+
+  /// Device copy of the array `make()` builds from `key` (+ `extra`), cached by the key's content so the
+  /// (possibly long) derived array is built and uploaded once.
+  template <typename K, typename Make>
+  const void* upload_derived(char tag, std::span<const K> key, size_t extra, const Make& make) {
+    std::string id(1, tag);
+    id.append(reinterpret_cast<const char*>(&extra), sizeof(extra));
+    id.append(reinterpret_cast<const char*>(key.data()), key.size_bytes());
+    auto it = uploads_.find(id);
+    if (it != uploads_.end()) return it->second.data();
+    const auto values = make();
+    if (values.empty()) return nullptr;
+    if (uploads_.size() >= kMaxCachedUploads) {
+      synchronize();
+      uploads_.clear();
+    }
+    using E = typename decltype(values)::value_type;
+    DeviceMemory memory(values.size() * sizeof(E));
+    // From pageable memory: staged before the call returns, so `values` may go away afterwards.
+    MPT_CUDA_CHECK(cudaMemcpyAsync(memory.data(), values.data(), values.size() * sizeof(E),
+                                   cudaMemcpyHostToDevice, stream()));
+    return uploads_.emplace(std::move(id), std::move(memory)).first->second.data();
+  }
+
+  double measure_fp16_gemm_flops() {
+    constexpr int64_t n = 4096;
+    constexpr int kWarmup = 3, kRuns = 10;
+    const size_t bytes = static_cast<size_t>(n * n) * sizeof(half);
+    DeviceMemory a(bytes), b(bytes), c(bytes);
+    // 0x3c3c is about 1.06 in FP16: non-zero operands, so the timing is not flattered by zeros.
+    MPT_CUDA_CHECK(cudaMemsetAsync(a.data(), 0x3c, bytes, stream()));
+    MPT_CUDA_CHECK(cudaMemsetAsync(b.data(), 0x3c, bytes, stream()));
+    for (int i = 0; i < kWarmup; ++i)
+      cuda::matmul_forward(blas_, c.data(), a.data(), b.data(), nullptr, n, n, n, DType::f16, stream());
+    Event start, stop;
+    float best_ms = 0.0f;
+    for (int i = 0; i < kRuns; ++i) {
+      MPT_CUDA_CHECK(cudaEventRecord(start.get(), stream()));
+      cuda::matmul_forward(blas_, c.data(), a.data(), b.data(), nullptr, n, n, n, DType::f16, stream());
+      MPT_CUDA_CHECK(cudaEventRecord(stop.get(), stream()));
+      MPT_CUDA_CHECK(cudaEventSynchronize(stop.get()));
+      float ms = 0.0f;
+      MPT_CUDA_CHECK(cudaEventElapsedTime(&ms, start.get(), stop.get()));
+      if (i == 0 || ms < best_ms) best_ms = ms;
+    }
+    MPT_CHECK(best_ms > 0.0f, "cuda backend: the FP16 GEMM timing came out as {} ms", best_ms);
+    return 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n) /
+           (static_cast<double>(best_ms) * 1e-3);
+  }
+
+  // Declaration order is construction order: the device is selected before anything is created on it.
+  int device_;
+  DeviceSelection selection_;
+  bool force_unfused_;
+  Stream stream_;
+  cuda::BlasContext blas_;
+  DeviceMemory workspace_;
+  std::unordered_map<std::string, DeviceMemory> uploads_;
+  size_t bytes_in_use_ = 0;
+  double peak_flops_ = 0.0;
+
+  /// The attention path for a shape: cuDNN SDPA where supported and not forced off, else unfused.
+  cuda::AttentionImpl attention_impl(int64_t B, int64_t T, int64_t C, int64_t NH, DType dtype) {
+    if (!force_unfused_ && cuda::attention_supported(blas_, cuda::AttentionImpl::cudnn, B, T, C, NH, dtype))
+      return cuda::AttentionImpl::cudnn;
+    return cuda::AttentionImpl::unfused;
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  return std::make_unique<CudaBackend>(device);
+}
+
+}  // namespace mpt
