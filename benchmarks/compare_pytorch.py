@@ -41,6 +41,15 @@ def run_json(cmd, env):
         os.unlink(path)
 
 
+def default_python():
+    """This interpreter when it has torch, else Debian's /usr/bin/python3 (python3-torch), else this one."""
+    try:
+        import torch  # noqa: F401
+        return sys.executable
+    except ImportError:
+        return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
 def summary(v):
     return {"median": statistics.median(v), "min": min(v), "max": max(v)}
 
@@ -49,7 +58,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bench-step", default=os.path.join("build", "benchmarks", "bench_step"),
                     help="the bench_step executable")
-    ap.add_argument("--python", default=sys.executable, help="Python with torch for pytorch_step.py")
+    ap.add_argument("--python", default=default_python(), help="Python with torch for pytorch_step.py")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--pairs", default="",
                     help="comma-separated MPTRAIN:TORCH precisions (default: the device's three pairs)")
@@ -86,7 +95,7 @@ def main():
               "shape": {"L": a.layers, "C": a.channels, "NH": a.heads, "T": a.seq_len, "V": a.vocab,
                         "B": a.micro_batch}, "pairs": []}
     print(f"mptrain vs PyTorch, {a.device}, {a.threads} thread(s) each, L={a.layers} C={a.channels} "
-          f"NH={a.heads} T={a.seq_len} B={a.micro_batch}, {a.repeats} alternating repeat(s)")
+          f"NH={a.heads} T={a.seq_len} B={a.micro_batch}, {a.repeats} alternating repeat(s)", flush=True)
     for m, t, target in pairs:
         ours, theirs, ratios = [], [], []
         machine = None

@@ -3,19 +3,21 @@
 #
 #   bash benchmarks/make_plots.sh [RESULTS_DIR]          (default: results/)
 #
-#   loss_{fp32,fp16,bf16}.jsonl + loss_curves.png  three short `mptrain train` runs (STEPS, default 200, on
+#   loss_{fp32,fp16,bf16}.jsonl + loss_curves.png  three short `mptrain train` runs (STEPS, default 200, global
+#                                                  batch GLOBAL_BATCH, default 16 sequences of 128 bytes, on
 #                                                  2 ranks x 1 thread) on the default corpus (data/kjv.txt)
 #   scaling.json + scaling_efficiency.png          benchmarks/scaling.py (1, 2, 4 ranks x 1 thread; 4 oversubscribed)
 #   collectives.json + busbw.png                   bench_collectives on 2 ranks up to MAX_BYTES (default 256M)
 #   machine.txt                                    CPU, cores, memory, kernel, compilers, MPI, torch, load, date
 #
-# Environment: BUILD (build directory, default build), STEPS, MAX_BYTES, RANKS (default 2 for the loss runs
+# Environment: BUILD (build directory, default build), STEPS, GLOBAL_BATCH, MAX_BYTES, RANKS (default 2 for the loss runs
 # and the collectives). Needs a built tree (mptrain, bench_step, bench_collectives), gnuplot, and mpiexec.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results}
 BUILD=${BUILD:-build}
 STEPS=${STEPS:-200}
+GLOBAL_BATCH=${GLOBAL_BATCH:-16}
 MAX_BYTES=${MAX_BYTES:-256M}
 RANKS=${RANKS:-2}
 for exe in mptrain benchmarks/bench_step benchmarks/bench_collectives; do
@@ -47,7 +49,8 @@ for p in fp32 fp16 bf16; do
   name=bench-loss-$p
   rm -rf "runs/$name"
   "${mpirun[@]}" -n "$RANKS" "$BUILD/mptrain" train --precision "$p" --steps "$STEPS" --run-name "$name" \
-    --resume none --threads 1 --log-interval 10 --eval-interval 50 --checkpoint-interval 0 \
+    --resume none --threads 1 --global-batch "$GLOBAL_BATCH" --micro-batch $((GLOBAL_BATCH / RANKS)) \
+    --log-interval 10 --eval-interval 50 --eval-batches 4 --checkpoint-interval 0 \
     --checkpoint-dir "runs/$name/checkpoints" --sample-tokens 0 | tail -n 3
   cp "runs/$name/metrics.jsonl" "$out/loss_$p.jsonl"
 done
