@@ -15,6 +15,7 @@ Missing inputs are reported and skipped; the exit status is 1 when nothing could
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -128,7 +129,7 @@ def main():
     folder = sys.argv[1]
     temps = []
     try:
-        term = gnuplot_terminal("gnuplot")
+        term = re.sub(r"\s*size \d+,\d+", "", gnuplot_terminal("gnuplot"))  # each plot sets its own size
         drawn = []
         for fn in (loss_curves, scaling, busbw):
             out = fn(folder, term, temps)
