@@ -1,5 +1,5 @@
 // bench_collectives: all-reduce, reduce-scatter and all-gather through mptrain's own Communicator (MPI on
-// host memory here; the NCCL communicator on device memory once make_communicator wires it), from --min-bytes
+// host memory here; the NCCL communicator on device memory through make_runtime), from --min-bytes
 // to
 // --max-bytes, fp16 and fp32, in the columns of nccl-tests:
 //
@@ -192,8 +192,9 @@ int main(int argc, char** argv) {
     MPT_INPUT_CHECK(min_bytes >= 1 && min_bytes <= max_bytes, "--min-bytes {} must be in [1, --max-bytes {}]",
                     min_bytes, max_bytes);
     mpt::MpiCommunicator host_comm;
-    auto backend = mpt::bench::make_backend(device);
-    auto comm = mpt::bench::make_communicator(*backend);
+    mpt::Runtime runtime = mpt::bench::make_bench_runtime(device);
+    auto& backend = runtime.backend;
+    auto& comm = runtime.grad_comm;
     const int n = comm->size();
     nlohmann::json report;
     report["benchmark"] = "collectives";

@@ -16,40 +16,16 @@
 
 #include "mptrain/backend.hpp"
 #include "mptrain/comm_mpi.hpp"
+#include "mptrain/runtime.hpp"
 #include "mptrain/error.hpp"
 
 namespace mpt::bench {
 
-/// The process's rank within its node: OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID, else 0. Picks the GPU.
-inline int local_rank() {
-  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"})
-    if (const char* v = std::getenv(name)) return std::atoi(v);
-  return 0;
-}
-
-/// The backend for `device` ("cpu" or "cuda"). CUDA: device local_rank() (modulo the visible devices is the
-/// CUDA backend's business). Throws mpt::InputError for cuda in a build without MPTRAIN_WITH_CUDA.
-inline std::unique_ptr<Backend> make_backend(const std::string& device) {
-  if (device == "cpu") return make_cpu_backend();
-#if MPTRAIN_WITH_CUDA
-  if (device == "cuda") return make_cuda_backend(local_rank());
-#endif
-  MPT_INPUT_CHECK(device != "cuda",
-                  "--device cuda: this build has no CUDA backend (configure with "
-                  "-DMPTRAIN_WITH_CUDA=ON on a machine with nvcc)");
-  MPT_INPUT_CHECK(false, "--device {}: expected cpu or cuda", device);
-  return nullptr;
-}
-
-/// The communicator the engine uses on `backend`'s memory: MPI for host memory. Device memory needs the NCCL
-/// communicator, which is not part of this build yet: throws mpt::InputError for a CUDA backend (the one
-/// place to wire NCCL in).
-inline std::unique_ptr<Communicator> make_communicator(Backend& backend) {
-  MPT_INPUT_CHECK(backend.name() == "cpu",
-                  "backend {}: the benchmarks have no communicator for device memory yet (NCCL is wired in "
-                  "benchmarks/bench_common.hpp make_communicator)",
-                  backend.name());
-  return std::make_unique<MpiCommunicator>();
+/// The backend for `device` ("cpu" or "cuda") and the engine's communicator on its memory (MPI for host
+/// memory; NCCL on the node-local GPU for CUDA), chosen by the trainer's own make_runtime
+/// (include/mptrain/runtime.hpp). Throws mpt::InputError for cuda in a build without MPTRAIN_WITH_CUDA.
+inline Runtime make_bench_runtime(const std::string& device) {
+  return make_runtime(resolve_device(device), MPI_COMM_WORLD, 0.0);
 }
 
 /// "model name" from /proc/cpuinfo, or "unknown".

@@ -120,8 +120,9 @@ int main(int argc, char** argv) {
     const int N = host_comm.size();
     const mpt::GPTConfig cfg = rc.model_config(vocab);
     cfg.validate();
-    auto backend = mpt::bench::make_backend("cpu");
-    auto comm = mpt::bench::make_communicator(*backend);
+    mpt::Runtime runtime = mpt::bench::make_bench_runtime("cpu");
+    auto& backend = runtime.backend;
+    auto& comm = runtime.grad_comm;
     const auto max_over_ranks = [&](double t) {
       host_comm.all_reduce(std::span<double>(&t, 1), mpt::ReduceOp::max);
       return t;

@@ -109,8 +109,9 @@ int main(int argc, char** argv) {
     const mpt::GPTConfig cfg = rc.model_config(vocab);
     cfg.validate();
 
-    auto backend = mpt::bench::make_backend(device);
-    auto comm = mpt::bench::make_communicator(*backend);
+    mpt::Runtime runtime = mpt::bench::make_bench_runtime(device);
+    auto& backend = runtime.backend;
+    auto& comm = runtime.grad_comm;
     mpt::MixedPrecisionEngine engine(mpt::gpt_tensors(cfg), rc.engine_config(), *comm, *backend);
     engine.set_parameters(mpt::gpt_init(cfg, rc.seed));
     mpt::GPT model(cfg, engine.layout(), *backend, rc.dtype());
