@@ -3,7 +3,8 @@
 // Exit codes: 0 success; 2 bad input (flags, config file, data, checkpoint, world size), reported in one
 // line by one rank (rank 0 when it sees the problem), every rank exiting together; 1 a run that cannot
 // continue (loss scale stuck at its minimum). A failure only one rank sees mid-run (an I/O error) aborts the
-// whole job through MPI_Abort.
+// whole job through MPI_Abort, as does the collective watchdog (--collective-timeout) when a rank freezes.
+// SIGUSR1 (and SIGTERM under srun) stops training gracefully: a checkpoint at the next step boundary, exit 0.
 #include <cstdio>
 #include <exception>
 
@@ -29,6 +30,8 @@ int main(int argc, char** argv) {
     mpt::check_ranks_agree(comm, help ? 0 : mpt::fnv1a(config.to_json().dump()),
                            "command line or config file");
     if (help) return 0;
+    // The collective watchdog guards everything after the agreed set-up.
+    comm.set_timeout_seconds(config.collective_timeout);
     if (config.command == "eval") return mpt::run_eval(config, comm);
     if (config.command == "sample") return mpt::run_sample(config, comm);
     return mpt::run_train(config, comm);

@@ -8,10 +8,12 @@
 #include <charconv>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <sstream>
 
@@ -55,6 +57,44 @@ void check_ranks_agree(Communicator& comm, uint64_t hash, const std::string& wha
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+/// The graceful-stop request: the number of the signal that asked for it (0: none). Written only by the
+/// async-signal-safe handler below, read at step boundaries.
+volatile std::sig_atomic_t g_stop_signal = 0;
+
+extern "C" void on_stop_signal(int signal_number) {
+  g_stop_signal = signal_number;
+}
+
+/// SIGUSR1 (what `mpirun` forwards and `sbatch --signal=USR1@T` sends) always asks for a graceful stop;
+/// SIGTERM only under srun (SLURM_JOB_ID and SLURM_STEP_ID set), where it is the deadline warning. Under
+/// mpirun SIGTERM keeps its default action: mpirun kills the ranks a moment later anyway.
+void install_stop_handlers() {
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  MPT_CHECK(sigaction(SIGUSR1, &action, nullptr) == 0, "cannot install the SIGUSR1 handler");
+  if (std::getenv("SLURM_JOB_ID") && std::getenv("SLURM_STEP_ID"))
+    MPT_CHECK(sigaction(SIGTERM, &action, nullptr) == 0, "cannot install the SIGTERM handler");
+}
+
+const char* signal_label(int signal_number) {
+  if (signal_number == SIGUSR1) return "SIGUSR1";
+  if (signal_number == SIGTERM) return "SIGTERM";
+  return "signal";
+}
+
+/// Writes +inf or NaN of the gradients' storage dtype into the first gradient element of the first tensor
+/// (the --inject-overflow fault), through the backend so it works wherever the gradients live.
+void poison_gradient(Backend& backend, const MixedPrecisionEngine& engine, bool nan) {
+  const size_t offset = engine.layout().tensors().front().offset;
+  const float value = nan ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  dispatch_float_dtype(engine.config().dtype, [&]<typename S>() {
+    const S poisoned = from_float<S>(value);
+    backend.copy_from_host(static_cast<S*>(engine.grads()) + offset, &poisoned, sizeof(S));
+  });
+}
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
@@ -269,11 +309,16 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
   int64_t start_step = 0;
   int64_t accumulation = 1;
   std::string resumed_from;
+  const InjectOverflow inject = parse_inject_overflow(c.inject_overflow);
+  install_stop_handlers();
 
   agree_on_setup(comm, [&] {
     check_device(c);
     set_threads(c);
     accumulation = c.accumulation_steps(comm.size());
+    MPT_INPUT_CHECK(inject.step == 0 || inject.rank < comm.size(),
+                    "--inject-overflow '{}': rank {} does not exist in a run of {} rank(s)",
+                    c.inject_overflow, inject.rank, comm.size());
     s.data = std::make_unique<Dataset>(Dataset::load(c.data, c.val_fraction));
     s.data->check_sequence_length(c.seq_len, c.eval_batches > 0);
     s.build(s.data->vocab_size());
@@ -382,16 +427,33 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
                           s.targets.data());
       loss += s.model->forward(s.engine->params(), s.tokens.data(), s.targets.data(), mb, T, factor);
       s.model->backward(s.engine->params(), s.engine->grads());
+      if (k + 1 == accumulation && inject.hits(step + 1, comm.rank())) {
+        poison_gradient(*s.backend, *s.engine, inject.nan);
+        std::printf("step %6lld/%lld | rank %d: --inject-overflow: gradient element set to %s\n",
+                    static_cast<long long>(step + 1), static_cast<long long>(c.steps), comm.rank(),
+                    inject.nan ? "NaN" : "inf");
+        std::fflush(stdout);
+      }
       s.engine->accumulate_micro_batch();
     }
     loss /= static_cast<double>(accumulation);
     s.engine->sync_grads();
-    const StepResult r = s.engine->step();  // NumericsError: the same on every rank
+    // The stop request rides in the step's found_inf all-reduce: every rank stops after the same step.
+    const StepResult r = s.engine->step(g_stop_signal != 0);  // NumericsError: the same on every rank
     const double step_seconds = seconds_since(t0);
     train_seconds += step_seconds;
     window_seconds += step_seconds;
     window_tokens += G * T;
     const bool last = step + 1 == c.steps;
+    if (r.skipped && (root || inject.step > 0)) {
+      // With fault injection every rank reports, showing that all of them skipped the same step.
+      std::printf(
+          "step %6lld/%lld | rank %d: non-finite gradients on some rank: step skipped on every rank, "
+          "loss scale %g -> %g\n",
+          static_cast<long long>(step + 1), static_cast<long long>(c.steps), comm.rank(), r.loss_scale,
+          s.engine->loss_scale());
+      std::fflush(stdout);
+    }
     if (root && step == start_step)
       std::printf("activations per rank: %zu bytes (micro-batch %lld x %lld tokens)\n",
                   s.model->activation_bytes(), static_cast<long long>(mb), static_cast<long long>(T));
@@ -435,12 +497,23 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
       log_metrics({{"step", step + 1}, {"val_loss", val}});
       std::fflush(stdout);
     }
-    if ((c.checkpoint_interval > 0 && (step + 1) % c.checkpoint_interval == 0) || last) {
+    if ((c.checkpoint_interval > 0 && (step + 1) % c.checkpoint_interval == 0) || last || r.stop_requested) {
       const std::string path = save_checkpoint(*s.engine, c.checkpoint_dir, step + 1,
                                                static_cast<int>(c.keep_checkpoints), checkpoint_metadata(s));
       if (root)
         std::printf("step %6lld/%lld | checkpoint %s\n", static_cast<long long>(step + 1),
                     static_cast<long long>(c.steps), path.c_str());
+      if (r.stop_requested && !last) {
+        if (root)
+          std::printf(
+              "step %6lld/%lld | graceful stop (%s): every rank stopped after this step; checkpoint %s "
+              "written, continue with --resume auto\n",
+              static_cast<long long>(step + 1), static_cast<long long>(c.steps),
+              signal_label(g_stop_signal != 0 ? static_cast<int>(g_stop_signal) : SIGUSR1), path.c_str());
+        std::fflush(stdout);
+        comm.barrier();
+        return 0;
+      }
     }
   }
   if (root) {
