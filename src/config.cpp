@@ -61,6 +61,43 @@ DType RunConfig::dtype() const {
   return DType::f16;
 }
 
+namespace {
+
+/// `message` with the internal field names of the model, engine, optimizer and scaler checks replaced by
+/// the flags that set them.
+std::string with_flag_names(std::string message) {
+  static const std::pair<const char*, const char*> kNames[] = {
+      {"model: num_layers (--layers)", "--layers"},
+      {"model: channels (--channels)", "--channels"},
+      {"model: max_seq_len (--seq-len)", "--seq-len"},
+      {"model: num_layers", "--layers"},
+      {"model: num_heads", "--heads"},
+      {"model: channels", "--channels"},
+      {"model: max_seq_len", "--seq-len"},
+      {"adamw: lr", "--lr"},
+      {"adamw: beta1", "--beta1"},
+      {"adamw: beta2", "--beta2"},
+      {"adamw: eps", "--eps"},
+      {"adamw: weight_decay", "--weight-decay"},
+      {"lr schedule: warmup_steps", "--warmup-steps"},
+      {"lr schedule: min_lr", "--min-lr-ratio x --lr"},
+      {"engine: grad_clip", "--grad-clip"},
+      {"engine: bucket size", "--bucket-mib"},
+      {"loss scaler: init_scale", "--loss-scale-init (or --static-loss-scale)"},
+      {"loss scaler: growth_factor", "--loss-scale-growth"},
+      {"loss scaler: backoff_factor", "--loss-scale-backoff"},
+      {"loss scaler: growth_interval", "--loss-scale-window"},
+      {"loss scaler: hysteresis", "--loss-scale-hysteresis"},
+      {"loss scaler: min_scale", "--loss-scale-min"},
+      {"loss scaler: max_overflows_at_min_scale", "--loss-scale-max-min-overflows"},
+  };
+  for (const auto& [internal, flag] : kNames)
+    if (message.starts_with(internal)) return flag + message.substr(std::strlen(internal));
+  return message;
+}
+
+}  // namespace
+
 void RunConfig::validate() const {
   MPT_INPUT_CHECK(global_batch >= 1, "--global-batch must be >= 1, got {}", global_batch);
   MPT_INPUT_CHECK(micro_batch >= 1, "--micro-batch must be >= 1, got {}", micro_batch);
@@ -97,8 +134,22 @@ void RunConfig::validate() const {
   MPT_INPUT_CHECK(command == "train" || !checkpoint.empty(), "{}: --checkpoint is required", command);
   // The model and engine validate their own fields with messages naming them.
   if (command == "train") {
-    model_config(256).validate();
-    engine_config().validate();
+    // The model's own checks name its fields; these name the flags first. The bounds are GPTConfig's.
+    MPT_INPUT_CHECK(layers >= 1 && layers <= 4096, "--layers must be in [1, 4096], got {}", layers);
+    MPT_INPUT_CHECK(heads >= 1, "--heads must be >= 1, got {}", heads);
+    MPT_INPUT_CHECK(channels >= 1 && channels <= 65536, "--channels must be in [1, 65536], got {}", channels);
+    MPT_INPUT_CHECK(channels % heads == 0, "--heads {} does not divide --channels {}", heads, channels);
+    MPT_INPUT_CHECK(seq_len <= (int64_t{1} << 20),
+                    "--seq-len {} is longer than the model's maximum sequence length 1048576 (2^20)",
+                    seq_len);
+    MPT_INPUT_CHECK(lr > 0.0f && std::isfinite(lr), "--lr must be a finite number > 0, got {}", lr);
+    // The engine, optimizer and loss scaler name their fields; say which flag set each.
+    try {
+      model_config(256).validate();
+      engine_config().validate();
+    } catch (const InputError& e) {
+      throw InputError(with_flag_names(e.what()));
+    }
   }
 }
 

@@ -1,10 +1,12 @@
 // mptrain: the executable. `mpirun -n N build/mptrain train [flags]` (or eval, sample); see --help.
 //
-// Exit codes: 0 success; 2 bad input (flags, config file, data, checkpoint, world size), reported in one
-// line by one rank (rank 0 when it sees the problem), every rank exiting together; 1 a run that cannot
-// continue (loss scale stuck at its minimum). A failure only one rank sees mid-run (an I/O error) aborts the
-// whole job through MPI_Abort, as does the collective watchdog (--collective-timeout) when a rank freezes.
-// SIGUSR1 (and SIGTERM under srun) stops training gracefully: a checkpoint at the next step boundary, exit 0.
+// Exit codes: 0 success; 2 a usage error (flags, config file, world size, ranks started with different
+// flags or data); 1 a file that cannot be used (data, checkpoint, tokenizer: missing, unreadable, damaged,
+// not fitting the run) or a run that cannot continue (loss scale stuck at its minimum). Input errors are
+// reported in one line by one rank (rank 0 when it sees the problem), every rank exiting together. A failure
+// only one rank sees mid-run (an I/O error) aborts the whole job through MPI_Abort, as does the collective
+// watchdog (--collective-timeout) when a rank freezes. SIGUSR1 (and SIGTERM under srun) stops training
+// gracefully: a checkpoint at the next step boundary, exit 0.
 #include <cstdio>
 #include <exception>
 
@@ -37,6 +39,10 @@ int main(int argc, char** argv) {
     return mpt::run_train(config, comm);
   } catch (const mpt::AgreedExit& e) {
     return e.code;
+  } catch (const mpt::FileInputError& e) {
+    // A file every rank reads alike (the same message everywhere): one line from rank 0, exit 1.
+    if (rank == 0) std::fprintf(stderr, "mptrain: error: %s\n", e.what());
+    return mpt::kExitBadFile;
   } catch (const mpt::InputError& e) {
     // The same on every rank (same flags, same files): one line from rank 0, exit 2 everywhere.
     if (rank == 0) std::fprintf(stderr, "mptrain: error: %s\n", e.what());

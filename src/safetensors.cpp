@@ -195,9 +195,12 @@ SafetensorsFile read_safetensors(const std::string& path) {
       for (int64_t d : t.shape)
         if (d < 0) throw InputError(fmt::format("{}: tensor '{}' has a negative dimension", path, name));
       const auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
-      if (offsets.size() != 2 || offsets[0] > offsets[1] || offsets[1] > data_size)
-        throw InputError(fmt::format("{}: tensor '{}' has data offsets outside the file's {} data bytes",
-                                     path, name, data_size));
+      if (offsets.size() != 2 || offsets[0] > offsets[1])
+        throw InputError(fmt::format("{}: tensor '{}' has malformed data offsets", path, name));
+      if (offsets[1] > data_size)
+        throw InputError(
+            fmt::format("{}: truncated: tensor '{}' needs data bytes up to {}, the file holds {}", path, name,
+                        offsets[1], data_size));
       const uint64_t expected = product(t.shape) * dtype_size(t.dtype);
       if (offsets[1] - offsets[0] != expected)
         throw InputError(fmt::format("{}: tensor '{}' holds {} bytes, its shape and dtype need {}", path,

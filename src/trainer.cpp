@@ -27,18 +27,25 @@ namespace mpt {
 
 void agree_on_setup(Communicator& comm, const std::function<void()>& setup) {
   std::string message;
+  int32_t mine = 0;  // 0: fine, else the exit code
   try {
     setup();
+  } catch (const FileInputError& e) {
+    message = e.what();
+    mine = kExitBadFile;
   } catch (const InputError& e) {
     message = e.what();
+    mine = kExitUsage;
   }
   std::vector<int32_t> failed(static_cast<size_t>(comm.size()));
-  const int32_t mine = message.empty() ? 0 : 1;
   comm.all_gather(&mine, failed.data(), 1, DType::i32);
   for (int r = 0; r < comm.size(); ++r) {
     if (!failed[static_cast<size_t>(r)]) continue;
-    if (r == comm.rank()) std::fprintf(stderr, "mptrain: error: %s\n", message.c_str());
-    throw AgreedExit{2};
+    if (r == comm.rank()) {
+      std::fprintf(stderr, "mptrain: error: %s\n", message.c_str());
+      std::fflush(stderr);
+    }
+    throw AgreedExit{failed[static_cast<size_t>(r)]};
   }
 }
 
@@ -179,9 +186,11 @@ struct Session {
   SafetensorsFile open_checkpoint() {
     check_device(config);
     set_threads(config);
-    SafetensorsFile ckpt = read_checkpoint(config.checkpoint);
-    config = config_of_checkpoint(ckpt, config);
-    return ckpt;
+    return about_files([&] {
+      SafetensorsFile ckpt = read_checkpoint(config.checkpoint);
+      config = config_of_checkpoint(ckpt, config);
+      return ckpt;
+    });
   }
 
   void build(int64_t vocab_size) {
@@ -312,6 +321,9 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
   const InjectOverflow inject = parse_inject_overflow(c.inject_overflow);
   install_stop_handlers();
 
+  // Set-up in three agreed phases, so that nothing is created before every check passed on every rank:
+  // flags, data and checkpoint checks; then the ranks compare their configs, layouts and data; only then
+  // the checkpoint directory is created.
   agree_on_setup(comm, [&] {
     check_device(c);
     set_threads(c);
@@ -319,16 +331,18 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
     MPT_INPUT_CHECK(inject.step == 0 || inject.rank < comm.size(),
                     "--inject-overflow '{}': rank {} does not exist in a run of {} rank(s)",
                     c.inject_overflow, inject.rank, comm.size());
-    s.data = std::make_unique<Dataset>(Dataset::load(c.data, c.val_fraction));
-    s.data->check_sequence_length(c.seq_len, c.eval_batches > 0);
+    about_files([&] {
+      s.data = std::make_unique<Dataset>(Dataset::load(c.data, c.val_fraction));
+      s.data->check_sequence_length(c.seq_len, c.eval_batches > 0);
+    });
     s.build(s.data->vocab_size());
     s.engine->set_parameters(gpt_init(s.model_config, c.seed));
     std::error_code ec;
-    std::filesystem::create_directories(c.checkpoint_dir, ec);
-    MPT_INPUT_CHECK(!ec && std::filesystem::is_directory(c.checkpoint_dir),
-                    "--checkpoint-dir {}: cannot create the directory ({})", c.checkpoint_dir, ec.message());
+    MPT_INPUT_CHECK(
+        !std::filesystem::exists(c.checkpoint_dir, ec) || std::filesystem::is_directory(c.checkpoint_dir, ec),
+        "--checkpoint-dir {}: exists and is not a directory", c.checkpoint_dir);
     if (c.resume == "auto")
-      resumed_from = find_latest_checkpoint(c.checkpoint_dir, root);
+      resumed_from = about_files([&] { return find_latest_checkpoint(c.checkpoint_dir, root); });
     else if (c.resume != "none")
       resumed_from = c.resume;
     // A fresh run in a directory of older checkpoints would prune them and leave --resume auto to pick
@@ -339,19 +353,30 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
         "--checkpoint-dir, or resume it",
         c.checkpoint_dir);
     if (!resumed_from.empty()) {
-      const SafetensorsFile ckpt = read_checkpoint(resumed_from);
-      check_checkpoint_fits(ckpt, s);
-      start_step = restore_checkpoint(*s.engine, ckpt);
-      MPT_INPUT_CHECK(start_step <= c.steps, "checkpoint {} is at step {}, beyond --steps {}", resumed_from,
-                      start_step, c.steps);
+      about_files([&] {
+        const SafetensorsFile ckpt = read_checkpoint(resumed_from);
+        check_checkpoint_fits(ckpt, s);
+        start_step = restore_checkpoint(*s.engine, ckpt);
+      });
+      MPT_INPUT_CHECK(start_step <= c.steps, "--steps {}: checkpoint {} is already at step {}", c.steps,
+                      resumed_from, start_step);
     }
   });
   const nlohmann::json effective = c.to_json();
   uint64_t hash = fnv1a(effective.dump());
   for (const TensorPlacement& t : s.engine->layout().tensors())
     hash = fnv1a(fmt::format("{}:{}:{}", t.spec.name, t.offset, t.spec.num_elements()), hash);
-  check_ranks_agree(comm, fnv1a(fmt::format("{:016x}", s.data->hash()), hash),
-                    "config, model layout or data");
+  agree_on_setup(comm, [&] {
+    check_ranks_agree(comm, fnv1a(fmt::format("{:016x}", s.data->hash()), hash),
+                      "config, model layout or data");
+  });
+  agree_on_setup(comm, [&] {
+    std::error_code ec;
+    std::filesystem::create_directories(c.checkpoint_dir, ec);
+    if (ec || !std::filesystem::is_directory(c.checkpoint_dir))
+      throw FileInputError(fmt::format("--checkpoint-dir {}: cannot create the directory ({})",
+                                       c.checkpoint_dir, ec.message()));
+  });
 
   const int64_t G = c.global_batch, T = c.seq_len, mb = c.micro_batch, N = comm.size();
   const double flops_per_token = gpt_flops_per_token(s.model_config, T);
@@ -538,13 +563,15 @@ int run_eval(const RunConfig& config_in, Communicator& comm) {
     ckpt = s.open_checkpoint();
     MPT_INPUT_CHECK(s.config.global_batch % comm.size() == 0,
                     "--global-batch {} is not divisible by {} ranks", s.config.global_batch, comm.size());
-    s.data = std::make_unique<Dataset>(Dataset::load(s.config.data, s.config.val_fraction));
-    s.data->check_sequence_length(s.config.seq_len, true);
-    MPT_INPUT_CHECK(checkpoint_int(ckpt, "vocab_size") == s.data->vocab_size(),
-                    "checkpoint {}: vocab_size {} but --data has vocabulary {}", ckpt.path,
-                    checkpoint_int(ckpt, "vocab_size"), s.data->vocab_size());
+    about_files([&] {
+      s.data = std::make_unique<Dataset>(Dataset::load(s.config.data, s.config.val_fraction));
+      s.data->check_sequence_length(s.config.seq_len, true);
+      MPT_INPUT_CHECK(checkpoint_int(ckpt, "vocab_size") == s.data->vocab_size(),
+                      "checkpoint {}: vocab_size {} but --data {} has vocabulary {}", ckpt.path,
+                      checkpoint_int(ckpt, "vocab_size"), s.config.data, s.data->vocab_size());
+    });
     s.build(s.data->vocab_size());
-    restore_checkpoint(*s.engine, ckpt);
+    about_files([&] { restore_checkpoint(*s.engine, ckpt); });
   });
   const double val = s.evaluate();
   if (comm.rank() == 0) {
@@ -565,8 +592,8 @@ int run_sample(const RunConfig& config_in, Communicator& comm) {
   SafetensorsFile ckpt;
   agree_on_setup(comm, [&] {
     ckpt = s.open_checkpoint();
-    s.build(checkpoint_int(ckpt, "vocab_size"));
-    restore_checkpoint(*s.engine, ckpt);
+    s.build(about_files([&] { return checkpoint_int(ckpt, "vocab_size"); }));
+    about_files([&] { restore_checkpoint(*s.engine, ckpt); });
   });
   if (comm.rank() != 0) return 0;
   const bool text = s.model_config.vocab_size == 256;
@@ -593,7 +620,7 @@ int run_sample(const RunConfig& config_in, Communicator& comm) {
     printed.assign(s.config.prompt);
     for (int32_t t : out) printed.push_back(static_cast<char>(t));
   } else if (!s.config.tokenizer.empty()) {
-    const auto vocab = load_llmc_tokenizer(s.config.tokenizer);
+    const auto vocab = about_files([&] { return load_llmc_tokenizer(s.config.tokenizer); });
     for (int32_t t : out) {
       MPT_INPUT_CHECK(static_cast<size_t>(t) < vocab.size(),
                       "--tokenizer {}: has {} tokens, the model produced {}", s.config.tokenizer,
