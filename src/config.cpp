@@ -363,8 +363,10 @@ void add_train(CLI::App* app, RunConfig& c) {
       ->capture_default_str();
   app->add_option("--sample-tokens", c.sample_tokens, "tokens of text sampled at the end of training")
       ->capture_default_str();
-  app->add_option("--collective-timeout", c.collective_timeout,
-                  "seconds a collective may take before the job is aborted (a frozen or dead rank); 0: off")
+  app->add_option(
+         "--collective-timeout", c.collective_timeout,
+         "seconds a collective may take before the job is aborted (a frozen or dead rank); keep it above "
+         "the longest checkpoint write, which the other ranks wait for; 0: off")
       ->capture_default_str();
   app->add_option("--inject-overflow", c.inject_overflow,
                   "debugging: poison one gradient element on RANK after backward of STEP (1-based), "
