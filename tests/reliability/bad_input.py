@@ -9,6 +9,8 @@ seconds with no process left behind, and no file created, removed or changed in 
   python3 bad_input.py --mptrain build/mptrain --case NAME     # one case (what CTest runs)
   python3 bad_input.py --mptrain build/mptrain --list          # the case names
   python3 bad_input.py --mptrain build/mptrain --all           # every case, printing what mptrain said
+
+A case that cannot run here (no setpriv, no user nobody) prints SKIP with the reason and exits 77.
 """
 import argparse
 import os
@@ -23,6 +25,7 @@ from common import (TINY, diff_snapshots, processes_in, run, shard_tokens, snaps
                     write_shard)
 
 USAGE, BAD_FILE = 2, 1
+SKIPPED = 77  # exit status of a run whose every case was skipped (CTest's SKIP_RETURN_CODE)
 DEADLINE_S = 10.0
 
 
@@ -348,7 +351,7 @@ def run_case(args, name):
         try:
             made = make(c)
         except Skip as e:
-            return True, f"SKIP {name}: {e}"
+            return None, f"SKIP {name}: {e}"
         cmd, options = made if isinstance(made, tuple) else (made, {})
         before = snapshot(directory)
         r = run(cmd, cwd=directory, timeout=60, **options)
@@ -397,12 +400,15 @@ def main():
     unknown = [n for n in names if n not in CASES]
     if unknown or not names:
         parser.error(f"unknown case(s) {unknown}; --list shows them" if unknown else "give --case NAME or --all")
-    failed = 0
+    failed = skipped = 0
     for name in names:
         ok, report = run_case(args, name)
         print(report, flush=True)
-        failed += not ok
-    return 1 if failed else 0
+        failed += ok is False
+        skipped += ok is None
+    if failed:
+        return 1
+    return SKIPPED if skipped == len(names) else 0
 
 
 if __name__ == "__main__":
