@@ -16,6 +16,8 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev nlohmann-json3-dev libfmt-dev
   clang-format
+  clang libclang-rt-14-dev libomp-14-dev  # libFuzzer targets (tests/fuzz, .ci/run)
+  util-linux  # setpriv: the bad-input test that drops root's privileges
   python3-torch
   bible-kjv gnuplot-nox  # default corpus (launch/corpus.sh), plots (benchmarks/plot.py)
 )

@@ -90,7 +90,12 @@ std::string save_checkpoint(MixedPrecisionEngine& engine, const std::string& dir
 }
 
 SafetensorsFile read_checkpoint(const std::string& path) {
-  SafetensorsFile file = read_safetensors(path);
+  SafetensorsFile file;
+  try {
+    file = read_safetensors(path);
+  } catch (const InputError& e) {
+    throw InputError(fmt::format("checkpoint {}", e.what()));  // the reader's message starts with the path
+  }
   const auto format = file.metadata.find("format");
   MPT_INPUT_CHECK(format != file.metadata.end() && format->second == kFormat,
                   "checkpoint {}: not an mptrain checkpoint (format '{}')", path,

@@ -5,13 +5,18 @@
 // keeps the blocking and non-blocking paths one piece of code.
 #include "mptrain/comm_mpi.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <thread>
 
 #include "mptrain/error.hpp"
 
@@ -224,9 +229,62 @@ Plan plan_all_gather(const void* send, void* recv, size_t send_count, DType t, i
   return p;
 }
 
+// ---- collective watchdog ----------------------------------------------------------------------------------
+
+using WatchdogClock = std::chrono::steady_clock;
+
+/// What a collective is, for the watchdog's line: name, elements and dtype.
+struct CollectiveInfo {
+  const char* name = "";
+  size_t count = 0;
+  DType dtype = DType::u8;
+};
+
+/// Ends the job: one line naming this rank, its host, the collective and the timeout, then MPI_Abort (which
+/// makes mpirun kill every rank, the frozen one included).
+[[noreturn]] void watchdog_abort(MPI_Comm comm, int rank, const CollectiveInfo& what, double timeout) {
+  char host[256] = {};
+  if (::gethostname(host, sizeof(host) - 1) != 0) std::snprintf(host, sizeof(host), "?");
+  std::fprintf(stderr,
+               "mptrain: rank %d on %s: collective %s of %zu %s elements did not complete within %g s "
+               "(--collective-timeout); a rank is frozen or gone, aborting the job\n",
+               rank, host, what.name, what.count, std::string(dtype_name(what.dtype)).c_str(), timeout);
+  std::fflush(stderr);
+  MPI_Abort(comm, 1);
+  std::_Exit(1);  // MPI_Abort does not return; never continue past a failed collective
+}
+
+/// Completes `request` like MPI_Wait, but with the watchdog: when `timeout` > 0 and the collective has not
+/// completed `timeout` seconds after `issued`, aborts the job. Polls MPI_Test (which drives progress),
+/// yielding the core between polls once the collective has taken longer than a millisecond.
+void wait_with_deadline(MPI_Request* request, MPI_Comm comm, int rank, const CollectiveInfo& what,
+                        double timeout, WatchdogClock::time_point issued) {
+  if (timeout <= 0) {
+    MPT_MPI_CHECK(MPI_Wait(request, MPI_STATUS_IGNORE));
+    return;
+  }
+  const auto deadline =
+      issued + std::chrono::duration_cast<WatchdogClock::duration>(std::chrono::duration<double>(timeout));
+  const auto spin_until = WatchdogClock::now() + std::chrono::milliseconds(1);
+  for (;;) {
+    int flag = 0;
+    MPT_MPI_CHECK(MPI_Test(request, &flag, MPI_STATUS_IGNORE));
+    if (flag) return;
+    const auto now = WatchdogClock::now();
+    if (now >= deadline) watchdog_abort(comm, rank, what, timeout);
+    if (now > spin_until) std::this_thread::yield();
+  }
+}
+
 class MpiRequest final : public CommRequest {
  public:
-  explicit MpiRequest(Plan plan) : plan_(std::move(plan)) {}
+  MpiRequest(Plan plan, MPI_Comm comm, int rank, CollectiveInfo what, double timeout)
+      : plan_(std::move(plan)),
+        comm_(comm),
+        rank_(rank),
+        what_(what),
+        timeout_(timeout),
+        issued_(WatchdogClock::now()) {}
   ~MpiRequest() override {
     if (done_) return;
     try {
@@ -239,14 +297,17 @@ class MpiRequest final : public CommRequest {
   MPI_Request* handle() { return &request_; }
   void wait() override {
     if (done_) return;
-    MPT_MPI_CHECK(MPI_Wait(&request_, MPI_STATUS_IGNORE));
+    wait_with_deadline(&request_, comm_, rank_, what_, timeout_, issued_);
     complete();
   }
   bool test() override {
     if (done_) return true;
     int flag = 0;
     MPT_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
-    if (flag) complete();
+    if (flag)
+      complete();
+    else if (timeout_ > 0 && WatchdogClock::now() - issued_ >= std::chrono::duration<double>(timeout_))
+      watchdog_abort(comm_, rank_, what_, timeout_);
     return done_;
   }
 
@@ -256,6 +317,11 @@ class MpiRequest final : public CommRequest {
     if (plan_.finish) plan_.finish();
   }
   Plan plan_;
+  MPI_Comm comm_;
+  int rank_;
+  CollectiveInfo what_;
+  double timeout_;
+  WatchdogClock::time_point issued_;
   MPI_Request request_ = MPI_REQUEST_NULL;
   bool done_ = false;
 };
@@ -300,38 +366,87 @@ MpiCommunicator::~MpiCommunicator() {
   if (comm_ != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm_);
 }
 
+// With the watchdog on, every blocking collective is its non-blocking twin completed under the deadline;
+// off, the plain blocking call (MPI's own algorithms, no polling).
+void MpiCommunicator::complete(MPI_Request* request, const char* name, size_t count, DType dtype,
+                               std::chrono::steady_clock::time_point issued) const {
+  wait_with_deadline(request, comm_, rank_, CollectiveInfo{name, count, dtype}, timeout_seconds_, issued);
+}
+
+void MpiCommunicator::set_timeout_seconds(double seconds) {
+  MPT_CHECK(std::isfinite(seconds) && seconds >= 0, "collective timeout must be finite and >= 0, got {}",
+            seconds);
+  timeout_seconds_ = seconds;
+}
+
 void MpiCommunicator::all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) {
   Plan p = plan_all_reduce(send, recv, count, dtype, op, size_);
-  MPT_MPI_CHECK(MPI_Allreduce(p.send, p.recv, p.count, p.type, p.op, comm_));
+  if (timeout_seconds_ > 0) {
+    const auto issued = std::chrono::steady_clock::now();
+    MPI_Request r = MPI_REQUEST_NULL;
+    MPT_MPI_CHECK(MPI_Iallreduce(p.send, p.recv, p.count, p.type, p.op, comm_, &r));
+    complete(&r, "all_reduce", count, dtype, issued);
+  } else {
+    MPT_MPI_CHECK(MPI_Allreduce(p.send, p.recv, p.count, p.type, p.op, comm_));
+  }
   finish(p);
 }
 
 void MpiCommunicator::reduce_scatter(const void* send, void* recv, size_t recv_count, DType dtype,
                                      ReduceOp op) {
   Plan p = plan_reduce_scatter(send, recv, recv_count, dtype, op, rank_, size_);
-  MPT_MPI_CHECK(MPI_Reduce_scatter_block(p.send, p.recv, p.count, p.type, p.op, comm_));
+  if (timeout_seconds_ > 0) {
+    const auto issued = std::chrono::steady_clock::now();
+    MPI_Request r = MPI_REQUEST_NULL;
+    MPT_MPI_CHECK(MPI_Ireduce_scatter_block(p.send, p.recv, p.count, p.type, p.op, comm_, &r));
+    complete(&r, "reduce_scatter", recv_count, dtype, issued);
+  } else {
+    MPT_MPI_CHECK(MPI_Reduce_scatter_block(p.send, p.recv, p.count, p.type, p.op, comm_));
+  }
   finish(p);
 }
 
 void MpiCommunicator::all_gather(const void* send, void* recv, size_t send_count, DType dtype) {
   Plan p = plan_all_gather(send, recv, send_count, dtype, rank_, size_);
-  MPT_MPI_CHECK(MPI_Allgather(p.send, p.count, p.type, p.recv, p.count, p.type, comm_));
+  if (timeout_seconds_ > 0) {
+    const auto issued = std::chrono::steady_clock::now();
+    MPI_Request r = MPI_REQUEST_NULL;
+    MPT_MPI_CHECK(MPI_Iallgather(p.send, p.count, p.type, p.recv, p.count, p.type, comm_, &r));
+    complete(&r, "all_gather", send_count, dtype, issued);
+  } else {
+    MPT_MPI_CHECK(MPI_Allgather(p.send, p.count, p.type, p.recv, p.count, p.type, comm_));
+  }
 }
 
 void MpiCommunicator::broadcast(void* buf, size_t count, DType dtype, int root) {
   MPT_CHECK(root >= 0 && root < size_, "broadcast: root {} outside [0, {})", root, size_);
   const int n = checked_count(count, "broadcast");
-  MPT_MPI_CHECK(MPI_Bcast(buf, n, mpi_type(dtype), root, comm_));
+  if (timeout_seconds_ > 0) {
+    const auto issued = std::chrono::steady_clock::now();
+    MPI_Request r = MPI_REQUEST_NULL;
+    MPT_MPI_CHECK(MPI_Ibcast(buf, n, mpi_type(dtype), root, comm_, &r));
+    complete(&r, "broadcast", count, dtype, issued);
+  } else {
+    MPT_MPI_CHECK(MPI_Bcast(buf, n, mpi_type(dtype), root, comm_));
+  }
 }
 
 void MpiCommunicator::barrier() {
-  MPT_MPI_CHECK(MPI_Barrier(comm_));
+  if (timeout_seconds_ > 0) {
+    const auto issued = std::chrono::steady_clock::now();
+    MPI_Request r = MPI_REQUEST_NULL;
+    MPT_MPI_CHECK(MPI_Ibarrier(comm_, &r));
+    complete(&r, "barrier", 0, DType::u8, issued);
+  } else {
+    MPT_MPI_CHECK(MPI_Barrier(comm_));
+  }
 }
 
 // The plan moves into the request before the collective starts, so its scratch outlives the collective.
 std::unique_ptr<CommRequest> MpiCommunicator::iall_reduce(const void* send, void* recv, size_t count,
                                                           DType dtype, ReduceOp op) {
-  auto r = std::make_unique<MpiRequest>(plan_all_reduce(send, recv, count, dtype, op, size_));
+  auto r = std::make_unique<MpiRequest>(plan_all_reduce(send, recv, count, dtype, op, size_), comm_, rank_,
+                                        CollectiveInfo{"iall_reduce", count, dtype}, timeout_seconds_);
   const Plan& p = r->plan();
   MPT_MPI_CHECK(MPI_Iallreduce(p.send, p.recv, p.count, p.type, p.op, comm_, r->handle()));
   return r;
@@ -339,7 +454,9 @@ std::unique_ptr<CommRequest> MpiCommunicator::iall_reduce(const void* send, void
 
 std::unique_ptr<CommRequest> MpiCommunicator::ireduce_scatter(const void* send, void* recv, size_t recv_count,
                                                               DType dtype, ReduceOp op) {
-  auto r = std::make_unique<MpiRequest>(plan_reduce_scatter(send, recv, recv_count, dtype, op, rank_, size_));
+  auto r = std::make_unique<MpiRequest>(plan_reduce_scatter(send, recv, recv_count, dtype, op, rank_, size_),
+                                        comm_, rank_, CollectiveInfo{"ireduce_scatter", recv_count, dtype},
+                                        timeout_seconds_);
   const Plan& p = r->plan();
   MPT_MPI_CHECK(MPI_Ireduce_scatter_block(p.send, p.recv, p.count, p.type, p.op, comm_, r->handle()));
   return r;
@@ -347,7 +464,9 @@ std::unique_ptr<CommRequest> MpiCommunicator::ireduce_scatter(const void* send, 
 
 std::unique_ptr<CommRequest> MpiCommunicator::iall_gather(const void* send, void* recv, size_t send_count,
                                                           DType dtype) {
-  auto r = std::make_unique<MpiRequest>(plan_all_gather(send, recv, send_count, dtype, rank_, size_));
+  auto r =
+      std::make_unique<MpiRequest>(plan_all_gather(send, recv, send_count, dtype, rank_, size_), comm_, rank_,
+                                   CollectiveInfo{"iall_gather", send_count, dtype}, timeout_seconds_);
   const Plan& p = r->plan();
   MPT_MPI_CHECK(MPI_Iallgather(p.send, p.count, p.type, p.recv, p.count, p.type, comm_, r->handle()));
   return r;

@@ -5,7 +5,12 @@
 // subcommand is an error, as is a value CLI11 cannot convert or validate.
 #include "mptrain/config.hpp"
 
+#include <cctype>
+#include <cerrno>
+#include <charconv>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -56,6 +61,43 @@ DType RunConfig::dtype() const {
   return DType::f16;
 }
 
+namespace {
+
+/// `message` with the internal field names of the model, engine, optimizer and scaler checks replaced by
+/// the flags that set them.
+std::string with_flag_names(std::string message) {
+  static const std::pair<const char*, const char*> kNames[] = {
+      {"model: num_layers (--layers)", "--layers"},
+      {"model: channels (--channels)", "--channels"},
+      {"model: max_seq_len (--seq-len)", "--seq-len"},
+      {"model: num_layers", "--layers"},
+      {"model: num_heads", "--heads"},
+      {"model: channels", "--channels"},
+      {"model: max_seq_len", "--seq-len"},
+      {"adamw: lr", "--lr"},
+      {"adamw: beta1", "--beta1"},
+      {"adamw: beta2", "--beta2"},
+      {"adamw: eps", "--eps"},
+      {"adamw: weight_decay", "--weight-decay"},
+      {"lr schedule: warmup_steps", "--warmup-steps"},
+      {"lr schedule: min_lr", "--min-lr-ratio x --lr"},
+      {"engine: grad_clip", "--grad-clip"},
+      {"engine: bucket size", "--bucket-mib"},
+      {"loss scaler: init_scale", "--loss-scale-init (or --static-loss-scale)"},
+      {"loss scaler: growth_factor", "--loss-scale-growth"},
+      {"loss scaler: backoff_factor", "--loss-scale-backoff"},
+      {"loss scaler: growth_interval", "--loss-scale-window"},
+      {"loss scaler: hysteresis", "--loss-scale-hysteresis"},
+      {"loss scaler: min_scale", "--loss-scale-min"},
+      {"loss scaler: max_overflows_at_min_scale", "--loss-scale-max-min-overflows"},
+  };
+  for (const auto& [internal, flag] : kNames)
+    if (message.starts_with(internal)) return flag + message.substr(std::strlen(internal));
+  return message;
+}
+
+}  // namespace
+
 void RunConfig::validate() const {
   MPT_INPUT_CHECK(global_batch >= 1, "--global-batch must be >= 1, got {}", global_batch);
   MPT_INPUT_CHECK(micro_batch >= 1, "--micro-batch must be >= 1, got {}", micro_batch);
@@ -78,6 +120,9 @@ void RunConfig::validate() const {
   MPT_INPUT_CHECK(std::isfinite(temperature) && temperature > 0.0f, "--temperature must be > 0, got {}",
                   temperature);
   MPT_INPUT_CHECK(sample_tokens >= 0, "--sample-tokens must be >= 0, got {}", sample_tokens);
+  MPT_INPUT_CHECK(std::isfinite(collective_timeout) && collective_timeout >= 0.0,
+                  "--collective-timeout must be >= 0 seconds (0: off), got {}", collective_timeout);
+  (void)parse_inject_overflow(inject_overflow);
   const bool name_ok =
       !run_name.empty() && run_name != "." && run_name != ".." &&
       run_name.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") ==
@@ -89,8 +134,22 @@ void RunConfig::validate() const {
   MPT_INPUT_CHECK(command == "train" || !checkpoint.empty(), "{}: --checkpoint is required", command);
   // The model and engine validate their own fields with messages naming them.
   if (command == "train") {
-    model_config(256).validate();
-    engine_config().validate();
+    // The model's own checks name its fields; these name the flags first. The bounds are GPTConfig's.
+    MPT_INPUT_CHECK(layers >= 1 && layers <= 4096, "--layers must be in [1, 4096], got {}", layers);
+    MPT_INPUT_CHECK(heads >= 1, "--heads must be >= 1, got {}", heads);
+    MPT_INPUT_CHECK(channels >= 1 && channels <= 65536, "--channels must be in [1, 65536], got {}", channels);
+    MPT_INPUT_CHECK(channels % heads == 0, "--heads {} does not divide --channels {}", heads, channels);
+    MPT_INPUT_CHECK(seq_len <= (int64_t{1} << 20),
+                    "--seq-len {} is longer than the model's maximum sequence length 1048576 (2^20)",
+                    seq_len);
+    MPT_INPUT_CHECK(lr > 0.0f && std::isfinite(lr), "--lr must be a finite number > 0, got {}", lr);
+    // The engine, optimizer and loss scaler name their fields; say which flag set each.
+    try {
+      model_config(256).validate();
+      engine_config().validate();
+    } catch (const InputError& e) {
+      throw InputError(with_flag_names(e.what()));
+    }
   }
 }
 
@@ -100,6 +159,48 @@ int64_t RunConfig::accumulation_steps(int world_size) const {
                   "--global-batch {} is not divisible by --micro-batch {} x {} ranks = {}", global_batch,
                   micro_batch, world_size, per_step);
   return global_batch / per_step;
+}
+
+InjectOverflow parse_inject_overflow(const std::string& text) {
+  InjectOverflow plan;
+  if (text.empty()) return plan;
+  const auto bad = [&](const char* why) {
+    return InputError(fmt::format(
+        "--inject-overflow '{}': {}; expected STEP:RANK, STEP+:RANK or every:RANK, optionally followed by "
+        ":inf or :nan (STEP >= 1 as in the log)",
+        text, why));
+  };
+  std::vector<std::string> parts;
+  for (size_t start = 0;;) {
+    const size_t colon = text.find(':', start);
+    parts.push_back(text.substr(start, colon == std::string::npos ? std::string::npos : colon - start));
+    if (colon == std::string::npos) break;
+    start = colon + 1;
+  }
+  if (parts.size() < 2 || parts.size() > 3) throw bad("wrong number of ':'-separated fields");
+  const auto integer = [&](const std::string& s, int64_t& out) {
+    const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
+    return !s.empty() && ec == std::errc() && end == s.data() + s.size();
+  };
+  std::string step = parts[0];
+  if (step == "every") {
+    plan.step = 1;
+    plan.every_step_from = true;
+  } else {
+    if (!step.empty() && step.back() == '+') {
+      plan.every_step_from = true;
+      step.pop_back();
+    }
+    if (!integer(step, plan.step) || plan.step < 1) throw bad("STEP is not an integer >= 1");
+  }
+  int64_t rank = -1;
+  if (!integer(parts[1], rank) || rank < 0 || rank > INT32_MAX) throw bad("RANK is not an integer >= 0");
+  plan.rank = static_cast<int>(rank);
+  if (parts.size() == 3) {
+    if (parts[2] != "inf" && parts[2] != "nan") throw bad("the kind is neither inf nor nan");
+    plan.nan = parts[2] == "nan";
+  }
+  return plan;
 }
 
 namespace {
@@ -154,6 +255,8 @@ nlohmann::json RunConfig::to_json() const {
           {"threads", threads},
           {"peak-tflops", peak_tflops},
           {"sample-tokens", sample_tokens},
+          {"collective-timeout", collective_timeout},
+          {"inject-overflow", inject_overflow},
           {"checkpoint", checkpoint},
           {"prompt", prompt},
           {"temperature", shortest(temperature)},
@@ -260,39 +363,103 @@ void add_train(CLI::App* app, RunConfig& c) {
       ->capture_default_str();
   app->add_option("--sample-tokens", c.sample_tokens, "tokens of text sampled at the end of training")
       ->capture_default_str();
+  app->add_option(
+         "--collective-timeout", c.collective_timeout,
+         "seconds a collective may take before the job is aborted (a frozen or dead rank); keep it above "
+         "the longest checkpoint write, which the other ranks wait for; 0: off")
+      ->capture_default_str();
+  app->add_option("--inject-overflow", c.inject_overflow,
+                  "debugging: poison one gradient element on RANK after backward of STEP (1-based), "
+                  "STEP:RANK[:inf|:nan]; STEP+ or 'every' repeats it on every later step");
 }
 
-// Scalars of the JSON file as CLI11 would read them from the command line.
-std::string json_scalar(const nlohmann::json& v, const std::string& file, const std::string& key) {
+/// Line and column (1-based) of byte `offset` of `text`.
+std::pair<size_t, size_t> line_column(const std::string& text, size_t offset) {
+  size_t line = 1, column = 1;
+  for (size_t i = 0; i < offset && i < text.size(); ++i) {
+    if (text[i] == '\n') {
+      ++line;
+      column = 1;
+    } else {
+      ++column;
+    }
+  }
+  return {line, column};
+}
+
+/// "line L, column C" of the top-level key `key` in the JSON object `text` (its opening quote), found by
+/// a scan that tracks strings and nesting depth; "" when not found (e.g. written with escapes).
+std::string key_position(const std::string& text, const std::string& key) {
+  const std::string quoted = nlohmann::json(key).dump();
+  int depth = 0;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char ch = text[i];
+    if (ch == '{' || ch == '[') {
+      ++depth;
+    } else if (ch == '}' || ch == ']') {
+      --depth;
+    } else if (ch == '"') {
+      const size_t start = i;
+      for (++i; i < text.size() && text[i] != '"'; ++i)
+        if (text[i] == '\\') ++i;
+      if (depth != 1 || text.compare(start, quoted.size(), quoted) != 0 || i + 1 != start + quoted.size())
+        continue;
+      size_t j = i + 1;
+      while (j < text.size() && std::isspace(static_cast<unsigned char>(text[j]))) ++j;
+      if (j < text.size() && text[j] == ':') {
+        const auto [line, column] = line_column(text, start);
+        return fmt::format("line {}, column {}", line, column);
+      }
+    }
+  }
+  return "";
+}
+
+/// The value of JSON key `key` as CLI11 would read it from the command line, after checking that its JSON
+/// type fits the flag `opt` (a number for numeric flags, a string for text flags, a boolean for switches).
+std::string json_value_for(const nlohmann::json& v, const CLI::Option* opt, const std::string& file,
+                           const std::string& text, const std::string& key) {
+  const std::string type = opt->get_type_name();
+  std::string expected;
+  bool ok = false;
+  if (opt->get_type_size() == 0) {
+    expected = "a boolean (true or false)";
+    ok = v.is_boolean();
+  } else if (type.starts_with("INT") || type.starts_with("UINT")) {
+    expected = "an integer";
+    ok = v.is_number_integer() && (!type.starts_with("UINT") || v.is_number_unsigned());
+  } else if (type.starts_with("FLOAT")) {
+    expected = "a number";
+    ok = v.is_number();
+  } else {
+    expected = "a string";
+    ok = v.is_string();
+  }
+  if (!ok) {
+    const std::string where = key_position(text, key);
+    throw InputError(fmt::format("config {}{}: key '{}' must be {}, got {} {}", file,
+                                 where.empty() ? "" : " (" + where + ")", key, expected, v.type_name(),
+                                 v.dump()));
+  }
   if (v.is_string()) return v.get<std::string>();
   if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
-  if (v.is_number()) return v.dump();
-  throw InputError(fmt::format("config {}: key '{}' must be a string, number or boolean, got {}", file, key,
-                               v.type_name()));
+  return v.dump();
 }
 
 std::vector<std::string> config_arguments(const std::string& file, CLI::App* sub) {
   std::error_code ec;
   MPT_INPUT_CHECK(!std::filesystem::is_directory(file, ec), "config {}: is a directory, not a JSON file",
                   file);
-  std::ifstream in(file);
-  MPT_INPUT_CHECK(static_cast<bool>(in), "config {}: cannot open", file);
+  std::ifstream in(file, std::ios::binary);
+  MPT_INPUT_CHECK(static_cast<bool>(in), "config {}: cannot open ({})", file, std::strerror(errno));
+  const std::string text((std::istreambuf_iterator<char>(in)), {});
+  MPT_INPUT_CHECK(!in.bad(), "config {}: read error", file);
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(in);
+    j = nlohmann::json::parse(text);
   } catch (const nlohmann::json::parse_error& e) {
-    // nlohmann reports the byte offset; give line and column too.
-    std::ifstream again(file);
-    std::string text((std::istreambuf_iterator<char>(again)), {});
-    size_t line = 1, column = 1;
-    for (size_t i = 0; i + 1 < e.byte && i < text.size(); ++i) {
-      if (text[i] == '\n') {
-        ++line;
-        column = 1;
-      } else {
-        ++column;
-      }
-    }
+    // nlohmann reports the byte offset (1-based, of the character that failed); give line and column.
+    const auto [line, column] = line_column(text, e.byte > 0 ? e.byte - 1 : 0);
     std::string what = e.what();
     if (const auto nl = what.find('\n'); nl != std::string::npos) what.resize(nl);
     // nlohmann's text repeats a position of its own ("parse error at line L, column C: ..."): keep the
@@ -305,10 +472,14 @@ std::vector<std::string> config_arguments(const std::string& file, CLI::App* sub
   MPT_INPUT_CHECK(j.is_object(), "config {}: must be a JSON object of flag names", file);
   std::vector<std::string> args;
   for (const auto& [key, value] : j.items()) {
-    MPT_INPUT_CHECK(key != "config" && sub->get_option_no_throw("--" + key) != nullptr,
-                    "config {}: unknown key '{}' (keys are the flag names of 'mptrain {}', see --help)", file,
-                    key, sub->get_name());
-    args.push_back("--" + key + "=" + json_scalar(value, file, key));
+    const CLI::Option* opt = key == "config" ? nullptr : sub->get_option_no_throw("--" + key);
+    if (opt == nullptr) {
+      const std::string where = key_position(text, key);
+      throw InputError(
+          fmt::format("config {}{}: unknown key '{}' (keys are the flag names of 'mptrain {}', see --help)",
+                      file, where.empty() ? "" : " (" + where + ")", key, sub->get_name()));
+    }
+    args.push_back("--" + key + "=" + json_value_for(value, opt, file, text, key));
   }
   return args;
 }

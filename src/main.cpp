@@ -1,9 +1,12 @@
 // mptrain: the executable. `mpirun -n N build/mptrain train [flags]` (or eval, sample); see --help.
 //
-// Exit codes: 0 success; 2 bad input (flags, config file, data, checkpoint, world size), reported in one
-// line by one rank (rank 0 when it sees the problem), every rank exiting together; 1 a run that cannot
-// continue (loss scale stuck at its minimum). A failure only one rank sees mid-run (an I/O error) aborts the
-// whole job through MPI_Abort.
+// Exit codes: 0 success; 2 a usage error (flags, config file, world size, ranks started with different
+// flags or data); 1 a file that cannot be used (data, checkpoint, tokenizer: missing, unreadable, damaged,
+// not fitting the run) or a run that cannot continue (loss scale stuck at its minimum). Input errors are
+// reported in one line by one rank (rank 0 when it sees the problem), every rank exiting together. A failure
+// only one rank sees mid-run (an I/O error) aborts the whole job through MPI_Abort, as does the collective
+// watchdog (--collective-timeout) when a rank freezes. SIGUSR1 (and SIGTERM under srun) stops training
+// gracefully: a checkpoint at the next step boundary, exit 0.
 #include <cstdio>
 #include <exception>
 
@@ -29,11 +32,17 @@ int main(int argc, char** argv) {
     mpt::check_ranks_agree(comm, help ? 0 : mpt::fnv1a(config.to_json().dump()),
                            "command line or config file");
     if (help) return 0;
+    // The collective watchdog guards everything after the agreed set-up.
+    comm.set_timeout_seconds(config.collective_timeout);
     if (config.command == "eval") return mpt::run_eval(config, comm);
     if (config.command == "sample") return mpt::run_sample(config, comm);
     return mpt::run_train(config, comm);
   } catch (const mpt::AgreedExit& e) {
     return e.code;
+  } catch (const mpt::FileInputError& e) {
+    // A file every rank reads alike (the same message everywhere): one line from rank 0, exit 1.
+    if (rank == 0) std::fprintf(stderr, "mptrain: error: %s\n", e.what());
+    return mpt::kExitBadFile;
   } catch (const mpt::InputError& e) {
     // The same on every rank (same flags, same files): one line from rank 0, exit 2 everywhere.
     if (rank == 0) std::fprintf(stderr, "mptrain: error: %s\n", e.what());

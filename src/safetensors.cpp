@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -49,6 +51,19 @@ void write_all(int fd, const void* data, size_t n, const std::string& path) {
     p += w;
     n -= static_cast<size_t>(w);
   }
+}
+
+/// Test hook for the kill-during-checkpoint test (tests/reliability): when the environment variable
+/// MPTRAIN_DEBUG_PAUSE_BEFORE_RENAME is set and `path` ends with its value, the writer announces itself on
+/// stderr and sleeps between the complete temporary file and the rename, until it is killed. Never set in
+/// normal use; unset, it costs one getenv per file written.
+void pause_before_rename_for_tests(const std::string& tmp, const std::string& path) {
+  const char* suffix = std::getenv("MPTRAIN_DEBUG_PAUSE_BEFORE_RENAME");
+  if (suffix == nullptr || *suffix == '\0' || !path.ends_with(suffix)) return;
+  std::fprintf(stderr, "mptrain: debug: pid %d paused before renaming %s to %s\n",
+               static_cast<int>(::getpid()), tmp.c_str(), path.c_str());
+  std::fflush(stderr);
+  for (;;) ::pause();
 }
 
 }  // namespace
@@ -118,6 +133,7 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
     ::unlink(tmp.c_str());
     io_error("cannot close", tmp);
   }
+  pause_before_rename_for_tests(tmp, path);
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
     ::unlink(tmp.c_str());
     io_error("cannot rename to", path);
@@ -179,9 +195,12 @@ SafetensorsFile read_safetensors(const std::string& path) {
       for (int64_t d : t.shape)
         if (d < 0) throw InputError(fmt::format("{}: tensor '{}' has a negative dimension", path, name));
       const auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
-      if (offsets.size() != 2 || offsets[0] > offsets[1] || offsets[1] > data_size)
-        throw InputError(fmt::format("{}: tensor '{}' has data offsets outside the file's {} data bytes",
-                                     path, name, data_size));
+      if (offsets.size() != 2 || offsets[0] > offsets[1])
+        throw InputError(fmt::format("{}: tensor '{}' has malformed data offsets", path, name));
+      if (offsets[1] > data_size)
+        throw InputError(
+            fmt::format("{}: truncated: tensor '{}' needs data bytes up to {}, the file holds {}", path, name,
+                        offsets[1], data_size));
       const uint64_t expected = product(t.shape) * dtype_size(t.dtype);
       if (offsets[1] - offsets[0] != expected)
         throw InputError(fmt::format("{}: tensor '{}' holds {} bytes, its shape and dtype need {}", path,

@@ -8,10 +8,12 @@
 #include <charconv>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <sstream>
 
@@ -25,18 +27,25 @@ namespace mpt {
 
 void agree_on_setup(Communicator& comm, const std::function<void()>& setup) {
   std::string message;
+  int32_t mine = 0;  // 0: fine, else the exit code
   try {
     setup();
+  } catch (const FileInputError& e) {
+    message = e.what();
+    mine = kExitBadFile;
   } catch (const InputError& e) {
     message = e.what();
+    mine = kExitUsage;
   }
   std::vector<int32_t> failed(static_cast<size_t>(comm.size()));
-  const int32_t mine = message.empty() ? 0 : 1;
   comm.all_gather(&mine, failed.data(), 1, DType::i32);
   for (int r = 0; r < comm.size(); ++r) {
     if (!failed[static_cast<size_t>(r)]) continue;
-    if (r == comm.rank()) std::fprintf(stderr, "mptrain: error: %s\n", message.c_str());
-    throw AgreedExit{2};
+    if (r == comm.rank()) {
+      std::fprintf(stderr, "mptrain: error: %s\n", message.c_str());
+      std::fflush(stderr);
+    }
+    throw AgreedExit{failed[static_cast<size_t>(r)]};
   }
 }
 
@@ -55,6 +64,44 @@ void check_ranks_agree(Communicator& comm, uint64_t hash, const std::string& wha
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+/// The graceful-stop request: the number of the signal that asked for it (0: none). Written only by the
+/// async-signal-safe handler below, read at step boundaries.
+volatile std::sig_atomic_t g_stop_signal = 0;
+
+extern "C" void on_stop_signal(int signal_number) {
+  g_stop_signal = signal_number;
+}
+
+/// SIGUSR1 (what `mpirun` forwards and `sbatch --signal=USR1@T` sends) always asks for a graceful stop;
+/// SIGTERM only under srun (SLURM_JOB_ID and SLURM_STEP_ID set), where it is the deadline warning. Under
+/// mpirun SIGTERM keeps its default action: mpirun kills the ranks a moment later anyway.
+void install_stop_handlers() {
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  MPT_CHECK(sigaction(SIGUSR1, &action, nullptr) == 0, "cannot install the SIGUSR1 handler");
+  if (std::getenv("SLURM_JOB_ID") && std::getenv("SLURM_STEP_ID"))
+    MPT_CHECK(sigaction(SIGTERM, &action, nullptr) == 0, "cannot install the SIGTERM handler");
+}
+
+const char* signal_label(int signal_number) {
+  if (signal_number == SIGUSR1) return "SIGUSR1";
+  if (signal_number == SIGTERM) return "SIGTERM";
+  return "signal";
+}
+
+/// Writes +inf or NaN of the gradients' storage dtype into the first gradient element of the first tensor
+/// (the --inject-overflow fault), through the backend so it works wherever the gradients live.
+void poison_gradient(Backend& backend, const MixedPrecisionEngine& engine, bool nan) {
+  const size_t offset = engine.layout().tensors().front().offset;
+  const float value = nan ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  dispatch_float_dtype(engine.config().dtype, [&]<typename S>() {
+    const S poisoned = from_float<S>(value);
+    backend.copy_from_host(static_cast<S*>(engine.grads()) + offset, &poisoned, sizeof(S));
+  });
+}
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
@@ -139,9 +186,11 @@ struct Session {
   SafetensorsFile open_checkpoint() {
     check_device(config);
     set_threads(config);
-    SafetensorsFile ckpt = read_checkpoint(config.checkpoint);
-    config = config_of_checkpoint(ckpt, config);
-    return ckpt;
+    return about_files([&] {
+      SafetensorsFile ckpt = read_checkpoint(config.checkpoint);
+      config = config_of_checkpoint(ckpt, config);
+      return ckpt;
+    });
   }
 
   void build(int64_t vocab_size) {
@@ -269,21 +318,31 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
   int64_t start_step = 0;
   int64_t accumulation = 1;
   std::string resumed_from;
+  const InjectOverflow inject = parse_inject_overflow(c.inject_overflow);
+  install_stop_handlers();
 
+  // Set-up in three agreed phases, so that nothing is created before every check passed on every rank:
+  // flags, data and checkpoint checks; then the ranks compare their configs, layouts and data; only then
+  // the checkpoint directory is created.
   agree_on_setup(comm, [&] {
     check_device(c);
     set_threads(c);
     accumulation = c.accumulation_steps(comm.size());
-    s.data = std::make_unique<Dataset>(Dataset::load(c.data, c.val_fraction));
-    s.data->check_sequence_length(c.seq_len, c.eval_batches > 0);
+    MPT_INPUT_CHECK(inject.step == 0 || inject.rank < comm.size(),
+                    "--inject-overflow '{}': rank {} does not exist in a run of {} rank(s)",
+                    c.inject_overflow, inject.rank, comm.size());
+    about_files([&] {
+      s.data = std::make_unique<Dataset>(Dataset::load(c.data, c.val_fraction));
+      s.data->check_sequence_length(c.seq_len, c.eval_batches > 0);
+    });
     s.build(s.data->vocab_size());
     s.engine->set_parameters(gpt_init(s.model_config, c.seed));
     std::error_code ec;
-    std::filesystem::create_directories(c.checkpoint_dir, ec);
-    MPT_INPUT_CHECK(!ec && std::filesystem::is_directory(c.checkpoint_dir),
-                    "--checkpoint-dir {}: cannot create the directory ({})", c.checkpoint_dir, ec.message());
+    MPT_INPUT_CHECK(
+        !std::filesystem::exists(c.checkpoint_dir, ec) || std::filesystem::is_directory(c.checkpoint_dir, ec),
+        "--checkpoint-dir {}: exists and is not a directory", c.checkpoint_dir);
     if (c.resume == "auto")
-      resumed_from = find_latest_checkpoint(c.checkpoint_dir, root);
+      resumed_from = about_files([&] { return find_latest_checkpoint(c.checkpoint_dir, root); });
     else if (c.resume != "none")
       resumed_from = c.resume;
     // A fresh run in a directory of older checkpoints would prune them and leave --resume auto to pick
@@ -294,19 +353,30 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
         "--checkpoint-dir, or resume it",
         c.checkpoint_dir);
     if (!resumed_from.empty()) {
-      const SafetensorsFile ckpt = read_checkpoint(resumed_from);
-      check_checkpoint_fits(ckpt, s);
-      start_step = restore_checkpoint(*s.engine, ckpt);
-      MPT_INPUT_CHECK(start_step <= c.steps, "checkpoint {} is at step {}, beyond --steps {}", resumed_from,
-                      start_step, c.steps);
+      about_files([&] {
+        const SafetensorsFile ckpt = read_checkpoint(resumed_from);
+        check_checkpoint_fits(ckpt, s);
+        start_step = restore_checkpoint(*s.engine, ckpt);
+      });
+      MPT_INPUT_CHECK(start_step <= c.steps, "--steps {}: checkpoint {} is already at step {}", c.steps,
+                      resumed_from, start_step);
     }
   });
   const nlohmann::json effective = c.to_json();
   uint64_t hash = fnv1a(effective.dump());
   for (const TensorPlacement& t : s.engine->layout().tensors())
     hash = fnv1a(fmt::format("{}:{}:{}", t.spec.name, t.offset, t.spec.num_elements()), hash);
-  check_ranks_agree(comm, fnv1a(fmt::format("{:016x}", s.data->hash()), hash),
-                    "config, model layout or data");
+  agree_on_setup(comm, [&] {
+    check_ranks_agree(comm, fnv1a(fmt::format("{:016x}", s.data->hash()), hash),
+                      "config, model layout or data");
+  });
+  agree_on_setup(comm, [&] {
+    std::error_code ec;
+    std::filesystem::create_directories(c.checkpoint_dir, ec);
+    if (ec || !std::filesystem::is_directory(c.checkpoint_dir))
+      throw FileInputError(fmt::format("--checkpoint-dir {}: cannot create the directory ({})",
+                                       c.checkpoint_dir, ec.message()));
+  });
 
   const int64_t G = c.global_batch, T = c.seq_len, mb = c.micro_batch, N = comm.size();
   const double flops_per_token = gpt_flops_per_token(s.model_config, T);
@@ -382,16 +452,33 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
                           s.targets.data());
       loss += s.model->forward(s.engine->params(), s.tokens.data(), s.targets.data(), mb, T, factor);
       s.model->backward(s.engine->params(), s.engine->grads());
+      if (k + 1 == accumulation && inject.hits(step + 1, comm.rank())) {
+        poison_gradient(*s.backend, *s.engine, inject.nan);
+        std::printf("step %6lld/%lld | rank %d: --inject-overflow: gradient element set to %s\n",
+                    static_cast<long long>(step + 1), static_cast<long long>(c.steps), comm.rank(),
+                    inject.nan ? "NaN" : "inf");
+        std::fflush(stdout);
+      }
       s.engine->accumulate_micro_batch();
     }
     loss /= static_cast<double>(accumulation);
     s.engine->sync_grads();
-    const StepResult r = s.engine->step();  // NumericsError: the same on every rank
+    // The stop request rides in the step's found_inf all-reduce: every rank stops after the same step.
+    const StepResult r = s.engine->step(g_stop_signal != 0);  // NumericsError: the same on every rank
     const double step_seconds = seconds_since(t0);
     train_seconds += step_seconds;
     window_seconds += step_seconds;
     window_tokens += G * T;
     const bool last = step + 1 == c.steps;
+    if (r.skipped && (root || inject.step > 0)) {
+      // With fault injection every rank reports, showing that all of them skipped the same step.
+      std::printf(
+          "step %6lld/%lld | rank %d: non-finite gradients on some rank: step skipped on every rank, "
+          "loss scale %g -> %g\n",
+          static_cast<long long>(step + 1), static_cast<long long>(c.steps), comm.rank(), r.loss_scale,
+          s.engine->loss_scale());
+      std::fflush(stdout);
+    }
     if (root && step == start_step)
       std::printf("activations per rank: %zu bytes (micro-batch %lld x %lld tokens)\n",
                   s.model->activation_bytes(), static_cast<long long>(mb), static_cast<long long>(T));
@@ -435,12 +522,23 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
       log_metrics({{"step", step + 1}, {"val_loss", val}});
       std::fflush(stdout);
     }
-    if ((c.checkpoint_interval > 0 && (step + 1) % c.checkpoint_interval == 0) || last) {
+    if ((c.checkpoint_interval > 0 && (step + 1) % c.checkpoint_interval == 0) || last || r.stop_requested) {
       const std::string path = save_checkpoint(*s.engine, c.checkpoint_dir, step + 1,
                                                static_cast<int>(c.keep_checkpoints), checkpoint_metadata(s));
       if (root)
         std::printf("step %6lld/%lld | checkpoint %s\n", static_cast<long long>(step + 1),
                     static_cast<long long>(c.steps), path.c_str());
+      if (r.stop_requested && !last) {
+        if (root)
+          std::printf(
+              "step %6lld/%lld | graceful stop (%s): every rank stopped after this step; checkpoint %s "
+              "written, continue with --resume auto\n",
+              static_cast<long long>(step + 1), static_cast<long long>(c.steps),
+              signal_label(g_stop_signal != 0 ? static_cast<int>(g_stop_signal) : SIGUSR1), path.c_str());
+        std::fflush(stdout);
+        comm.barrier();
+        return 0;
+      }
     }
   }
   if (root) {
@@ -465,13 +563,15 @@ int run_eval(const RunConfig& config_in, Communicator& comm) {
     ckpt = s.open_checkpoint();
     MPT_INPUT_CHECK(s.config.global_batch % comm.size() == 0,
                     "--global-batch {} is not divisible by {} ranks", s.config.global_batch, comm.size());
-    s.data = std::make_unique<Dataset>(Dataset::load(s.config.data, s.config.val_fraction));
-    s.data->check_sequence_length(s.config.seq_len, true);
-    MPT_INPUT_CHECK(checkpoint_int(ckpt, "vocab_size") == s.data->vocab_size(),
-                    "checkpoint {}: vocab_size {} but --data has vocabulary {}", ckpt.path,
-                    checkpoint_int(ckpt, "vocab_size"), s.data->vocab_size());
+    about_files([&] {
+      s.data = std::make_unique<Dataset>(Dataset::load(s.config.data, s.config.val_fraction));
+      s.data->check_sequence_length(s.config.seq_len, true);
+      MPT_INPUT_CHECK(checkpoint_int(ckpt, "vocab_size") == s.data->vocab_size(),
+                      "checkpoint {}: vocab_size {} but --data {} has vocabulary {}", ckpt.path,
+                      checkpoint_int(ckpt, "vocab_size"), s.config.data, s.data->vocab_size());
+    });
     s.build(s.data->vocab_size());
-    restore_checkpoint(*s.engine, ckpt);
+    about_files([&] { restore_checkpoint(*s.engine, ckpt); });
   });
   const double val = s.evaluate();
   if (comm.rank() == 0) {
@@ -492,8 +592,8 @@ int run_sample(const RunConfig& config_in, Communicator& comm) {
   SafetensorsFile ckpt;
   agree_on_setup(comm, [&] {
     ckpt = s.open_checkpoint();
-    s.build(checkpoint_int(ckpt, "vocab_size"));
-    restore_checkpoint(*s.engine, ckpt);
+    s.build(about_files([&] { return checkpoint_int(ckpt, "vocab_size"); }));
+    about_files([&] { restore_checkpoint(*s.engine, ckpt); });
   });
   if (comm.rank() != 0) return 0;
   const bool text = s.model_config.vocab_size == 256;
@@ -520,7 +620,7 @@ int run_sample(const RunConfig& config_in, Communicator& comm) {
     printed.assign(s.config.prompt);
     for (int32_t t : out) printed.push_back(static_cast<char>(t));
   } else if (!s.config.tokenizer.empty()) {
-    const auto vocab = load_llmc_tokenizer(s.config.tokenizer);
+    const auto vocab = about_files([&] { return load_llmc_tokenizer(s.config.tokenizer); });
     for (int32_t t : out) {
       MPT_INPUT_CHECK(static_cast<size_t>(t) < vocab.size(),
                       "--tokenizer {}: has {} tokens, the model produced {}", s.config.tokenizer,

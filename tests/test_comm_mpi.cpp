@@ -2,7 +2,9 @@
 // result is known exactly (partial sums exactly representable in the dtype), or bounded in units of the
 // dtype's epsilon where the per-combine rounding of fp16/bf16 makes the result depend on the order.
 #include <cmath>
+#include <cstring>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -216,6 +218,69 @@ TEST(CommMisc, IntegerAndDoubleCollectives) {
   comm.all_gather(std::span<const double>(d), std::span<double>(all));
   for (int q = 0; q < n; ++q) EXPECT_EQ(all[q], 0.1 * q);
   EXPECT_THROW(comm.all_reduce(v.data(), v.data(), 2, DType::i64, ReduceOp::avg), Error);
+}
+
+// The collective watchdog turns every blocking collective into its non-blocking twin polled under a
+// deadline: results must equal those of the plain blocking path, for every collective and both request
+// completions (wait and a test() loop). The inputs are small integers so that every sum is exact: MPI's
+// blocking and non-blocking algorithms may combine in different orders, which changes fp16 roundings of
+// inexact sums (as NCCL's ring and tree do). A frozen rank (the watchdog firing) is tested end to end in
+// tests/reliability/faults.py (watchdog_sigstop), since MPI_Abort ends the whole job.
+TEST(CommWatchdog, SameResultsWithTheWatchdogOn) {
+  MpiCommunicator plain, guarded;
+  guarded.set_timeout_seconds(120.0);
+  EXPECT_EQ(guarded.timeout_seconds(), 120.0);
+  EXPECT_EQ(plain.timeout_seconds(), 0.0);
+  const int n = plain.size();
+  const int r = plain.rank();
+  const size_t count = 1031;
+  auto input = make<half>(count * static_cast<size_t>(n), [&](size_t i) { return (r + 1) * k_of(i); });
+  for (ReduceOp op : {ReduceOp::sum, ReduceOp::max}) {
+    SCOPED_TRACE(std::string(reduce_op_name(op)));
+    std::vector<half> a(input.size()), b(input.size());
+    plain.all_reduce(input.data(), a.data(), input.size(), DType::f16, op);
+    guarded.all_reduce(input.data(), b.data(), input.size(), DType::f16, op);
+    EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(half))) << "all_reduce";
+    std::vector<half> c(count), d(count);
+    plain.reduce_scatter(input.data(), c.data(), count, DType::f16, op);
+    guarded.reduce_scatter(input.data(), d.data(), count, DType::f16, op);
+    EXPECT_EQ(0, std::memcmp(c.data(), d.data(), c.size() * sizeof(half))) << "reduce_scatter";
+    std::vector<half> in_place = input;  // in place: rank r's slice is where the result lands
+    guarded.reduce_scatter(in_place.data(), in_place.data() + static_cast<size_t>(r) * count, count,
+                           DType::f16, op);
+    EXPECT_EQ(0,
+              std::memcmp(c.data(), in_place.data() + static_cast<size_t>(r) * count, count * sizeof(half)))
+        << "in-place reduce_scatter";
+    std::vector<half> e(count);
+    auto request = guarded.ireduce_scatter(input.data(), e.data(), count, DType::f16, op);
+    while (!request->test()) {
+    }
+    EXPECT_EQ(0, std::memcmp(c.data(), e.data(), c.size() * sizeof(half))) << "ireduce_scatter + test()";
+    std::vector<half> f(input.size());
+    guarded.iall_reduce(input.data(), f.data(), input.size(), DType::f16, op)->wait();
+    EXPECT_EQ(0, std::memcmp(a.data(), f.data(), a.size() * sizeof(half))) << "iall_reduce + wait()";
+  }
+  std::vector<int64_t> mine = {r, 10 * r}, all(2 * static_cast<size_t>(n)), all_nb(all.size());
+  guarded.all_gather(std::span<const int64_t>(mine), std::span<int64_t>(all));
+  guarded.iall_gather(mine.data(), all_nb.data(), 2, DType::i64)->wait();
+  for (int q = 0; q < n; ++q) {
+    EXPECT_EQ(all[2 * static_cast<size_t>(q)], q);
+    EXPECT_EQ(all[2 * static_cast<size_t>(q) + 1], 10 * q);
+  }
+  EXPECT_EQ(all, all_nb);
+  std::vector<double> value = {r == n - 1 ? 2.5 : 0.0};
+  guarded.broadcast(std::span<double>(value), n - 1);
+  EXPECT_EQ(value[0], 2.5);
+  guarded.barrier();
+}
+
+TEST(CommWatchdog, RejectsANegativeOrNonFiniteTimeout) {
+  MpiCommunicator comm;
+  EXPECT_THROW(comm.set_timeout_seconds(-1.0), Error);
+  EXPECT_THROW(comm.set_timeout_seconds(NAN), Error);
+  EXPECT_THROW(comm.set_timeout_seconds(INFINITY), Error);
+  comm.set_timeout_seconds(0.0);  // off
+  EXPECT_EQ(comm.timeout_seconds(), 0.0);
 }
 
 }  // namespace

@@ -4,10 +4,12 @@
 // fp16/bf16 reductions use custom commutative MPI_Ops that compute each combine in FP32 and round to the
 // storage type once (NCCL's half add). avg pre-multiplies by the storage type's 1/N (NCCL's PreMulSum).
 // MPI counts are int: a call with more than INT_MAX elements throws mpt::Error rather than truncating.
+// The collective watchdog (set_timeout_seconds) turns a frozen or dead peer into MPI_Abort instead of a hang.
 #pragma once
 
 #include <mpi.h>
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <vector>
@@ -54,7 +56,14 @@ class MpiCommunicator final : public Communicator {
   void all_gather(const void* send, void* recv, size_t send_count, DType dtype) override;
   void broadcast(void* buf, size_t count, DType dtype, int root) override;
   void barrier() override;
-  void set_timeout_seconds(double seconds) override { timeout_seconds_ = seconds; }
+  /// The watchdog: with `seconds` > 0 every collective (blocking ones and CommRequest::wait/test alike) that
+  /// has not completed `seconds` after it was issued prints one stderr line (rank, host, collective, element
+  /// count and dtype, timeout) and calls MPI_Abort(…, 1); the blocking collectives then run as their
+  /// non-blocking twins polled with MPI_Test. 0 (the default) = off: plain blocking MPI calls. Applies to
+  /// collectives issued after the call. Throws mpt::Error for a negative or non-finite value.
+  void set_timeout_seconds(double seconds) override;
+  /// The watchdog timeout in seconds (0 = off).
+  double timeout_seconds() const { return timeout_seconds_; }
 
   std::unique_ptr<CommRequest> iall_reduce(const void* send, void* recv, size_t count, DType dtype,
                                            ReduceOp op) override;
@@ -64,6 +73,11 @@ class MpiCommunicator final : public Communicator {
                                            DType dtype) override;
 
  private:
+  /// Waits for `request` (a collective `name` of `count` `dtype` elements issued at `issued`) under the
+  /// watchdog.
+  void complete(MPI_Request* request, const char* name, size_t count, DType dtype,
+                std::chrono::steady_clock::time_point issued) const;
+
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;

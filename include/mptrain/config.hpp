@@ -63,6 +63,13 @@ struct RunConfig {
   int threads = 0;           ///< OpenMP threads per rank; 0 = OMP_NUM_THREADS or 1
   double peak_tflops = 0.0;  ///< per rank, for MFU; 0 = measured (CPU SGEMM) or 989 (CUDA bf16 dense)
   int64_t sample_tokens = 200;
+  /// Collective watchdog (seconds; 0 = off): a collective not completed within it aborts the job.
+  double collective_timeout = 600.0;
+
+  // Debugging: fault injection.
+  /// --inject-overflow "STEP:RANK[:inf|:nan]", "STEP+:RANK[...]" (that step and every later one) or
+  /// "every:RANK[...]"; empty = none. STEP counts from 1 like the log. Parsed by inject_overflow_plan().
+  std::string inject_overflow;
 
   // eval / sample.
   std::string checkpoint;  ///< checkpoint to read (eval, sample)
@@ -84,6 +91,23 @@ struct RunConfig {
   /// The effective configuration (flag names as keys).
   nlohmann::json to_json() const;
 };
+
+/// The parsed --inject-overflow: poison one gradient element of `rank` after the backward of step `step`
+/// (1-based; with `every_step_from`, of that step and every later one) with +inf or NaN.
+struct InjectOverflow {
+  int64_t step = 0;  ///< 0 = no injection
+  bool every_step_from = false;
+  int rank = 0;
+  bool nan = false;
+  /// True when step `step` (1-based) is poisoned on rank `rank_`.
+  bool hits(int64_t step_1based, int rank_) const {
+    return step > 0 && rank_ == rank && (every_step_from ? step_1based >= step : step_1based == step);
+  }
+};
+
+/// Parses --inject-overflow `text` ("" gives no injection). Throws mpt::InputError naming the flag and the
+/// expected form for anything else.
+InjectOverflow parse_inject_overflow(const std::string& text);
 
 /// Parses argv (`mptrain <train|eval|sample> [--config FILE] [flags]`). Returns false after printing --help
 /// (the caller exits 0). Throws mpt::InputError with one line for an unknown flag or key, a bad value, a

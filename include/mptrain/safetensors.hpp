@@ -45,7 +45,9 @@ struct SafetensorsFile {
 
 /// Writes `tensors` (in the given order) and `metadata` to `path` atomically (path + ".tmp", fsync, rename,
 /// fsync of the directory). Throws mpt::Error naming the path and the failing step on any I/O error; the
-/// previous file at `path`, if any, is then untouched.
+/// previous file at `path`, if any, is then untouched. Test hook: with the environment variable
+/// MPTRAIN_DEBUG_PAUSE_BEFORE_RENAME set to a suffix of `path`, the writer prints its pid on stderr and
+/// sleeps between the complete temporary file and the rename until killed (tests/reliability/faults.py).
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata);
 

@@ -7,8 +7,34 @@
 
 #include "mptrain/comm.hpp"
 #include "mptrain/config.hpp"
+#include "mptrain/error.hpp"
 
 namespace mpt {
+
+/// Exit codes (main.cpp): a usage error (flags, config file, world size, ranks started differently) is 2; a
+/// file the user named that cannot be used (data, checkpoint, tokenizer: missing, unreadable, damaged, or not
+/// fitting the run) is 1, like any other failure.
+inline constexpr int kExitUsage = 2;
+inline constexpr int kExitBadFile = 1;
+
+/// An mpt::InputError about a file the user named rather than about the flags: exit code kExitBadFile.
+class FileInputError : public InputError {
+ public:
+  explicit FileInputError(const std::string& what) : InputError(what) {}
+};
+
+/// Runs `fn` and rethrows an mpt::InputError it throws as FileInputError (same message): for code that
+/// reads and checks the user's files.
+template <typename F>
+decltype(auto) about_files(F&& fn) {
+  try {
+    return fn();
+  } catch (const FileInputError&) {
+    throw;
+  } catch (const InputError& e) {
+    throw FileInputError(e.what());
+  }
+}
 
 /// Exit request agreed by every rank (input errors found during set-up): the ranks that saw the error
 /// printed it; main() returns `code` on every rank.
@@ -17,7 +43,8 @@ struct AgreedExit {
 };
 
 /// Runs `setup` on every rank; when it throws mpt::InputError on any rank, the lowest such rank prints its
-/// message (one line) and every rank throws AgreedExit{2}. Collective: a problem only some ranks see (a file
+/// message (one line) and every rank throws AgreedExit with that rank's code (kExitBadFile for a
+/// FileInputError, else kExitUsage). Collective: a problem only some ranks see (a file
 /// missing on one node, a flag given to one rank) stops the whole job instead of hanging it.
 void agree_on_setup(Communicator& comm, const std::function<void()>& setup);
 

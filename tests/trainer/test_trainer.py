@@ -61,8 +61,8 @@ class Trainer(unittest.TestCase):
         self.assertEqual(p.returncode, expect, f"{' '.join(cmd)}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
         return p.stdout if expect == 0 else p.stderr
 
-    def expect_error(self, ranks, *args, cwd, needle):
-        err = self.mptrain(ranks, *args, cwd=cwd, expect=2)
+    def expect_error(self, ranks, *args, cwd, needle, code=2):
+        err = self.mptrain(ranks, *args, cwd=cwd, expect=code)
         lines = [line for line in err.splitlines() if line.startswith("mptrain: error:")]
         self.assertEqual(len(lines), 1, err)
         self.assertIn(needle, lines[0])
@@ -116,23 +116,23 @@ class Trainer(unittest.TestCase):
         ckpt = os.path.join(ckpt_dir, "ckpt_00000004.safetensors")
         good = open(ckpt, "rb").read()
         self.expect_error(2, *base, "--run-name", "old", "--steps", "6", "--resume", ckpt, "--seed", "9", cwd=cwd,
-                          needle="--seed")
+                          needle="--seed", code=1)
         # A digit of the step in the metadata flipped: the checksum covers the metadata too.
         bad = good.replace(b'"step":"4"', b'"step":"3"')
         self.assertNotEqual(bad, good)
         with open(ckpt, "wb") as f:
             f.write(bad)
-        self.expect_error(2, *base, "--run-name", "old", "--steps", "6", "--resume", ckpt, cwd=cwd, needle="checksum")
+        self.expect_error(2, *base, "--run-name", "old", "--steps", "6", "--resume", ckpt, cwd=cwd, needle="checksum", code=1)
         # Every checkpoint damaged: --resume auto refuses rather than starting over on top of them.
-        self.expect_error(2, *base, "--run-name", "old", "--steps", "6", cwd=cwd, needle="verifies")
+        self.expect_error(2, *base, "--run-name", "old", "--steps", "6", cwd=cwd, needle="verifies", code=1)
         self.assertEqual(open(ckpt, "rb").read(), bad)
-        # A flag given to one rank only: every rank stops with exit 2, none hangs.
+        # A flag given to one rank only: every rank stops with exit 2 (usage), none hangs.
         cmd = [ARGS.mpiexec, "--oversubscribe", "-n", "1", ARGS.mptrain, *base, "--run-name", "mpmd", "--layers", "0",
                ":", "-n", "1", ARGS.mptrain, *base, "--run-name", "mpmd"]
         p = subprocess.run(cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                            timeout=60)
         self.assertEqual(p.returncode, 2, p.stderr)
-        self.assertIn("num_layers", p.stderr)
+        self.assertIn("--layers", p.stderr)
 
     def test_fp32_gradient_accumulation_trains(self):
         extra = ["--precision", "fp16", "--global-batch", "8", "--micro-batch", "2", "--steps", "8",

@@ -1,0 +1,366 @@
+"""Numerical and process faults of mptrain (issue 8), each a CTest case under `mpiexec -n 2`:
+
+  inject_overflow / inject_nan     one poisoned gradient: the step is skipped on every rank, the scale halves,
+                                   training goes on
+  overflow_every_step              a gradient non-finite at every step: the run stops with an error once the
+                                   scaler's minimum-scale rule fires, exit 1, the last checkpoint intact
+  watchdog_sigstop                 a rank frozen with SIGSTOP: the collective watchdog ends the job within
+                                   timeout + 10 s; --resume auto continues from the last good checkpoint
+  sigkill_rank                     a rank killed: mpirun ends the job; --resume auto continues
+  sigusr1_graceful_stop            SIGUSR1 to mpirun: the ranks agree in the step, write a checkpoint, exit 0
+  sigterm_under_srun               SIGTERM to the ranks with SLURM_JOB_ID/SLURM_STEP_ID set: the same
+  sigterm_without_srun             SIGTERM to a rank under plain mpirun: the default action (the job dies)
+  kill_during_checkpoint           rank 0 killed between writing a checkpoint and renaming it: the previous
+                                   checkpoint is intact, and --resume auto skips a damaged newer one
+  determinism                      two identical runs: bitwise identical non-timing metrics and checkpoints
+
+  python3 faults.py --mptrain build/mptrain --case NAME [--case NAME...] | --all | --list
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import TINY, children, env, kill_all, processes_in, run, write_corpus
+
+TIMING = {"tokens_per_second", "mfu", "elapsed_seconds"}
+
+
+class Failure(AssertionError):
+    pass
+
+
+def check(cond, message):
+    if not cond:
+        raise Failure(message)
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class Job:
+    """A background `mpiexec -n 2 mptrain ...` with its output in files."""
+
+    def __init__(self, ctx, cmd, extra_env=None):
+        self.out_path = os.path.join(ctx.dir, f"job{ctx.jobs}.out")
+        self.err_path = os.path.join(ctx.dir, f"job{ctx.jobs}.err")
+        ctx.jobs += 1
+        self.ctx, self.cmd = ctx, cmd
+        self.out, self.err = open(self.out_path, "w"), open(self.err_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ctx.dir, env=env(extra_env), stdout=self.out, stderr=self.err,
+                                     start_new_session=True)
+        self.started = time.monotonic()
+
+    def stdout(self):
+        return open(self.out_path).read()
+
+    def stderr(self):
+        return open(self.err_path).read()
+
+    def wait_for(self, what, predicate, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            check(self.proc.poll() is None, f"the job ended (exit {self.proc.returncode}) before {what}\n"
+                  + self.describe())
+            time.sleep(0.05)
+        raise Failure(f"timed out waiting for {what}\n" + self.describe())
+
+    def rank_pid(self, rank):
+        for pid in children(self.proc.pid):
+            try:
+                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ:
+                return pid
+        raise Failure(f"no rank {rank} among the children of mpiexec {self.proc.pid}")
+
+    def finish(self, timeout):
+        """Waits up to `timeout` s; returns (exit code, seconds since `since`)."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            kill_all(processes_in(self.ctx.dir))
+            self.proc.wait()
+            raise Failure(f"the job did not end within {timeout} s\n" + self.describe())
+        finally:
+            self.out.close()
+            self.err.close()
+        return self.proc.returncode
+
+    def describe(self):
+        return f"$ {' '.join(self.cmd)}\nstdout:\n{self.stdout()}\nstderr:\n{self.stderr()}"
+
+
+class Context:
+    def __init__(self, args, directory):
+        self.args, self.dir, self.jobs = args, directory, 0
+        self.corpus = os.path.join(directory, "corpus.txt")
+        write_corpus(self.corpus, 40_000)
+
+    def cmd(self, *extra, mpi=(), run_name="r"):
+        return [self.args.mpiexec, "--oversubscribe", "--bind-to", "none", *mpi, "-n", "2", self.args.mptrain,
+                "train", "--data", self.corpus, "--run-name", run_name, *TINY, *extra]
+
+    def train(self, *extra, run_name="r", expect=0, timeout=120):
+        r = run(self.cmd(*extra, run_name=run_name), cwd=self.dir, timeout=timeout)
+        check(r.returncode == expect, f"exit {r.returncode}, expected {expect}\n" + r.describe())
+        return r
+
+    def ckpt_dir(self, run_name="r"):
+        return os.path.join(self.dir, "runs", run_name, "checkpoints")
+
+    def checkpoints(self, run_name="r"):
+        d = self.ckpt_dir(run_name)
+        return sorted(f for f in os.listdir(d) if re.fullmatch(r"ckpt_\d{8}\.safetensors", f)) if os.path.isdir(d) else []
+
+    def metrics(self, run_name="r"):
+        with open(os.path.join(self.dir, "runs", run_name, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+    def eval_ok(self, checkpoint):
+        """`mptrain eval` of `checkpoint` succeeds (it reads and verifies the checksum)."""
+        r = run([self.args.mpiexec, "--oversubscribe", "--bind-to", "none", "-n", "1", self.args.mptrain, "eval",
+                 "--checkpoint", checkpoint, "--data", self.corpus, "--val-fraction", "0.1", "--eval-batches", "1",
+                 "--global-batch", "4", "--micro-batch", "4"], cwd=self.dir, timeout=60)
+        check(r.returncode == 0, f"the checkpoint {checkpoint} does not evaluate\n" + r.describe())
+
+
+CASES = {}
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+def injected(ctx, spec, kind_word):
+    r = ctx.train("--steps", "6", "--inject-overflow", spec)
+    for rank in (0, 1):
+        line = f"step      3/6 | rank {rank}: non-finite gradients on some rank: step skipped on every rank, " \
+               "loss scale 65536 -> 32768"
+        check(line in r.stdout, f"missing line {line!r}\n" + r.describe())
+    check(f"rank {spec.split(':')[1]}: --inject-overflow: gradient element set to {kind_word}" in r.stdout,
+          r.describe())
+    m = {line["step"]: line for line in ctx.metrics() if "train_loss" in line}
+    check(sorted(m) == [1, 2, 3, 4, 5, 6], f"metrics steps {sorted(m)}")
+    check(m[3]["step_skipped"] and m[3]["skipped"] == 1 and m[3]["grad_norm"] is None, f"step 3: {m[3]}")
+    check(not m[2]["step_skipped"] and not m[4]["step_skipped"], f"steps 2, 4: {m[2]} {m[4]}")
+    check(m[4]["loss_scale"] == 32768 and m[6]["loss_scale"] == 32768, f"scale after the skip: {m[4]} {m[6]}")
+    check(m[6]["skipped"] == 1, f"step 6: {m[6]}")
+    return [l for l in r.stdout.splitlines() if l.startswith("step") and "| rank" in l]
+
+
+@case
+def inject_overflow(ctx):
+    return injected(ctx, "3:1", "inf")
+
+
+@case
+def inject_nan(ctx):
+    return injected(ctx, "3:0:nan", "NaN")
+
+
+@case
+def overflow_every_step(ctx):
+    # Scale 8 -> 4 -> 2 -> 1 (min) at steps 3-5, then 3 overflows at the minimum (steps 6-8) stop the run.
+    r = ctx.train("--steps", "50", "--inject-overflow", "3+:1", "--loss-scale-init", "8",
+                  "--loss-scale-max-min-overflows", "3", "--checkpoint-interval", "2", "--keep-checkpoints", "10",
+                  expect=1)
+    lines = r.error_lines()
+    check(len(lines) == 1 and "minimum" in lines[0], f"error lines {lines}\n" + r.describe())
+    steps = [line["step"] for line in ctx.metrics() if "train_loss" in line]
+    check(steps == list(range(1, 8)), f"logged steps {steps}: expected the stop at step 8")
+    ckpts = ctx.checkpoints()
+    check(ckpts == [f"ckpt_{s:08d}.safetensors" for s in (2, 4, 6)], f"checkpoints {ckpts}")
+    for name in ckpts:
+        ctx.eval_ok(os.path.join(ctx.ckpt_dir(), name))
+    check(not [f for f in os.listdir(ctx.ckpt_dir()) if f.endswith(".tmp")], "a temporary checkpoint was left")
+    return lines
+
+
+def resume_after_crash(ctx, last):
+    r = ctx.train("--steps", str(last + 3), "--resume", "auto", "--collective-timeout", "30")
+    want = f"resumed from runs/r/checkpoints/ckpt_{last:08d}.safetensors at step {last}"
+    check(want in r.stdout, f"expected {want!r}\n" + r.describe())
+    return want
+
+
+def crash(ctx, sig, timeout_s):
+    job = Job(ctx, ctx.cmd("--steps", "100000", "--checkpoint-interval", "10", "--keep-checkpoints", "3",
+                           "--log-interval", "10", "--collective-timeout", str(timeout_s)))
+    job.wait_for("the checkpoint of step 20", lambda: "ckpt_00000020.safetensors" in ctx.checkpoints())
+    victim = job.rank_pid(1)
+    t0 = time.monotonic()
+    os.kill(victim, sig)
+    code = job.finish(timeout=timeout_s + 30)
+    seconds = time.monotonic() - t0
+    check(code != 0, "the job exited 0 after a rank was stopped or killed\n" + job.describe())
+    check(seconds <= timeout_s + 10, f"the job took {seconds:.1f} s to end (> {timeout_s} + 10)\n" + job.describe())
+    left = processes_in(ctx.dir)
+    check(not left, f"processes left behind: {left}")
+    last = int(ctx.checkpoints()[-1][5:13])
+    watchdog = [l for l in job.stderr().splitlines() if "did not complete within" in l]
+    return job, seconds, last, watchdog
+
+
+@case
+def watchdog_sigstop(ctx):
+    job, seconds, last, watchdog = crash(ctx, signal.SIGSTOP, 3)
+    check(watchdog, "no watchdog line on stderr\n" + job.describe())
+    check(re.search(r"rank \d on \S+: collective \w+ of \d+ \w+ elements did not complete within 3 s", watchdog[0]),
+          watchdog[0])
+    return [f"job ended {seconds:.1f} s after SIGSTOP", *watchdog, resume_after_crash(ctx, last)]
+
+
+@case
+def sigkill_rank(ctx):
+    job, seconds, last, _ = crash(ctx, signal.SIGKILL, 30)
+    return [f"job ended {seconds:.1f} s after SIGKILL, exit {job.proc.returncode}", resume_after_crash(ctx, last)]
+
+
+def graceful(ctx, send, label, mpi=()):
+    job = Job(ctx, ctx.cmd("--steps", "100000", "--checkpoint-interval", "1000", "--log-interval", "10",
+                           mpi=mpi))
+    job.wait_for("step 20", lambda: "step     20/100000" in job.stdout())
+    t0 = time.monotonic()
+    send(job)
+    code = job.finish(timeout=30)
+    seconds = time.monotonic() - t0
+    check(code == 0, f"exit {code} after {label}\n" + job.describe())
+    check(seconds <= 10, f"{seconds:.1f} s to stop")
+    lines = [l for l in job.stdout().splitlines() if "graceful stop" in l]
+    check(len(lines) == 1 and f"graceful stop ({label})" in lines[0], job.describe())
+    step = int(re.search(r"step +(\d+)/", lines[0]).group(1))
+    check(ctx.checkpoints() == [f"ckpt_{step:08d}.safetensors"], f"checkpoints {ctx.checkpoints()}")
+    return [lines[0], resume_after_crash(ctx, step)]
+
+
+@case
+def sigusr1_graceful_stop(ctx):
+    return graceful(ctx, lambda job: os.kill(job.proc.pid, signal.SIGUSR1), "SIGUSR1")
+
+
+@case
+def sigterm_under_srun(ctx):
+    # srun signals every task itself; SLURM_JOB_ID and SLURM_STEP_ID tell mptrain it runs under srun.
+    def send(job):
+        kill_all([job.rank_pid(0), job.rank_pid(1)], signal.SIGTERM)
+    return graceful(ctx, send, "SIGTERM", mpi=("-x", "SLURM_JOB_ID=4242", "-x", "SLURM_STEP_ID=0"))
+
+
+@case
+def sigterm_without_srun(ctx):
+    job = Job(ctx, ctx.cmd("--steps", "100000", "--checkpoint-interval", "1000", "--log-interval", "10"))
+    job.wait_for("step 20", lambda: "step     20/100000" in job.stdout())
+    os.kill(job.rank_pid(1), signal.SIGTERM)
+    code = job.finish(timeout=30)
+    check(code != 0 and "graceful stop" not in job.stdout(), f"exit {code}\n" + job.describe())
+    check(not processes_in(ctx.dir), "processes left behind")
+    return [f"exit {code}: default action of SIGTERM (no handler outside srun)"]
+
+
+@case
+def kill_during_checkpoint(ctx):
+    pause = {"MPTRAIN_DEBUG_PAUSE_BEFORE_RENAME": "ckpt_00000004.safetensors"}
+    job = Job(ctx, ctx.cmd("--steps", "6", "--checkpoint-interval", "2", "--keep-checkpoints", "5",
+                           mpi=("-x", "MPTRAIN_DEBUG_PAUSE_BEFORE_RENAME")), extra_env=pause)
+    job.wait_for("the pause before the rename", lambda: "paused before renaming" in job.stderr())
+    d = ctx.ckpt_dir()
+    before = sha256(os.path.join(d, "ckpt_00000002.safetensors"))
+    pid = int(re.search(r"pid (\d+) paused", job.stderr()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    code = job.finish(timeout=30)
+    check(code != 0, "exit 0 after rank 0 was killed\n" + job.describe())
+    check(not processes_in(ctx.dir), "processes left behind")
+    check(ctx.checkpoints() == ["ckpt_00000002.safetensors"], f"checkpoints {ctx.checkpoints()}")
+    check(sha256(os.path.join(d, "ckpt_00000002.safetensors")) == before, "the previous checkpoint changed")
+    tmp = os.path.join(d, "ckpt_00000004.safetensors.tmp")
+    check(os.path.exists(tmp), "no temporary file of the interrupted checkpoint")
+    ctx.eval_ok(os.path.join(d, "ckpt_00000002.safetensors"))
+    # A newer checkpoint that is damaged (what a non-atomic writer would leave): --resume auto skips it.
+    data = open(tmp, "rb").read()
+    with open(os.path.join(d, "ckpt_00000004.safetensors"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    r = ctx.train("--steps", "6", "--checkpoint-interval", "2", "--keep-checkpoints", "5", "--resume", "auto")
+    skip = [l for l in r.stderr.splitlines() if "skipping damaged checkpoint" in l]
+    check(len(skip) == 1 and "ckpt_00000004.safetensors" in skip[0], "no skip warning\n" + r.describe())
+    want = "resumed from runs/r/checkpoints/ckpt_00000002.safetensors at step 2"
+    check(want in r.stdout, r.describe())
+    check(ctx.checkpoints()[-1] == "ckpt_00000006.safetensors", f"checkpoints {ctx.checkpoints()}")
+    ctx.eval_ok(os.path.join(d, "ckpt_00000004.safetensors"))  # rewritten whole by the resumed run
+    return [job.stderr().splitlines()[0], skip[0], want]
+
+
+@case
+def determinism(ctx):
+    extra = ("--steps", "10", "--eval-interval", "5", "--checkpoint-interval", "5", "--precision", "fp16",
+             "--loss-scale-window", "3", "--threads", "2")
+    ctx.train(*extra, run_name="one")
+    ctx.train(*extra, run_name="two")
+    strip = lambda lines: [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+    a, b = strip(ctx.metrics("one")), strip(ctx.metrics("two"))
+    check(len(a) == 12, f"{len(a)} metric lines, expected 10 train + 2 validation lines: {a}")
+    check(json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True), f"metrics differ:\n{a}\n{b}")
+    check(any(line.get("step_skipped") for line in a), f"no skipped step exercised: {a}")
+    # The checkpoints' metadata holds the run name; the tensor bytes must be identical.
+    for name in ctx.checkpoints("one"):
+        data = []
+        for run_name in ("one", "two"):
+            raw = open(os.path.join(ctx.ckpt_dir(run_name), name), "rb").read()
+            data.append(raw[8 + int.from_bytes(raw[:8], "little"):])
+        check(data[0] == data[1] and len(data[0]) > 0, f"{name}: tensor bytes differ")
+    return [f"{len(a)} metric lines bitwise identical in {sorted(set().union(*a))}",
+            f"tensor bytes identical in {ctx.checkpoints('one')}"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mptrain", help="the mptrain executable (required unless --list)")
+    parser.add_argument("--mpiexec", default="mpiexec")
+    parser.add_argument("--case", action="append", default=[])
+    parser.add_argument("--all", action="store_true")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(CASES))
+        return 0
+    if not args.mptrain:
+        parser.error("--mptrain is required")
+    args.mptrain = os.path.abspath(args.mptrain)
+    names = list(CASES) if args.all else args.case
+    if not names or any(n not in CASES for n in names):
+        parser.error("give --case NAME (see --list) or --all")
+    failed = 0
+    for name in names:
+        directory = tempfile.mkdtemp(prefix=f"mptrain_fault_{name}_")
+        t0 = time.monotonic()
+        try:
+            said = CASES[name](Context(args, directory))
+            print(f"ok   {name} ({time.monotonic() - t0:.1f} s)")
+            for line in said:
+                print(f"     {line}")
+        except Failure as e:
+            failed += 1
+            print(f"FAIL {name}: {e}")
+        finally:
+            kill_all(processes_in(directory))
+            shutil.rmtree(directory, ignore_errors=True)
+        sys.stdout.flush()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
