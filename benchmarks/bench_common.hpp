@@ -16,8 +16,8 @@
 
 #include "mptrain/backend.hpp"
 #include "mptrain/comm_mpi.hpp"
-#include "mptrain/runtime.hpp"
 #include "mptrain/error.hpp"
+#include "mptrain/runtime.hpp"
 
 namespace mpt::bench {
 

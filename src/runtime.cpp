@@ -26,9 +26,10 @@ std::string resolve_device(const std::string& device) {
   if (device == "auto") return cuda_available() ? "cuda" : "cpu";
   MPT_INPUT_CHECK(device == "cpu" || device == "cuda", "--device {}: expected auto, cpu or cuda", device);
 #if !MPTRAIN_WITH_CUDA
-  MPT_INPUT_CHECK(device != "cuda",
-                  "--device cuda: this build of mptrain has no CUDA backend (it was configured where nvcc was "
-                  "not found, or with -DMPTRAIN_WITH_CUDA=OFF); use --device cpu");
+  MPT_INPUT_CHECK(
+      device != "cuda",
+      "--device cuda: this build of mptrain has no CUDA backend (it was configured where nvcc was "
+      "not found, or with -DMPTRAIN_WITH_CUDA=OFF); use --device cpu");
 #endif
   return device;
 }

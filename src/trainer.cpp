@@ -22,6 +22,7 @@
 #include "mptrain/error.hpp"
 #include "mptrain/hash.hpp"
 #include "mptrain/model.hpp"
+#include "mptrain/runtime.hpp"
 
 namespace mpt {
 
@@ -113,12 +114,6 @@ void set_threads(const RunConfig& c) {
   omp_set_num_threads(threads);
 }
 
-void check_device(const RunConfig& c) {
-  // The CUDA backend is not part of this build yet; auto therefore means the CPU.
-  MPT_INPUT_CHECK(c.device != "cuda",
-                  "--device cuda: this build of mptrain has no CUDA backend yet; use --device cpu");
-}
-
 std::string format_duration(double seconds) {
   const auto s = static_cast<int64_t>(seconds + 0.5);
   return fmt::format("{}:{:02d}:{:02d}", s / 3600, (s / 60) % 60, s % 60);
@@ -172,7 +167,8 @@ RunConfig config_of_checkpoint(const SafetensorsFile& ckpt, RunConfig c) {
 struct Session {
   RunConfig config;
   Communicator& comm;
-  std::unique_ptr<Backend> backend = make_cpu_backend();
+  Runtime runtime;             // the backend and the engine's communicator on its memory (MPI or NCCL)
+  Backend* backend = nullptr;  // runtime.backend
   std::unique_ptr<Dataset> data;
   GPTConfig model_config;
   std::unique_ptr<MixedPrecisionEngine> engine;
@@ -181,11 +177,23 @@ struct Session {
 
   Session(const RunConfig& c, Communicator& comm_) : config(c), comm(comm_) {}
 
+  /// The device and the runtime on it, in two agreed phases: --device and the thread count are checked on
+  /// every rank first (local), then every rank builds its runtime together (collective: MPI_Comm_dup, or the
+  /// node-local GPU choice and the NCCL bootstrap, whose errors are the same on every rank).
+  void start_runtime() {
+    agree_on_setup(comm, [&] {
+      config.device = resolve_device(config.device);
+      set_threads(config);
+    });
+    agree_on_setup(comm, [&] {
+      runtime = make_runtime(config.device, MPI_COMM_WORLD, config.collective_timeout);
+      backend = runtime.backend.get();
+    });
+  }
+
   /// eval and sample: the device and threads from the flags, the model shape from --checkpoint, which is
   /// read and verified.
   SafetensorsFile open_checkpoint() {
-    check_device(config);
-    set_threads(config);
     return about_files([&] {
       SafetensorsFile ckpt = read_checkpoint(config.checkpoint);
       config = config_of_checkpoint(ckpt, config);
@@ -195,8 +203,8 @@ struct Session {
 
   void build(int64_t vocab_size) {
     model_config = config.model_config(vocab_size);
-    engine = std::make_unique<MixedPrecisionEngine>(gpt_tensors(model_config), config.engine_config(), comm,
-                                                    *backend);
+    engine = std::make_unique<MixedPrecisionEngine>(gpt_tensors(model_config), config.engine_config(),
+                                                    *runtime.grad_comm, *backend);
     model = std::make_unique<GPT>(model_config, engine->layout(), *backend, config.dtype());
   }
 
@@ -324,9 +332,8 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
   // Set-up in three agreed phases, so that nothing is created before every check passed on every rank:
   // flags, data and checkpoint checks; then the ranks compare their configs, layouts and data; only then
   // the checkpoint directory is created.
+  s.start_runtime();
   agree_on_setup(comm, [&] {
-    check_device(c);
-    set_threads(c);
     accumulation = c.accumulation_steps(comm.size());
     MPT_INPUT_CHECK(inject.step == 0 || inject.rank < comm.size(),
                     "--inject-overflow '{}': rank {} does not exist in a run of {} rank(s)",
@@ -445,14 +452,26 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
   for (int64_t step = start_step; step < c.steps; ++step) {
     const auto t0 = Clock::now();
     s.engine->zero_grads();
-    const float factor = s.engine->loss_scale() / static_cast<float>(accumulation);
-    double loss = 0;
+    const bool logged = (step + 1) % c.log_interval == 0 || step + 1 == c.steps;
+    if (logged) s.model->take_loss_sum();  // the logged loss is this step's (the accumulator runs on device)
+    // The loss is multiplied by the scale where the scale lives (engine->loss_scale_device()): no host read.
+    const float factor = 1.0f / static_cast<float>(accumulation);
+    const bool poison = inject.hits(step + 1, comm.rank());
     for (int64_t k = 0; k < accumulation; ++k) {
       s.data->train_batch(c.seed, step, G, comm.rank() * per_rank + k * mb, mb, T, s.tokens.data(),
                           s.targets.data());
-      loss += s.model->forward(s.engine->params(), s.tokens.data(), s.targets.data(), mb, T, factor);
-      s.model->backward(s.engine->params(), s.engine->grads());
-      if (k + 1 == accumulation && inject.hits(step + 1, comm.rank())) {
+      s.model->forward_accumulate(s.engine->params(), s.tokens.data(), s.targets.data(), mb, T, factor,
+                                  s.engine->loss_scale_device());
+      // Overlap (DESIGN.md phase 3): in the last micro-batch each bucket's collective starts as soon as
+      // backward has written its last gradient. Not with main_grad (the FP32 sums are only final after
+      // accumulate_micro_batch) nor on a step whose gradient is poisoned after backward.
+      const bool overlap = k + 1 == accumulation && !c.fp32_grad_accumulation && !poison;
+      if (overlap)
+        s.model->backward(s.engine->params(), s.engine->grads(),
+                          [&](size_t tensor) { s.engine->grad_done(tensor); });
+      else
+        s.model->backward(s.engine->params(), s.engine->grads());
+      if (k + 1 == accumulation && poison) {
         poison_gradient(*s.backend, *s.engine, inject.nan);
         std::printf("step %6lld/%lld | rank %d: --inject-overflow: gradient element set to %s\n",
                     static_cast<long long>(step + 1), static_cast<long long>(c.steps), comm.rank(),
@@ -461,10 +480,12 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
       }
       s.engine->accumulate_micro_batch();
     }
-    loss /= static_cast<double>(accumulation);
     s.engine->sync_grads();
     // The stop request rides in the step's found_inf all-reduce: every rank stops after the same step.
-    const StepResult r = s.engine->step(g_stop_signal != 0);  // NumericsError: the same on every rank
+    // step_async enqueues phases 4-7 without a host read; result() then reads the step's state back once at
+    // the step boundary (the agreed skip and stop decisions; NumericsError, the same on every rank).
+    s.engine->step_async(g_stop_signal != 0);
+    const StepResult r = s.engine->result();
     const double step_seconds = seconds_since(t0);
     train_seconds += step_seconds;
     window_seconds += step_seconds;
@@ -484,7 +505,8 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
                   s.model->activation_bytes(), static_cast<long long>(mb), static_cast<long long>(T));
 
     if ((step + 1) % c.log_interval == 0 || last) {
-      double mean = loss;
+      // This step's mean loss on this rank: the device accumulator holds every micro-batch's per-token sums.
+      double mean = s.model->take_loss_sum() / static_cast<double>(accumulation * mb * T);
       comm.all_reduce(std::span<double>(&mean, 1), ReduceOp::sum);
       mean /= static_cast<double>(N);
       const double tokens_per_second = static_cast<double>(window_tokens) / window_seconds;
@@ -558,6 +580,7 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
 
 int run_eval(const RunConfig& config_in, Communicator& comm) {
   Session s(config_in, comm);
+  s.start_runtime();
   SafetensorsFile ckpt;
   agree_on_setup(comm, [&] {
     ckpt = s.open_checkpoint();
@@ -589,6 +612,7 @@ int run_eval(const RunConfig& config_in, Communicator& comm) {
 
 int run_sample(const RunConfig& config_in, Communicator& comm) {
   Session s(config_in, comm);
+  s.start_runtime();
   SafetensorsFile ckpt;
   agree_on_setup(comm, [&] {
     ckpt = s.open_checkpoint();
