@@ -40,6 +40,9 @@ fi
 if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH=/usr/local/cuda/bin:$PATH; fi
 if command -v nvcc >/dev/null 2>&1; then
   echo "setup: CUDA toolkit found: $(nvcc --version | tail -n 2 | head -n 1) -> CUDA backend will be built"
+  # Fused attention (cuDNN SDPA) needs the header-only cuDNN frontend from PyPI; without it (no pip, no
+  # network) attention runs unfused and the build says so.
+  bash launch/cudnn_frontend.sh || echo "setup: cuDNN frontend not fetched -> attention will run unfused"
 else
   echo "setup: CUDA toolkit not found -> CPU-only build"
 fi
