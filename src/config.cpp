@@ -468,6 +468,8 @@ std::vector<std::string> config_arguments(const std::string& file, CLI::App* sub
       if (const auto colon = what.find(": ", at); colon != std::string::npos) what = what.substr(colon + 2);
     throw InputError(
         fmt::format("config {}: JSON syntax error at line {}, column {}: {}", file, line, column, what));
+  } catch (const nlohmann::json::exception& e) {  // a number out of range (e.g. 1E666) while parsing
+    throw InputError(fmt::format("config {}: {}", file, e.what()));
   }
   MPT_INPUT_CHECK(j.is_object(), "config {}: must be a JSON object of flag names", file);
   std::vector<std::string> args;

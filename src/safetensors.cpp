@@ -172,7 +172,7 @@ SafetensorsFile read_safetensors(const std::string& path) {
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // syntax errors, and numbers out of range (e.g. 1E666)
     throw InputError(fmt::format("{}: malformed safetensors header: {}", path, e.what()));
   }
   if (!header.is_object()) throw InputError(fmt::format("{}: safetensors header is not a JSON object", path));
