@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -24,6 +25,7 @@
 #include <mutex>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "cuda/max_keys.hpp"
 #include "mptrain/cuda_check.hpp"
@@ -381,11 +383,13 @@ struct NcclCommunicator::State {
         // No thread for the abort: MPI_Abort ends the processes all the same.
       }
     }
-    // MPI_Abort from the watchdog thread: the process is ending, and Open MPI's abort does not need the
-    // thread that initialised MPI.
-    int finalized = 0;
+    // MPI_Abort may be called from this thread only when MPI runs with MPI_THREAD_MULTIPLE (the main thread
+    // may be inside MPI right now). Otherwise the process exits without MPI_Finalize, which mpirun and srun
+    // answer by ending the whole job, just as MPI_Abort would.
+    int finalized = 0, level = MPI_THREAD_SINGLE;
     MPI_Finalized(&finalized);
-    if (!finalized) MPI_Abort(MPI_COMM_WORLD, 1);
+    if (!finalized && MPI_Query_thread(&level) == MPI_SUCCESS && level == MPI_THREAD_MULTIPLE)
+      MPI_Abort(MPI_COMM_WORLD, 1);
     std::_Exit(1);
   }
 
@@ -677,12 +681,14 @@ int select_local_device(MPI_Comm comm) {
   MPT_MPI_CHECK(MPI_Comm_rank(comm, &rank));
   MPI_Comm node = MPI_COMM_NULL;
   MPT_MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node));
+  // Freed on every path out of this function (the node communicator is needed for the GPU check below).
+  struct NodeComm {
+    MPI_Comm comm;
+    ~NodeComm() { MPI_Comm_free(&comm); }
+  } node_guard{node};
   int node_rank = 0, node_size = 1;
-  const int rc_rank = MPI_Comm_rank(node, &node_rank);
-  const int rc_size = MPI_Comm_size(node, &node_size);
-  MPI_Comm_free(&node);
-  MPT_MPI_CHECK(rc_rank);
-  MPT_MPI_CHECK(rc_size);
+  MPT_MPI_CHECK(MPI_Comm_rank(node, &node_rank));
+  MPT_MPI_CHECK(MPI_Comm_size(node, &node_size));
 
   std::string problem;
   int local_rank = -1;
@@ -707,12 +713,36 @@ int select_local_device(MPI_Comm comm) {
   if (problem.empty() && devices == 0)
     problem = MPT_FORMAT("no CUDA device on {} (rank {}; {}{})", host, rank, visible_text,
                          rc != cudaSuccess ? MPT_FORMAT("; {}", cudaGetErrorString(rc)) : std::string());
-  else if (problem.empty() && node_size > devices)
-    problem = MPT_FORMAT(
-        "{} ranks run on {} but it has {} visible CUDA device(s) ({}): two ranks would share a GPU; start "
-        "one "
-        "rank per GPU",
-        node_size, host, devices, visible_text);
+
+  // Two ranks of a node must not drive one physical GPU. Compared by UUID, not by counts: with one GPU per
+  // task (srun --gpus-per-task=1) every rank sees one device and they are still all different. Every rank
+  // of the node takes part (zeros when it has no device).
+  std::array<unsigned char, 16> uuid{};
+  if (problem.empty() && devices > 0) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, local_rank % devices) == cudaSuccess)
+      std::memcpy(uuid.data(), &prop.uuid, uuid.size());
+    else
+      (void)cudaGetLastError();
+  }
+  std::vector<unsigned char> uuids(uuid.size() * static_cast<size_t>(node_size));
+  MPT_MPI_CHECK(MPI_Allgather(uuid.data(), static_cast<int>(uuid.size()), MPI_BYTE, uuids.data(),
+                              static_cast<int>(uuid.size()), MPI_BYTE, node));
+  const auto uuid_of = [&](int r) {
+    return std::vector<unsigned char>(uuids.begin() + static_cast<std::ptrdiff_t>(r * uuid.size()),
+                                      uuids.begin() + static_cast<std::ptrdiff_t>((r + 1) * uuid.size()));
+  };
+  const std::vector<unsigned char> none(uuid.size(), 0);
+  if (problem.empty() && devices > 0)
+    for (int r = 0; r < node_size; ++r)
+      if (r != node_rank && uuid_of(r) != none && uuid_of(r) == uuid_of(node_rank)) {
+        problem = MPT_FORMAT(
+            "{} ranks run on {} with {} visible CUDA device(s) ({}) and two of them would share one GPU; "
+            "start "
+            "one rank per GPU",
+            node_size, host, devices, visible_text);
+        break;
+      }
 
   // Every rank learns the first rank's problem, so all fail together with the same message.
   const int mine = problem.empty() ? INT_MAX : rank;

@@ -181,9 +181,19 @@ struct Session {
   /// every rank first (local), then every rank builds its runtime together (collective: MPI_Comm_dup, or the
   /// node-local GPU choice and the NCCL bootstrap, whose errors are the same on every rank).
   void start_runtime() {
+    const std::string config_device_flag = config.device;
     agree_on_setup(comm, [&] {
       config.device = resolve_device(config.device);
       set_threads(config);
+    });
+    // --device auto resolves per rank; a rank that sees no GPU must not build a CPU runtime while the others
+    // bootstrap NCCL (different collectives: a hang).
+    agree_on_setup(comm, [&] {
+      check_ranks_agree(
+          comm, fnv1a(config.device),
+          fmt::format("device (--device {} is {} on rank {}: only where a CUDA device is visible "
+                      "does auto mean cuda)",
+                      config_device_flag, config.device, comm.rank()));
     });
     agree_on_setup(comm, [&] {
       runtime = make_runtime(config.device, MPI_COMM_WORLD, config.collective_timeout);
@@ -456,7 +466,10 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
     if (logged) s.model->take_loss_sum();  // the logged loss is this step's (the accumulator runs on device)
     // The loss is multiplied by the scale where the scale lives (engine->loss_scale_device()): no host read.
     const float factor = 1.0f / static_cast<float>(accumulation);
-    const bool poison = inject.hits(step + 1, comm.rank());
+    // Whether this step is poisoned anywhere is known to every rank alike, so all ranks take the same
+    // (non-overlapped) bucket order on that step: collectives must be issued in one order everywhere.
+    const bool poison_step = inject.step > 0 && inject.hits(step + 1, inject.rank);
+    const bool poison = poison_step && comm.rank() == inject.rank;
     for (int64_t k = 0; k < accumulation; ++k) {
       s.data->train_batch(c.seed, step, G, comm.rank() * per_rank + k * mb, mb, T, s.tokens.data(),
                           s.targets.data());
@@ -465,7 +478,7 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
       // Overlap (DESIGN.md phase 3): in the last micro-batch each bucket's collective starts as soon as
       // backward has written its last gradient. Not with main_grad (the FP32 sums are only final after
       // accumulate_micro_batch) nor on a step whose gradient is poisoned after backward.
-      const bool overlap = k + 1 == accumulation && !c.fp32_grad_accumulation && !poison;
+      const bool overlap = k + 1 == accumulation && !c.fp32_grad_accumulation && !poison_step;
       if (overlap)
         s.model->backward(s.engine->params(), s.engine->grads(),
                           [&](size_t tensor) { s.engine->grad_done(tensor); });

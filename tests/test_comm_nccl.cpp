@@ -472,14 +472,14 @@ TEST(SelectLocalDevice, NodeLocalRankModuloDevicesOrAClearError) {
       EXPECT_NE(std::string(e.what()).find("no CUDA device"), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find("CUDA_VISIBLE_DEVICES"), std::string::npos) << e.what();
     }
-  } else if (node_size > devices) {
+  } else if (node_size > devices) {  // every rank sees the same devices here: two pick the same GPU
     try {
       (void)select_local_device(MPI_COMM_WORLD);
       FAIL() << node_size << " ranks share " << devices << " GPUs without an error";
     } catch (const InputError& e) {
       const std::string what = e.what();
       EXPECT_NE(what.find(std::to_string(node_size) + " ranks"), std::string::npos) << what;
-      EXPECT_NE(what.find("has " + std::to_string(devices) + " visible"), std::string::npos) << what;
+      EXPECT_NE(what.find("with " + std::to_string(devices) + " visible"), std::string::npos) << what;
       EXPECT_NE(what.find("CUDA_VISIBLE_DEVICES"), std::string::npos) << what;
     }
   } else {

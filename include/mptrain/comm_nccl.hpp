@@ -38,9 +38,10 @@ namespace mpt {
 /// rank in MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED)) modulo the number of visible devices. Does not
 /// set the device: call cudaSetDevice with the result before creating the CUDA backend and the
 /// NcclCommunicator. Collective over `comm` (every rank must call it). Throws mpt::InputError on every rank
-/// when any rank has no CUDA device ("no CUDA device") or its node runs more ranks than it has visible GPUs
-/// (two ranks would share a GPU, which NCCL does not support); the message names both counts and
-/// CUDA_VISIBLE_DEVICES. Throws mpt::LibraryError when MPI fails.
+/// when any rank has no CUDA device ("no CUDA device") or two ranks of a node would drive the same physical
+/// GPU (compared by UUID, so one GPU per task with its own CUDA_VISIBLE_DEVICES is fine; NCCL does not
+/// support sharing); the message names the rank and device counts and CUDA_VISIBLE_DEVICES. Throws
+/// mpt::LibraryError when MPI fails.
 int select_local_device(MPI_Comm comm);
 
 class NcclCommunicator final : public Communicator {

@@ -29,7 +29,8 @@ std::string resolve_device(const std::string& device);
 
 /// Builds the runtime for `device` ("cpu" or "cuda", see resolve_device) over the ranks of `comm`:
 ///  - cpu: make_cpu_backend() and an MpiCommunicator (a duplicate of `comm`);
-///  - cuda: the node-local GPU (select_local_device: node-local rank modulo visible devices, an error when two
+///  - cuda: the node-local GPU (select_local_device: node-local rank modulo visible devices, an error when
+///  two
 ///    ranks would share one), cudaSetDevice, make_cuda_backend on it, and an NcclCommunicator whose
 ///    collectives are ordered after the backend's stream.
 /// `timeout_seconds` arms the collective watchdog of the communicator (0: off). Collective over `comm`: every

@@ -395,19 +395,25 @@ class CudaBackend final : public Backend {
 
   void cast_master(void* params, DType param_dtype, const float* master, std::span<const ElementRange> ranges,
                    const common::AmpState* state) override {
-    std::vector<AdamWSegment> segments;
-    size_t shard_position = 0, max_elements = 0;
+    size_t num_segments = 0, max_elements = 0;
     for (const ElementRange& r : ranges) {
-      if (r.num_elements == 0) continue;
-      segments.push_back({shard_position, r.offset, r.num_elements, true});
-      shard_position += r.num_elements;
+      num_segments += r.num_elements > 0 ? 1 : 0;
       max_elements = std::max(max_elements, r.num_elements);
     }
-    if (segments.empty()) return;
-    const auto* d_segments =
-        static_cast<const AdamWSegment*>(upload_cached('c', segments.data(), segments.size()));
+    if (num_segments == 0) return;
+    // Cached by the ranges (no padding bytes in the key, unlike AdamWSegment), built on a miss.
+    const auto* d_segments = static_cast<const AdamWSegment*>(upload_derived('c', ranges, 0, [&] {
+      std::vector<AdamWSegment> segments;
+      size_t shard_position = 0;
+      for (const ElementRange& r : ranges) {
+        if (r.num_elements == 0) continue;
+        segments.push_back({shard_position, r.offset, r.num_elements, true});
+        shard_position += r.num_elements;
+      }
+      return segments;
+    }));
     dispatch_float_dtype(param_dtype, [&]<typename S>() {
-      cuda::cast_master(static_cast<S*>(params), master, d_segments, segments.size(), max_elements,
+      cuda::cast_master(static_cast<S*>(params), master, d_segments, num_segments, max_elements,
                         state ? &state->flags[common::kFoundInf] : nullptr, stream());
     });
   }
