@@ -177,9 +177,8 @@ def inject_nan(ctx):
 @case
 def inject_overflow_many_buckets(ctx):
     # Buckets smaller than one MLP weight (C=64): backward reports them out of index order (a weight before
-    # its bias), so on the poisoned
-    # step every rank, not only the poisoned one, must give up the overlap, or the ranks issue the bucket
-    # collectives in different orders and hang.
+    # its bias), so on the poisoned step every rank, not only the poisoned one, must give up the overlap, or
+    # the ranks issue the bucket collectives in different orders (Open MPI then aborts or hangs).
     return injected(ctx, "3:1", "inf", "--channels", "64", "--bucket-mib", "0.01")
 
 
