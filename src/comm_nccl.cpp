@@ -29,6 +29,7 @@
 
 #include "cuda/max_keys.hpp"
 #include "mptrain/cuda_check.hpp"
+#include "mptrain/cuda_raii.hpp"
 #include "mptrain/error.hpp"
 
 namespace mpt {
@@ -70,83 +71,10 @@ namespace {
 
 // ---- RAII owners ------------------------------------------------------------------------------------------
 
-void log_cuda_failure(const char* what, cudaError_t rc) noexcept {
-  std::fprintf(stderr, "mptrain: %s failed: %s\n", what, cudaGetErrorString(rc));
-}
-
-/// Owns a CUDA stream created non-blocking (no implicit sync with the legacy stream) at the highest priority,
-/// so communication kernels are scheduled ahead of compute kernels issued at the same time.
-class CommStream {
- public:
-  CommStream() = default;
-  static CommStream create() {
-    int least = 0, greatest = 0;
-    MPT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    CommStream s;
-    MPT_CUDA_CHECK(cudaStreamCreateWithPriority(&s.stream_, cudaStreamNonBlocking, greatest));
-    return s;
-  }
-  ~CommStream() {
-    if (!stream_) return;
-    if (const cudaError_t rc = cudaStreamDestroy(stream_); rc != cudaSuccess)
-      log_cuda_failure("cudaStreamDestroy", rc);
-  }
-  CommStream(CommStream&& o) noexcept : stream_(std::exchange(o.stream_, nullptr)) {}
-  CommStream& operator=(CommStream&& o) noexcept {
-    std::swap(stream_, o.stream_);
-    return *this;
-  }
-  CommStream(const CommStream&) = delete;
-  CommStream& operator=(const CommStream&) = delete;
-  cudaStream_t get() const { return stream_; }
-
- private:
-  cudaStream_t stream_ = nullptr;
-};
-
-/// Owns a CUDA event without timing (cheapest to record and wait on).
-class Event {
- public:
-  Event() { MPT_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
-  ~Event() {
-    if (!event_) return;
-    if (const cudaError_t rc = cudaEventDestroy(event_); rc != cudaSuccess)
-      log_cuda_failure("cudaEventDestroy", rc);
-  }
-  Event(Event&& o) noexcept : event_(std::exchange(o.event_, nullptr)) {}
-  Event& operator=(Event&& o) noexcept {
-    std::swap(event_, o.event_);
-    return *this;
-  }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-  cudaEvent_t get() const { return event_; }
-
- private:
-  cudaEvent_t event_ = nullptr;
-};
-
-/// Owns a cudaMalloc allocation.
-class DeviceMemory {
- public:
-  DeviceMemory() = default;
-  explicit DeviceMemory(size_t num_bytes) { MPT_CUDA_CHECK(cudaMalloc(&data_, num_bytes)); }
-  ~DeviceMemory() {
-    if (!data_) return;
-    if (const cudaError_t rc = cudaFree(data_); rc != cudaSuccess) log_cuda_failure("cudaFree", rc);
-  }
-  DeviceMemory(DeviceMemory&& o) noexcept : data_(std::exchange(o.data_, nullptr)) {}
-  DeviceMemory& operator=(DeviceMemory&& o) noexcept {
-    std::swap(data_, o.data_);
-    return *this;
-  }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  void* get() const { return data_; }
-
- private:
-  void* data_ = nullptr;
-};
+using cuda::DeviceMemory;
+using cuda::Event;
+using cuda::log_cuda_failure;
+using cuda::Stream;
 
 /// Stream-ordered scratch (cudaMallocAsync on `stream`), freed in order on the same stream: the free waits
 /// for the work enqueued before it, and no host sync is needed.
@@ -293,7 +221,7 @@ struct NcclCommunicator::State {
   cudaStream_t compute = nullptr;
   int device = 0;
   std::string prefix;  // "mptrain: rank 3 (host)"
-  CommStream comm_stream;
+  Stream comm_stream;
   std::unique_ptr<Event> ready;  // recorded on the compute stream before each collective
   DeviceMemory barrier_word;
 
@@ -338,7 +266,7 @@ struct NcclCommunicator::State {
     MPT_CHECK(comm_ready && !fatal_started.load(), "NCCL communicator is not usable ({})", what);
     MPT_CUDA_CHECK(cudaEventRecord(ready->get(), compute));
     MPT_CUDA_CHECK(cudaStreamWaitEvent(comm_stream.get(), ready->get(), 0));
-    auto done = std::make_shared<Event>();
+    auto done = std::make_shared<Event>(Event::create(/*timing=*/false));
     uint64_t id = 0;
     {
       std::lock_guard lock(mutex);
@@ -514,10 +442,10 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, cudaStream_t compute_stream, d
         MPT_FORMAT("NCCL: ncclGetUniqueId failed on rank 0{}", id_error.empty() ? "" : ": " + id_error));
   MPT_MPI_CHECK(MPI_Bcast(&id, static_cast<int>(sizeof(id)), MPI_BYTE, 0, s.mpi));
 
-  s.comm_stream = CommStream::create();
-  s.ready = std::make_unique<Event>();
+  s.comm_stream = Stream::create(/*highest_priority=*/true);
+  s.ready = std::make_unique<Event>(Event::create(/*timing=*/false));
   s.barrier_word = DeviceMemory(sizeof(int32_t));
-  MPT_CUDA_CHECK(cudaMemset(s.barrier_word.get(), 0, sizeof(int32_t)));
+  MPT_CUDA_CHECK(cudaMemset(s.barrier_word.data(), 0, sizeof(int32_t)));
 
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
@@ -645,7 +573,7 @@ cudaStream_t NcclCommunicator::comm_stream() const {
 void NcclCommunicator::barrier() {
   State& s = *state_;
   auto done = s.enqueue("barrier (all_reduce of 1 i32)", [&](cudaStream_t stream) {
-    void* word = s.barrier_word.get();
+    void* word = s.barrier_word.data();
     MPT_NCCL_SETTLE(s, ncclAllReduce(word, word, 1, ncclInt32, ncclSum, s.comm, stream));
   });
   // The host waits here; a rank that never arrives is the watchdog's to report.

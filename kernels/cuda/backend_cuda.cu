@@ -21,113 +21,17 @@
 #include "mptrain/cuda_check.hpp"
 #include "mptrain/cuda_kernels.hpp"
 #include "mptrain/cuda_ops.hpp"
+#include "mptrain/cuda_raii.hpp"
 #include "mptrain/error.hpp"
 
 namespace mpt {
 
-namespace cuda_backend_detail {
-
-/// Logs a failed CUDA call in a destructor or another place that must not throw.
-void log_cuda_failure(const char* what, cudaError_t rc) noexcept {
-  std::fprintf(stderr, "mptrain: cuda backend: %s failed: %s\n", what, cudaGetErrorString(rc));
-}
-
-/// Move-only owner of a cudaMalloc allocation used internally (workspace, cached uploads, scalars). Not
-/// counted in bytes_in_use(), which tracks what callers allocated.
-class DeviceMemory {
- public:
-  DeviceMemory() = default;
-  explicit DeviceMemory(size_t num_bytes) : num_bytes_(num_bytes) {
-    if (num_bytes == 0) return;
-    const cudaError_t rc = cudaMalloc(&data_, num_bytes);
-    if (rc != cudaSuccess) {
-      (void)cudaGetLastError();
-      data_ = nullptr;
-      throw Error(MPT_FORMAT("cuda backend: cannot allocate {} bytes of device scratch: {}", num_bytes,
-                             cudaGetErrorString(rc)));
-    }
-  }
-  ~DeviceMemory() { reset(); }
-  DeviceMemory(DeviceMemory&& other) noexcept
-      : data_(std::exchange(other.data_, nullptr)), num_bytes_(std::exchange(other.num_bytes_, 0)) {}
-  DeviceMemory& operator=(DeviceMemory&& other) noexcept {
-    if (this != &other) {
-      reset();
-      data_ = std::exchange(other.data_, nullptr);
-      num_bytes_ = std::exchange(other.num_bytes_, 0);
-    }
-    return *this;
-  }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-
-  void* data() const { return data_; }
-  size_t num_bytes() const { return num_bytes_; }
-  void reset() noexcept {
-    if (data_) {
-      const cudaError_t rc = cudaFree(data_);
-      if (rc != cudaSuccess) log_cuda_failure("cudaFree of scratch", rc);
-    }
-    data_ = nullptr;
-    num_bytes_ = 0;
-  }
-
- private:
-  void* data_ = nullptr;
-  size_t num_bytes_ = 0;
-};
-
-/// Move-only owner of a non-blocking CUDA stream on the current device.
-class Stream {
- public:
-  Stream() { MPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
-  ~Stream() {
-    if (stream_) {
-      const cudaError_t rc = cudaStreamDestroy(stream_);
-      if (rc != cudaSuccess) log_cuda_failure("cudaStreamDestroy", rc);
-    }
-  }
-  Stream(Stream&& other) noexcept : stream_(std::exchange(other.stream_, nullptr)) {}
-  Stream& operator=(Stream&& other) noexcept {
-    std::swap(stream_, other.stream_);
-    return *this;
-  }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  cudaStream_t get() const { return stream_; }
-
- private:
-  cudaStream_t stream_ = nullptr;
-};
-
-/// Move-only owner of a CUDA event (timing enabled).
-class Event {
- public:
-  Event() { MPT_CUDA_CHECK(cudaEventCreate(&event_)); }
-  ~Event() {
-    if (event_) {
-      const cudaError_t rc = cudaEventDestroy(event_);
-      if (rc != cudaSuccess) log_cuda_failure("cudaEventDestroy", rc);
-    }
-  }
-  Event(Event&& other) noexcept : event_(std::exchange(other.event_, nullptr)) {}
-  Event& operator=(Event&& other) noexcept {
-    std::swap(event_, other.event_);
-    return *this;
-  }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-  cudaEvent_t get() const { return event_; }
-
- private:
-  cudaEvent_t event_ = nullptr;
-};
-
-}  // namespace cuda_backend_detail
-
 namespace {
 
-using namespace cuda_backend_detail;
+using cuda::DeviceMemory;
+using cuda::Event;
+using cuda::log_cuda_failure;
+using cuda::Stream;
 
 /// Makes `device` current; constructed first so that every later member is created on that device.
 struct DeviceSelection {
@@ -493,7 +397,7 @@ class CudaBackend final : public Backend {
     MPT_CUDA_CHECK(cudaMemsetAsync(b.data(), 0x3c, bytes, stream()));
     for (int i = 0; i < kWarmup; ++i)
       cuda::matmul_forward(blas_, c.data(), a.data(), b.data(), nullptr, n, n, n, DType::f16, stream());
-    Event start, stop;
+    const Event start = Event::create(true), stop = Event::create(true);
     float best_ms = 0.0f;
     for (int i = 0; i < kRuns; ++i) {
       MPT_CUDA_CHECK(cudaEventRecord(start.get(), stream()));
@@ -513,7 +417,7 @@ class CudaBackend final : public Backend {
   int device_;
   DeviceSelection selection_;
   bool force_unfused_;
-  Stream stream_;
+  Stream stream_ = Stream::create();
   cuda::BlasContext blas_;
   DeviceMemory workspace_;
   std::unordered_map<std::string, DeviceMemory> uploads_;
