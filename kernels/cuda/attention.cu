@@ -300,23 +300,6 @@ void unfused_backward(BlasContext& ctx, T* dqkv, const T* dout, const T* qkv, co
   MPT_CUDA_LAUNCH_CHECK();
 }
 
-template <typename F>
-void dispatch(DType dtype, const char* op, F&& f) {
-  switch (dtype) {
-    case DType::f32:
-      f.template operator()<float>();
-      return;
-    case DType::f16:
-      f.template operator()<half>();
-      return;
-    case DType::bf16:
-      f.template operator()<bf16>();
-      return;
-    default:
-      (void)blas_type(dtype, op);  // throws, naming the dtype
-  }
-}
-
 void require_supported(BlasContext& ctx, AttentionImpl impl, int64_t B, int64_t T_, int64_t C, int64_t NH,
                        DType dtype, const char* op) {
   std::string why_not;

@@ -22,6 +22,25 @@ namespace mpt::cuda {
 /// cuBLASLt type of a storage dtype (f32, f16, bf16); throws mpt::Error naming `op` for any other dtype.
 cudaDataType_t blas_type(DType dtype, const char* op);
 
+/// Calls f.template operator()<T>() with T the storage type of dtype (float, half, bf16); any other dtype
+/// throws mpt::Error naming `op` and the dtype (through blas_type).
+template <typename F>
+void dispatch(DType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case DType::f32:
+      f.template operator()<float>();
+      return;
+    case DType::f16:
+      f.template operator()<half>();
+      return;
+    case DType::bf16:
+      f.template operator()<bf16>();
+      return;
+    default:
+      (void)blas_type(dtype, op);  // throws, naming the dtype
+  }
+}
+
 /// One cached cuBLASLt matmul: descriptors owned here (destroyed with the entry), the chosen algorithm and
 /// the workspace it needs.
 struct GemmPlan {

@@ -309,24 +309,6 @@ void launch_bias_grad(void* dbias, const void* dout, int64_t rows, int64_t OC, c
   MPT_CUDA_LAUNCH_CHECK();
 }
 
-/// Calls f.template operator()<T>() with T the storage type of dtype.
-template <typename F>
-void dispatch(DType dtype, const char* op, F&& f) {
-  switch (dtype) {
-    case DType::f32:
-      f.template operator()<float>();
-      return;
-    case DType::f16:
-      f.template operator()<half>();
-      return;
-    case DType::bf16:
-      f.template operator()<bf16>();
-      return;
-    default:
-      (void)blas_type(dtype, op);  // throws, naming the dtype
-  }
-}
-
 }  // namespace
 
 void matmul_forward(BlasContext& ctx, void* out, const void* inp, const void* weight, const void* bias,
