@@ -12,7 +12,6 @@ seconds with no process left behind, and no file created, removed or changed in 
 
 A case that cannot run here (no setpriv, no user nobody) prints SKIP with the reason and exits 77.
 """
-import argparse
 import os
 import pwd
 import grp
@@ -21,8 +20,8 @@ import stat
 import sys
 import tempfile
 
-from common import (TINY, diff_snapshots, processes_in, run, shard_tokens, snapshot, write_corpus,
-                    write_shard)
+from common import (TINY, diff_snapshots, parse_driver_args, processes_in, run, shard_tokens, snapshot,
+                    write_corpus, write_shard)
 
 USAGE, BAD_FILE = 2, 1
 SKIPPED = 77  # exit status of a run whose every case was skipped (CTest's SKIP_RETURN_CODE)
@@ -383,23 +382,10 @@ def run_case(args, name):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mptrain", help="the mptrain executable (required unless --list)")
-    parser.add_argument("--mpiexec", default="mpiexec")
-    parser.add_argument("--case", action="append", default=[])
-    parser.add_argument("--all", action="store_true")
-    parser.add_argument("--list", action="store_true")
-    args = parser.parse_args()
-    if args.list:
-        print("\n".join(CASES))
+    parsed = parse_driver_args(__doc__, CASES)
+    if parsed is None:
         return 0
-    if not args.mptrain:
-        parser.error("--mptrain is required")
-    args.mptrain = os.path.abspath(args.mptrain)
-    names = list(CASES) if args.all else args.case
-    unknown = [n for n in names if n not in CASES]
-    if unknown or not names:
-        parser.error(f"unknown case(s) {unknown}; --list shows them" if unknown else "give --case NAME or --all")
+    args, names = parsed
     failed = skipped = 0
     for name in names:
         ok, report = run_case(args, name)

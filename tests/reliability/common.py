@@ -1,5 +1,6 @@
 """Shared helpers of the reliability tests (tests/reliability): tiny inputs, running mptrain under mpiexec
 with a deadline, snapshots of a directory tree, and the processes a job left behind."""
+import argparse
 import hashlib
 import os
 import random
@@ -140,3 +141,27 @@ def run(cmd, cwd, timeout=60, extra_env=None, prefix=()):
         out, err = p.communicate()
         code = None
     return Run([*prefix, *cmd], code, out, err, time.monotonic() - t0)
+
+
+def parse_driver_args(doc, cases):
+    """The command line both drivers share: --mptrain, --mpiexec, --case NAME (repeatable), --all, --list.
+    Prints the case names and returns None for --list; otherwise returns (args, names to run), with
+    args.mptrain made absolute. Exits with a usage error for a missing --mptrain or an unknown case."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mptrain", help="the mptrain executable (required unless --list)")
+    parser.add_argument("--mpiexec", default="mpiexec")
+    parser.add_argument("--case", action="append", default=[])
+    parser.add_argument("--all", action="store_true")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(cases))
+        return None
+    if not args.mptrain:
+        parser.error("--mptrain is required")
+    args.mptrain = os.path.abspath(args.mptrain)
+    names = list(cases) if args.all else args.case
+    unknown = [n for n in names if n not in cases]
+    if unknown or not names:
+        parser.error(f"unknown case(s) {unknown}; --list shows them" if unknown else "give --case NAME or --all")
+    return args, names

@@ -17,7 +17,6 @@
 
   python3 faults.py --mptrain build/mptrain --case NAME [--case NAME...] | --all | --list
 """
-import argparse
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from common import TINY, children, env, kill_all, processes_in, run, write_corpus
+from common import TINY, children, env, kill_all, parse_driver_args, processes_in, run, write_corpus
 
 TIMING = {"tokens_per_second", "mfu", "elapsed_seconds"}
 
@@ -336,22 +335,10 @@ def determinism(ctx):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mptrain", help="the mptrain executable (required unless --list)")
-    parser.add_argument("--mpiexec", default="mpiexec")
-    parser.add_argument("--case", action="append", default=[])
-    parser.add_argument("--all", action="store_true")
-    parser.add_argument("--list", action="store_true")
-    args = parser.parse_args()
-    if args.list:
-        print("\n".join(CASES))
+    parsed = parse_driver_args(__doc__, CASES)
+    if parsed is None:
         return 0
-    if not args.mptrain:
-        parser.error("--mptrain is required")
-    args.mptrain = os.path.abspath(args.mptrain)
-    names = list(CASES) if args.all else args.case
-    if not names or any(n not in CASES for n in names):
-        parser.error("give --case NAME (see --list) or --all")
+    args, names = parsed
     failed = 0
     for name in names:
         directory = tempfile.mkdtemp(prefix=f"mptrain_fault_{name}_")
