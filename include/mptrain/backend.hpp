@@ -118,10 +118,12 @@ class Backend {
   virtual void copy_to_host(void* dst, const void* src, size_t num_bytes) = 0;
   /// Waits until every op issued so far has finished.
   virtual void synchronize() = 0;
-  /// Registers `elements` (host memory, copied) as a table for the ops below that take a Table<E>: the
-  /// backend prepares what its ops read once, here, so a step passes handles and copies nothing. Tables are
-  /// for arrays fixed for the life of their user (an engine's ranges, segments, norm order). Throws
-  /// mpt::Error when the backend cannot hold the copy.
+  /// Registers `elements` (host memory, copied) as a table for the ops below that take a Table<E>, so a step
+  /// passes handles and copies nothing: the CPU backend reads the handle's host copy, CUDA uploads a device
+  /// copy here (and an op that reads an array derived from the table, such as grad_check's block starts,
+  /// builds and uploads it on its first call, kept with the table). Tables are for arrays fixed for the life
+  /// of their user (an engine's ranges, segments, norm order); their memory is not counted in
+  /// bytes_in_use(). Throws mpt::Error when the backend cannot hold the copy.
   template <typename E>
   Table<E> register_table(std::span<const E> elements) {
     static_assert(std::is_trivially_copyable_v<E>, "a table holds plain values");
