@@ -550,8 +550,8 @@ void micro_batch(TrainingRun& run, int64_t step, int64_t k) {
 StepResult train_step(TrainingRun& run, int64_t step) {
   MixedPrecisionEngine& engine = *run.s.engine;
   engine.zero_grads();                            // 1. grads = 0
-  for (int64_t k = 0; k < run.accumulation; ++k)  // 2. forward + backward of every micro-batch
-    micro_batch(run, step, k);
+  for (int64_t k = 0; k < run.accumulation; ++k)  // 2. forward + backward of every micro-batch; the last
+    micro_batch(run, step, k);                    //    one starts 3 bucket by bucket as backward fills them
   engine.sync_grads();                     // 3. reduce-scatter (or all-reduce) of the buckets not started yet
   engine.check_grads(g_stop_signal != 0);  // 4. found_inf and block sums of my shard (and my stop request)
   engine.agree();                          // 5. found_inf and the stop request agreed by all ranks
