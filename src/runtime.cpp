@@ -55,4 +55,11 @@ Runtime make_runtime(const std::string& device, MPI_Comm comm, double timeout_se
   return r;
 }
 
+Runtime make_runtime(const std::string& device, const Communicator& comm, double timeout_seconds) {
+  const auto* mpi = dynamic_cast<const MpiCommunicator*>(&comm);
+  MPT_CHECK(mpi != nullptr, "make_runtime: needs the ranks' MPI communicator to start from, got a {} one",
+            comm.name());
+  return make_runtime(device, mpi->handle(), timeout_seconds);
+}
+
 }  // namespace mpt

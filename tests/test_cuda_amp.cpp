@@ -59,7 +59,8 @@ TYPED_TEST(CudaAmp, GradCheckMatchesCpu) {
     std::vector<double> expected(starts.size());
     common::AmpState cpu_state;
     cpu_state.flags[common::kFoundInf] = 5.0f;  // stale: grad_check must overwrite it
-    cpu->grad_check(g.data(), dtype_of<T>(), ranges, block, expected.data(), &cpu_state, poison);
+    cpu->grad_check(g.data(), dtype_of<T>(), cpu->register_table<ElementRange>(ranges), block,
+                    expected.data(), &cpu_state, poison);
     const bool cpu_inf = cpu_state.flags[common::kFoundInf] != 0.0f;
     EXPECT_EQ(cpu_state.flags[common::kStopRequested], poison ? 1.0f : 0.0f);
     DeviceArray<T> d_g(g);
@@ -111,7 +112,8 @@ TYPED_TEST(CudaAmp, AdamWAndCastMatchCpuAndSkipOnOverflow) {
     common::AmpState cpu_state;
     cpu_state.flags[common::kFoundInf] = found;
     cpu_state.step = step;
-    cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(), segments, &cpu_state);
+    cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(),
+               cpu->register_table<AdamWSegment>(segments), &cpu_state);
     if (found == 0.0f) {
       for (const auto& s : segments)
         for (size_t i = 0; i < s.num_elements; ++i)
@@ -172,7 +174,8 @@ TYPED_TEST(CudaAmp, AdamWFromDeviceStateMatchesCpu) {
               << "cast without a flag, element " << i;
     }
     auto hp = p, hm = m, hv = v;
-    cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(), segments, &state);
+    cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(),
+               cpu->register_table<AdamWSegment>(segments), &state);
     const auto gp = dp.to_host(), gm = dm.to_host(), gv = dv.to_host();
     for (size_t i = 0; i < shard; ++i) {
       if (found != 0.0f) {
@@ -266,7 +269,7 @@ TEST(CudaAmpState, PrepareMatchesCpu) {
       state.applied_steps = applied;
       state.flags[common::kFoundInf] = found;
       common::AmpState cpu_state = state;
-      cpu->amp_prepare(&cpu_state, gathered.data(), order, rule);
+      cpu->amp_prepare(&cpu_state, gathered.data(), cpu->register_table<size_t>(order), rule);
       const common::AmpState gpu_state = on_device(state, [&](common::AmpState* d) {
         cuda::amp_prepare(d, d_gathered.ptr, d_order.ptr, count, rule, nullptr);
       });

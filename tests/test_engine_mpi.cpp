@@ -13,6 +13,7 @@
 
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/engine.hpp"
+#include "mptrain/error.hpp"
 
 namespace mpt {
 namespace {
@@ -660,6 +661,63 @@ TEST_F(EngineMpi, LoadStateRestoresTheDeviceState) {
   EXPECT_EQ(r.loss_scale, 32768.0f);
   EXPECT_EQ(r.applied_steps, 8);
   EXPECT_EQ(b.scaler().state().steps, 2);
+}
+
+// The four phase calls the trainer makes are step_async(): the same weights, Adam state and scaler state.
+TEST_F(EngineMpi, PhaseCallsEqualStep) {
+  MixedPrecisionEngine a(small_model(), small_config(GradSync::reduce_scatter, 1e-3f), world, *backend);
+  MixedPrecisionEngine b(small_model(), small_config(GradSync::reduce_scatter, 1e-3f), world, *backend);
+  const auto init = initial_values(a.layout().num_parameters());
+  a.set_parameters(init);
+  b.set_parameters(init);
+  for (int step = 0; step < 3; ++step) {
+    auto value = [&](size_t t, size_t i) { return grad_value(step, t, i); };
+    for (MixedPrecisionEngine* e : {&a, &b}) {
+      e->zero_grads();
+      write_grads(*e, value, e->loss_scale());
+      if (step == 1) poison_slice_of(*e, 0, world.rank(), INFINITY);
+      e->sync_grads();
+    }
+    a.check_grads();
+    a.agree();
+    a.update();
+    a.gather_params();
+    const StepResult ra = a.result();
+    const StepResult rb = b.step();
+    EXPECT_EQ(ra.skipped, step == 1);
+    EXPECT_EQ(ra.skipped, rb.skipped);
+    EXPECT_EQ(ra.lr, rb.lr);
+    EXPECT_EQ(a.scaler().state(), b.scaler().state());
+    const size_t shard = a.layout().shard_elements() * sizeof(float);
+    EXPECT_EQ(std::memcmp(a.master(), b.master(), shard), 0);
+    EXPECT_EQ(std::memcmp(a.adam_v(), b.adam_v(), shard), 0);
+    EXPECT_EQ(
+        std::memcmp(a.params(), b.params(), a.layout().padded_elements() * dtype_size(a.config().dtype)), 0);
+  }
+}
+
+// A table belongs to the backend it was registered with: another backend's op refuses it; the handle moves
+// and keeps its elements.
+TEST_F(EngineMpi, TablesBelongToTheirBackend) {
+  const std::vector<ElementRange> ranges = {{0, 4}, {8, 4}};
+  Table<ElementRange> table = backend->register_table<ElementRange>(ranges);
+  EXPECT_EQ(table.owner(), backend.get());
+  EXPECT_NE(table.id(), 0u);
+  const Table<ElementRange> moved = std::move(table);
+  EXPECT_EQ(table.owner(), nullptr);  // NOLINT(bugprone-use-after-move): a moved-from handle holds nothing
+  ASSERT_EQ(moved.size(), 2u);
+  EXPECT_EQ(moved.host()[1].offset, 8u);
+  std::vector<float> grads(12, 1.0f);
+  std::vector<double> sums(2);
+  common::AmpState state;
+  backend->grad_check(grads.data(), DType::f32, moved, 4, sums.data(), &state, false);
+  EXPECT_EQ(sums[0], 4.0);
+  EXPECT_EQ(sums[1], 4.0);
+  const std::unique_ptr<Backend> other = make_cpu_backend();
+  EXPECT_THROW(other->grad_check(grads.data(), DType::f32, moved, 4, sums.data(), &state, false), Error);
+  EXPECT_THROW(
+      backend->grad_check(grads.data(), DType::f32, Table<ElementRange>(), 4, sums.data(), &state, false),
+      Error);
 }
 
 }  // namespace

@@ -38,4 +38,9 @@ std::string resolve_device(const std::string& device);
 /// mpt::LibraryError (CUDA/NCCL failures).
 Runtime make_runtime(const std::string& device, MPI_Comm comm, double timeout_seconds);
 
+/// make_runtime over the ranks of `comm`, which must be an MpiCommunicator (the ranks' host communicator
+/// that bootstraps the backend's: its MPI handle is what the device choice and the NCCL set-up use). Throws
+/// mpt::Error naming the communicator otherwise.
+Runtime make_runtime(const std::string& device, const Communicator& comm, double timeout_seconds);
+
 }  // namespace mpt
