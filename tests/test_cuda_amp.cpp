@@ -9,32 +9,14 @@
 #include <gtest/gtest.h>
 
 #include "common/amp_state.hpp"
+#include "cuda_test_support.hpp"
 #include "mptrain/cuda_check.hpp"
 #include "mptrain/cuda_ops.hpp"
 
 namespace mpt {
 namespace {
 
-#define MPT_REQUIRE_GPU() \
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
-
-template <typename T>
-struct DeviceArray {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceArray(const std::vector<T>& host) : n(host.size()) {
-    MPT_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)));
-    MPT_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  ~DeviceArray() { cudaFree(ptr); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  std::vector<T> to_host() const {
-    std::vector<T> h(n);
-    MPT_CUDA_CHECK(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-};
+using test::DeviceArray;
 
 template <typename T>
 class CudaAmp : public ::testing::Test {};
@@ -98,20 +80,21 @@ TYPED_TEST(CudaAmp, AdamWAndCastMatchCpuAndSkipOnOverflow) {
   const float scale = 1024.0f, clip = 0.5f;
   const auto step = common::make_adamw_step(3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 7, clip / scale);
   for (float found : {0.0f, 1.0f}) {
-    DeviceArray<float> dp(p), dm(m), dv(v), d_found(std::vector<float>{found}),
-        d_scale(std::vector<float>{scale}), d_clip(std::vector<float>{clip});
+    common::AmpState state;
+    state.flags[common::kFoundInf] = found;
+    state.step = step;
+    DeviceArray<float> dp(p), dm(m), dv(v);
     DeviceArray<T> dg(g), dparams(params);
     DeviceArray<AdamWSegment> dseg(segments);
-    cuda::adamw(dp.ptr, dm.ptr, dv.ptr, dg.ptr, dseg.ptr, segments.size(), 500, step, d_found.ptr,
-                d_scale.ptr, d_clip.ptr, nullptr);
-    cuda::cast_master(dparams.ptr, dp.ptr, dseg.ptr, segments.size(), 500, d_found.ptr, nullptr);
+    DeviceArray<common::AmpState> dstate(std::vector<common::AmpState>{state});
+    cuda::adamw(dp.ptr, dm.ptr, dv.ptr, dg.ptr, dseg.ptr, segments.size(), 500, dstate.ptr, nullptr);
+    // The engine's cast: skipped on the flag the state carries.
+    cuda::cast_master(dparams.ptr, dp.ptr, dseg.ptr, segments.size(), 500,
+                      &dstate.ptr->flags[common::kFoundInf], nullptr);
     MPT_CUDA_CHECK(cudaDeviceSynchronize());
     auto hp = p, hm = m, hv = v;
     auto hparams = params;
-    common::AmpState cpu_state;
-    cpu_state.flags[common::kFoundInf] = found;
-    cpu_state.step = step;
-    cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(), segments, &cpu_state);
+    cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(), segments, &state);
     if (found == 0.0f) {
       for (const auto& s : segments)
         for (size_t i = 0; i < s.num_elements; ++i)

@@ -20,6 +20,7 @@
 #include "mptrain/cuda_ops.hpp"
 #include "mptrain/engine.hpp"
 #include "mptrain/model.hpp"
+#include "mptrain/runtime.hpp"
 
 namespace {
 
@@ -157,7 +158,9 @@ TEST_P(CudaStep, MatchesCpuStepByStep) {
     EXPECT_EQ(rg.skipped, rc.skipped) << "step " << s;
     EXPECT_EQ(rg.loss_scale, rc.loss_scale) << "step " << s;
     EXPECT_EQ(rg.applied_steps, rc.applied_steps) << "step " << s;
-    if (!rc.skipped) EXPECT_NEAR(rg.grad_norm, rc.grad_norm, tolerance * rc.grad_norm + 1e-6) << "step " << s;
+    if (!rc.skipped) {
+      EXPECT_NEAR(rg.grad_norm, rc.grad_norm, tolerance * rc.grad_norm + 1e-6) << "step " << s;
+    }
   }
   const auto master_gpu = gpu.engine->gather_tensors(MixedPrecisionEngine::ShardState::master);
   const auto master_cpu = cpu.engine->gather_tensors(MixedPrecisionEngine::ShardState::master);
@@ -170,7 +173,7 @@ TEST_P(CudaStep, MatchesCpuStepByStep) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaStep, testing::Values(DType::f32, DType::f16, DType::bf16),
-                         [](const auto& info) { return std::string(dtype_name(info.param)); });
+                         [](const auto& param_info) { return std::string(dtype_name(param_info.param)); });
 
 /// An injected inf in one gradient skips the step on the device: weights unchanged, scale halved, Adam's t
 /// not advanced — read back only after the step, as the trainer does at log intervals.
