@@ -1,6 +1,6 @@
-// What the step-level benchmarks share: the choice of backend and communicator (one place, so the CUDA
-// backend and the NCCL communicator are wired in here and nowhere else), the machine description that goes
-// into every JSON report, and writing that report.
+// What the MPI benchmarks share: their main (run_main: MPI, flags, errors, the JSON report), the choice of
+// backend and communicator (one place, so the CUDA backend and the NCCL communicator are wired in here and
+// nowhere else), and the machine description that goes into every JSON report.
 #pragma once
 
 #include <cstdio>
@@ -10,8 +10,9 @@
 #include <string>
 #include <thread>
 
-#include <unistd.h>
+#include <mpi.h>
 
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "mptrain/backend.hpp"
@@ -42,9 +43,7 @@ inline std::string cpu_model() {
 
 /// The machine a report was measured on: host, CPU model, logical cores, ranks, threads per rank.
 inline nlohmann::json machine_json(int ranks, int threads_per_rank) {
-  char host[256] = {};
-  gethostname(host, sizeof host - 1);
-  return {{"host", host},
+  return {{"host", detail::host_name()},
           {"cpu_model", cpu_model()},
           {"logical_cores", std::thread::hardware_concurrency()},
           {"ranks", ranks},
@@ -53,11 +52,15 @@ inline nlohmann::json machine_json(int ranks, int threads_per_rank) {
            static_cast<unsigned>(ranks * threads_per_rank) > std::thread::hardware_concurrency()}};
 }
 
-/// Prints `report` (indented JSON) on stdout and, when `path` is not empty, writes it there. Returns false
-/// (after one line on stderr naming `program`) when the file cannot be written.
-inline bool emit_json(const nlohmann::json& report, const std::string& path, const char* program) {
+/// Whether a JSON report is also printed on stdout (no: the benchmark prints its own table there).
+enum class ReportOnStdout { yes, no };
+
+/// Prints `report` (indented JSON) on stdout when `on_stdout` is yes and, when `path` is not empty, writes it
+/// there. Returns false (after one line on stderr naming `program`) when the file cannot be written.
+inline bool emit_json(const nlohmann::json& report, const std::string& path, const char* program,
+                      ReportOnStdout on_stdout = ReportOnStdout::yes) {
   const std::string text = report.dump(2);
-  std::printf("%s\n", text.c_str());
+  if (on_stdout == ReportOnStdout::yes) std::printf("%s\n", text.c_str());
   if (path.empty()) return true;
   FILE* f = std::fopen(path.c_str(), "w");
   if (!f || std::fprintf(f, "%s\n", text.c_str()) < 0 || std::fclose(f) != 0) {
@@ -65,6 +68,39 @@ inline bool emit_json(const nlohmann::json& report, const std::string& path, con
     return false;
   }
   return true;
+}
+
+/// The main of an MPI benchmark. Starts MPI for the whole run (MpiSession), adds --json FILE to `app` and
+/// parses the command line (--help and flag errors exit as CLI11 does), then calls `body(report)`, which runs
+/// the benchmark, fills `report` (only rank 0's is used) and returns the exit code (0, or the benchmark's own
+/// failure code). On rank 0 a non-null report is printed on stdout (unless `on_stdout` is no: the body
+/// printed its own table) and written to --json FILE when given; a file that cannot be written exits 1. An
+/// exception from the body (bad values that pass the flag checks are the same on every rank, so every rank
+/// throws alike) prints "PROGRAM: message" on rank 0 and exits 2.
+template <typename Body>
+int run_main(int argc, char** argv, CLI::App& app, const char* program, Body&& body,
+             ReportOnStdout on_stdout = ReportOnStdout::yes) {
+  MpiSession mpi(&argc, &argv);
+  std::string json_path;
+  app.add_option("--json", json_path,
+                 on_stdout == ReportOnStdout::yes ? "also write the JSON report to this file (rank 0)"
+                                                  : "write the JSON report to this file (rank 0)");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  try {
+    nlohmann::json report;
+    const int code = body(report);
+    if (rank != 0 || report.is_null()) return code;
+    return emit_json(report, json_path, program, on_stdout) ? code : 1;
+  } catch (const std::exception& e) {
+    if (rank == 0) std::fprintf(stderr, "%s: %s\n", program, e.what());
+    return 2;
+  }
 }
 
 }  // namespace mpt::bench

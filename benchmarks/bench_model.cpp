@@ -16,6 +16,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench_common.hpp"
 #include "bench_stats.hpp"
 #include "mptrain/model.hpp"
 
@@ -121,16 +122,5 @@ int main(int argc, char** argv) {
                    name.c_str(), nt, 1e3 * t.median, 1e3 * t.min, 1e3 * t.max, tokens_per_second);
     }
   }
-  const std::string text = report.dump(2);
-  std::printf("%s\n", text.c_str());
-  if (!json_path.empty()) {
-    FILE* f = std::fopen(json_path.c_str(), "w");
-    if (!f) {
-      std::fprintf(stderr, "bench_model: cannot write --json file '%s'\n", json_path.c_str());
-      return 1;
-    }
-    std::fprintf(f, "%s\n", text.c_str());
-    std::fclose(f);
-  }
-  return 0;
+  return mpt::bench::emit_json(report, json_path, "bench_model") ? 0 : 1;
 }

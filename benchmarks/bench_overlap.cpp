@@ -63,12 +63,11 @@ struct GemmChunk {
 }  // namespace
 
 int main(int argc, char** argv) {
-  mpt::MpiSession mpi(&argc, &argv);
   CLI::App app{"Exposed gradient communication with and without bucketed overlap (emulated backward), JSON"};
   mpt::RunConfig rc;
   rc.channels = 256;
   rc.micro_batch = 8;
-  std::string grad_sync = "reduce-scatter", json_path;
+  std::string grad_sync = "reduce-scatter";
   int64_t vocab = 256;
   std::vector<double> bucket_kib = {64, 256, 1024, 4096};
   int threads = 1, warmup = 2, iters = 8;
@@ -102,15 +101,7 @@ int main(int argc, char** argv) {
   app.add_option("--chunk-rows", chunk_rows, "rows of the emulation GEMM (its granularity and poll interval)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--json", json_path, "also write the JSON report to this file (rank 0)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
-  }
-  int world_rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-  try {
+  return mpt::bench::run_main(argc, argv, app, "bench_overlap", [&](nlohmann::json& report) {
     omp_set_num_threads(threads);
     rc.grad_sync = grad_sync;
     rc.command = "train";
@@ -167,7 +158,6 @@ int main(int argc, char** argv) {
       chunk_seconds = max_over_ranks(mpt::bench::stats(v).median);
     }
 
-    nlohmann::json report;
     report["benchmark"] = "gradient_sync_overlap";
     report["config"] = {{"precision", rc.precision},
                         {"layers", cfg.num_layers},
@@ -271,10 +261,6 @@ int main(int argc, char** argv) {
             1e3 * row["exposed_seconds"]["polled"].get<double>());
       report["results"].push_back(row);
     }
-    if (host_comm.rank() == 0 && !mpt::bench::emit_json(report, json_path, "bench_overlap")) return 1;
-  } catch (const std::exception& e) {
-    if (world_rank == 0) std::fprintf(stderr, "bench_overlap: %s\n", e.what());
-    return 2;
-  }
-  return 0;
+    return 0;
+  });
 }
