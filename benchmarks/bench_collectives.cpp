@@ -172,12 +172,7 @@ int main(int argc, char** argv) {
       ->delimiter(',')
       ->check(CLI::IsMember({"all_reduce", "reduce_scatter", "all_gather"}))
       ->capture_default_str();
-  app.add_option("--warmup", warmup, "untimed iterations per point")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
-  app.add_option("--iters", iters, "timed iterations per point")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  mpt::bench::add_timing_flags(app, warmup, iters, "iterations per point");
   return mpt::bench::run_main(
       argc, argv, app, "bench_collectives",
       [&](nlohmann::json& report) {

@@ -17,6 +17,7 @@
 
 #include "mptrain/backend.hpp"
 #include "mptrain/comm_mpi.hpp"
+#include "mptrain/config.hpp"
 #include "mptrain/error.hpp"
 #include "mptrain/runtime.hpp"
 
@@ -27,6 +28,29 @@ namespace mpt::bench {
 /// (include/mptrain/runtime.hpp). Throws mpt::InputError for cuda in a build without MPTRAIN_WITH_CUDA.
 inline Runtime make_bench_runtime(const std::string& device) {
   return make_runtime(resolve_device(device), MPI_COMM_WORLD, 0.0);
+}
+
+/// Adds the model-shape flags of the step-level benchmarks to `app`, with `rc`'s values as the defaults:
+/// --precision, --layers, --channels, --heads, --seq-len into `rc`, --vocab into `vocab`, and --micro-batch
+/// into rc.micro_batch with `micro_batch_help` (what B means in this benchmark).
+inline void add_model_flags(CLI::App& app, RunConfig& rc, int64_t& vocab,
+                            const std::string& micro_batch_help) {
+  app.add_option("--precision", rc.precision, "storage precision of weights, activations and gradients")
+      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}))
+      ->capture_default_str();
+  app.add_option("--layers", rc.layers, "transformer blocks L")->capture_default_str();
+  app.add_option("--channels", rc.channels, "channels C")->capture_default_str();
+  app.add_option("--heads", rc.heads, "attention heads NH")->capture_default_str();
+  app.add_option("--seq-len", rc.seq_len, "sequence length T (tokens)")->capture_default_str();
+  app.add_option("--vocab", vocab, "vocabulary size V")->capture_default_str();
+  app.add_option("--micro-batch", rc.micro_batch, micro_batch_help)->capture_default_str();
+}
+
+/// Adds --warmup (untimed, >= 0) and --iters (timed, >= 1) to `app`; `unit` names what is repeated
+/// ("steps", "iterations per point").
+inline void add_timing_flags(CLI::App& app, int& warmup, int& iters, const std::string& unit) {
+  app.add_option("--warmup", warmup, "untimed " + unit)->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--iters", iters, "timed " + unit)->check(CLI::PositiveNumber)->capture_default_str();
 }
 
 /// "model name" from /proc/cpuinfo, or "unknown".

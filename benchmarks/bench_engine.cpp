@@ -44,10 +44,7 @@ int main(int argc, char** argv) {
   app.add_option("--bucket-mib", bucket_mib, "gradient bucket size in MiB")
       ->check(CLI::Range(size_t{1}, size_t{1} << 20))
       ->capture_default_str();
-  app.add_option("--warmup", warmup, "untimed iterations")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
-  app.add_option("--iters", iters, "timed iterations")->check(CLI::PositiveNumber)->capture_default_str();
+  mpt::bench::add_timing_flags(app, warmup, iters, "iterations");
   app.add_option("--threads", threads, "OpenMP threads per rank (set explicitly)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

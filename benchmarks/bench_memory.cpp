@@ -33,16 +33,7 @@ int main(int argc, char** argv) {
   int64_t vocab = 256;
   double budget_mib = 512;
   app.add_option("--device", device, "backend")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
-  app.add_option("--precision", rc.precision, "storage precision")
-      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}))
-      ->capture_default_str();
-  app.add_option("--layers", rc.layers, "transformer blocks L")->capture_default_str();
-  app.add_option("--channels", rc.channels, "channels C")->capture_default_str();
-  app.add_option("--heads", rc.heads, "attention heads NH")->capture_default_str();
-  app.add_option("--seq-len", rc.seq_len, "sequence length T")->capture_default_str();
-  app.add_option("--vocab", vocab, "vocabulary size V")->capture_default_str();
-  app.add_option("--micro-batch", rc.micro_batch, "micro-batch whose activations are also measured")
-      ->capture_default_str();
+  mpt::bench::add_model_flags(app, rc, vocab, "micro-batch whose activations are also measured");
   app.add_option("--budget-mib", budget_mib, "memory budget per rank (MiB) for the largest micro-batch")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

@@ -47,10 +47,7 @@ int main(int argc, char** argv) {
   app.add_option("--dtypes", dtypes, "storage dtypes (fp32, fp16, bf16; comma separated)")
       ->delimiter(',')
       ->capture_default_str();
-  app.add_option("--warmup", warmup, "untimed iterations per configuration")->capture_default_str();
-  app.add_option("--iters", iters, "timed iterations per configuration")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  mpt::bench::add_timing_flags(app, warmup, iters, "iterations per configuration");
   app.add_option("--json", json_path, "also write the JSON report to this file");
   CLI11_PARSE(app, argc, argv);
   cfg.max_seq_len = T;

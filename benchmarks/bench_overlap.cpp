@@ -72,16 +72,7 @@ int main(int argc, char** argv) {
   std::vector<double> bucket_kib = {64, 256, 1024, 4096};
   int threads = 1, warmup = 2, iters = 8;
   int64_t chunk_rows = 64, chunk_k = 256;
-  app.add_option("--precision", rc.precision, "gradient storage")
-      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}))
-      ->capture_default_str();
-  app.add_option("--layers", rc.layers, "transformer blocks L")->capture_default_str();
-  app.add_option("--channels", rc.channels, "channels C")->capture_default_str();
-  app.add_option("--heads", rc.heads, "attention heads NH")->capture_default_str();
-  app.add_option("--seq-len", rc.seq_len, "sequence length T")->capture_default_str();
-  app.add_option("--vocab", vocab, "vocabulary size V")->capture_default_str();
-  app.add_option("--micro-batch", rc.micro_batch, "sequences per rank B (sets the backward time)")
-      ->capture_default_str();
+  mpt::bench::add_model_flags(app, rc, vocab, "sequences per rank B (sets the backward time)");
   app.add_option("--bucket-kib", bucket_kib, "bucket sizes in KiB (comma separated)")
       ->delimiter(',')
       ->check(CLI::PositiveNumber)
@@ -92,12 +83,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "OpenMP threads per rank")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--warmup", warmup, "untimed iterations per mode")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
-  app.add_option("--iters", iters, "timed iterations per mode")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  mpt::bench::add_timing_flags(app, warmup, iters, "iterations per mode");
   app.add_option("--chunk-rows", chunk_rows, "rows of the emulation GEMM (its granularity and poll interval)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

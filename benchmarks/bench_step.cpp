@@ -63,23 +63,14 @@ int main(int argc, char** argv) {
   int threads = 1, warmup = 2, iters = 10;
   double peak_tflops = 0.0;
   app.add_option("--device", device, "backend")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
-  app.add_option("--precision", rc.precision, "storage precision of weights, activations and gradients")
-      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}))
-      ->capture_default_str();
-  app.add_option("--layers", rc.layers, "transformer blocks L")->capture_default_str();
-  app.add_option("--channels", rc.channels, "channels C")->capture_default_str();
-  app.add_option("--heads", rc.heads, "attention heads NH")->capture_default_str();
-  app.add_option("--seq-len", rc.seq_len, "sequence length T (tokens)")->capture_default_str();
-  app.add_option("--vocab", vocab, "vocabulary size V")->capture_default_str();
-  app.add_option("--micro-batch", rc.micro_batch, "sequences per rank per forward B")->capture_default_str();
+  mpt::bench::add_model_flags(app, rc, vocab, "sequences per rank per forward B");
   app.add_option("--accumulation", accumulation, "micro-batches per optimizer step K")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_option("--threads", threads, "OpenMP threads per rank (set explicitly)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--warmup", warmup, "untimed steps")->check(CLI::NonNegativeNumber)->capture_default_str();
-  app.add_option("--iters", iters, "timed steps")->check(CLI::PositiveNumber)->capture_default_str();
+  mpt::bench::add_timing_flags(app, warmup, iters, "steps");
   app.add_option("--grad-sync", grad_sync, "gradient reduction of phase 3")
       ->check(CLI::IsMember({"reduce-scatter", "all-reduce"}))
       ->capture_default_str();
