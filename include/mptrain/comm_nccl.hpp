@@ -1,10 +1,10 @@
 // NcclCommunicator: the Communicator on device memory through NCCL (the rank's GPU is chosen by
 // select_local_device in mptrain/runtime.hpp). Only built with MPTRAIN_WITH_CUDA.
 //
-// Stream model (DESIGN.md, "Gradient communication runs on its own stream"): the communicator owns one
-// communication stream (non-blocking, highest priority). Every collective records an event on the caller's
-// compute stream, makes the communication stream wait on it, enqueues the NCCL operation there and records a
-// completion event. Nothing blocks the host:
+// Stream model (docs/DESIGN.md, "The two interfaces"): the communicator owns one communication stream
+// (non-blocking, highest priority). Every collective records an event on the caller's compute stream, makes
+// the communication stream wait on it, enqueues the NCCL operation there and records a completion event.
+// Nothing blocks the host:
 //  - the blocking calls (all_reduce, reduce_scatter, all_gather, broadcast) make the compute stream wait on
 //    the completion event and return at once: the result is ready for any later work on the compute stream
 //    (and for Backend::copy_to_host, which synchronises the compute stream);
