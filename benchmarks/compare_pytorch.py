@@ -7,7 +7,7 @@ For every pair (mptrain precision, PyTorch precision) and every repeat, runs mpt
 benchmarks/pytorch_step.py, with the same model shape, batch, AdamW hyper-parameters and thread count (passed
 as --threads to both and as OMP_NUM_THREADS to both processes), one after the other so that both see the same
 machine state. Prints each side's median tokens/s per repeat and the ratio mptrain/PyTorch (per repeat, then
-min/median/max over repeats), checks the issue-7 targets where a pair has one, and writes everything as JSON.
+min/median/max over repeats), checks the target ratio where a pair has one, and writes everything as JSON.
 
 CPU pairs (default): fp32 vs fp32, fp16 vs fp32 (PyTorch has no CPU FP16 GEMM), bf16 vs bf16 autocast.
 CUDA pairs (default with --device cuda): fp32 vs fp32, fp16 vs fp16amp (autocast + GradScaler), bf16 vs bf16.

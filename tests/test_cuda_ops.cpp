@@ -14,6 +14,7 @@
 
 #include <gtest/gtest.h>
 
+#include "cuda_test_support.hpp"
 #include "mptrain/backend.hpp"
 #include "mptrain/cuda_ops.hpp"
 #include "mptrain/error.hpp"
@@ -22,9 +23,6 @@
 
 namespace mpt {
 namespace {
-
-#define MPT_REQUIRE_GPU() \
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
 
 struct Tol {
   double abs;

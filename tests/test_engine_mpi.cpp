@@ -11,6 +11,7 @@
 
 #include <gtest/gtest.h>
 
+#include "comm_test_support.hpp"
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/engine.hpp"
 #include "mptrain/error.hpp"
@@ -485,48 +486,22 @@ TEST_F(EngineMpi, MemoryAccountingMatchesAllocations) {
 
 /// A Communicator that forwards to another and records the receive buffer of every non-blocking gradient
 /// collective (iall_reduce / ireduce_scatter) as it is issued.
-class RecordingComm final : public Communicator {
+class RecordingComm final : public test::ForwardingCommunicator {
  public:
-  explicit RecordingComm(Communicator& inner) : inner_(inner) {}
+  explicit RecordingComm(Communicator& inner) : ForwardingCommunicator(inner) {}
   std::vector<const void*> started;  // recv pointers of iall_reduce / ireduce_scatter, in issue order
 
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
-  std::string name() const override { return "recording(" + inner_.name() + ")"; }
-  using Communicator::all_gather;
-  using Communicator::all_reduce;
-  using Communicator::broadcast;
-  void all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override {
-    inner_.all_reduce(send, recv, count, dtype, op);
-  }
-  void reduce_scatter(const void* send, void* recv, size_t recv_count, DType dtype, ReduceOp op) override {
-    inner_.reduce_scatter(send, recv, recv_count, dtype, op);
-  }
-  void all_gather(const void* send, void* recv, size_t send_count, DType dtype) override {
-    inner_.all_gather(send, recv, send_count, dtype);
-  }
-  void broadcast(void* buf, size_t count, DType dtype, int root) override {
-    inner_.broadcast(buf, count, dtype, root);
-  }
-  void barrier() override { inner_.barrier(); }
-  void set_timeout_seconds(double seconds) override { inner_.set_timeout_seconds(seconds); }
+  std::string name() const override { return "recording(" + ForwardingCommunicator::name() + ")"; }
   std::unique_ptr<CommRequest> iall_reduce(const void* send, void* recv, size_t count, DType dtype,
                                            ReduceOp op) override {
     started.push_back(recv);
-    return inner_.iall_reduce(send, recv, count, dtype, op);
+    return ForwardingCommunicator::iall_reduce(send, recv, count, dtype, op);
   }
   std::unique_ptr<CommRequest> ireduce_scatter(const void* send, void* recv, size_t recv_count, DType dtype,
                                                ReduceOp op) override {
     started.push_back(recv);
-    return inner_.ireduce_scatter(send, recv, recv_count, dtype, op);
+    return ForwardingCommunicator::ireduce_scatter(send, recv, recv_count, dtype, op);
   }
-  std::unique_ptr<CommRequest> iall_gather(const void* send, void* recv, size_t send_count,
-                                           DType dtype) override {
-    return inner_.iall_gather(send, recv, send_count, dtype);
-  }
-
- private:
-  Communicator& inner_;
 };
 
 // grad_done(): reporting tensors in backward order (reverse registration) starts each bucket's collective at

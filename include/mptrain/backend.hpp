@@ -1,10 +1,10 @@
 // Backend: where buffers live and the ops that run on them, implemented by the CPU backend (kernels/cpu/) and
 // the CUDA backend (kernels/cuda/). The trainer and the engine are written once against it.
 //
-// This part holds memory management and the optimizer-side ops of the mixed-precision step (DESIGN.md phases
-// 4, 6 and 7); the model's forward/backward ops join it with the model. Pointers passed to ops are in the
-// backend's memory (host for CPU, device for CUDA). Ops run on the backend's stream, in order; the CPU
-// backend runs them synchronously.
+// It holds memory management, the model's forward/backward ops (GPT-2) and the optimizer-side ops of the
+// mixed-precision step (docs/DESIGN.md phases 4, 6 and 7). Pointers passed to ops are in the backend's memory
+// (host for CPU, device for CUDA). Ops run on the backend's stream, in order; the CPU backend runs them
+// synchronously.
 #pragma once
 
 #include <cstddef>
