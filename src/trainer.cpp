@@ -22,6 +22,7 @@
 #include "mptrain/error.hpp"
 #include "mptrain/hash.hpp"
 #include "mptrain/model.hpp"
+#include "mptrain/run_lock.hpp"
 #include "mptrain/runtime.hpp"
 
 namespace mpt {
@@ -353,6 +354,7 @@ struct TrainingRun {
   const bool root;
   const Clock::time_point start = Clock::now();
   std::string run_dir;
+  std::vector<RunLock> locks;  // rank 0: the run's, and the --checkpoint-dir's when that lies elsewhere
   OverflowInjection inject;
   int64_t accumulation = 1;
   int64_t start_step = 0;
@@ -399,10 +401,6 @@ void load_run(TrainingRun& run) {
     });
     s.build(s.data->vocab_size());
     s.engine->set_parameters(gpt_init(s.model_config, c.seed));
-    std::error_code ec;
-    MPT_INPUT_CHECK(
-        !std::filesystem::exists(c.checkpoint_dir, ec) || std::filesystem::is_directory(c.checkpoint_dir, ec),
-        "--checkpoint-dir {}: exists and is not a directory", c.checkpoint_dir);
     if (c.resume == "auto")
       run.resumed_from = about_files([&] { return find_latest_checkpoint(c.checkpoint_dir, run.root); });
     else if (c.resume != "none")
@@ -426,9 +424,58 @@ void load_run(TrainingRun& run) {
   });
 }
 
-/// Set-up in three agreed phases, so that nothing is created before every check passed on every rank:
-/// flags, data and checkpoint checks (load_run); then the ranks compare their configs, layouts and data;
-/// only then the checkpoint directory is created.
+/// `p` is `dir` or lies below it, after resolving ".." and symbolic links.
+bool lies_in(const std::filesystem::path& p, const std::filesystem::path& dir) {
+  std::error_code ec;
+  const std::filesystem::path relative =
+      std::filesystem::weakly_canonical(p, ec).lexically_relative(std::filesystem::weakly_canonical(dir, ec));
+  return !relative.empty() && *relative.begin() != "..";
+}
+
+/// Rank 0 takes `path`'s lock for `what` ("run 'NAME'"); another job holding it is an error naming that job
+/// and `flag`, the way to pick another run.
+void take_lock(TrainingRun& run, const std::filesystem::path& path, const std::string& what,
+               const char* flag) {
+  RunLock lock = about_files([&] { return RunLock::try_acquire(path); });
+  if (lock.state() == RunLock::State::in_use)
+    throw FileInputError(
+        fmt::format("{} is in use by another job ({}); use another {} or stop that job", what,
+                    lock.holder() ? lock.holder()->describe()
+                                  : fmt::format("its lock file {} names no job", path.string()),
+                    flag));
+  if (lock.state() == RunLock::State::unsupported)
+    std::fprintf(
+        stderr,
+        "mptrain: warning: %s: the file system does not support flock (%s); nothing stops a second job "
+        "from using %s\n",
+        path.c_str(), lock.unsupported_reason().c_str(), what.c_str());
+  else if (lock.previous_holder())
+    std::printf("%s: taking over the lock of a job that did not end cleanly (%s)\n", what.c_str(),
+                lock.previous_holder()->describe().c_str());
+  run.locks.push_back(std::move(lock));
+}
+
+/// Rank 0 locks the run (runs/NAME/lock, and DIR/lock for a --checkpoint-dir outside it) before anything of
+/// it is read: a second job on the same run stops here with exit 1 on every rank. The locks are undone
+/// when the set-up fails (nothing of the run created or changed) and kept once it succeeded.
+void lock_run(TrainingRun& run) {
+  agree_on_setup(run.comm, [&] {
+    const std::string& dir = run.c.checkpoint_dir;
+    std::error_code ec;
+    MPT_INPUT_CHECK(!std::filesystem::exists(dir, ec) || std::filesystem::is_directory(dir, ec),
+                    "--checkpoint-dir {}: exists and is not a directory", dir);
+    if (!run.root) return;
+    const std::filesystem::path run_lock = std::filesystem::path(run.run_dir) / "lock";
+    const std::filesystem::path dir_lock = std::filesystem::path(dir) / "lock";
+    take_lock(run, run_lock, fmt::format("run '{}'", run.c.run_name), "--run-name");
+    if (!lies_in(dir, run.run_dir))
+      take_lock(run, dir_lock, fmt::format("--checkpoint-dir {}", dir), "--checkpoint-dir");
+  });
+}
+
+/// Set-up in three agreed phases after the run's lock, so that nothing is created before every check passed
+/// on every rank (the lock undoes itself otherwise): flags, data and checkpoint checks (load_run); then the
+/// ranks compare their configs, layouts and data; only then the checkpoint directory is created.
 void set_up_training(TrainingRun& run) {
   RunConfig& c = run.c;
   if (c.checkpoint_dir.empty()) c.checkpoint_dir = fmt::format("runs/{}/checkpoints", c.run_name);
@@ -436,6 +483,7 @@ void set_up_training(TrainingRun& run) {
   run.inject.spec = parse_inject_overflow(c.inject_overflow);
   install_stop_handlers();
   run.s.start_runtime();
+  lock_run(run);
   load_run(run);
   run.effective = c.to_json();
   uint64_t hash = fnv1a(run.effective.dump());
@@ -456,6 +504,7 @@ void set_up_training(TrainingRun& run) {
   run.peak = c.peak_tflops > 0 ? c.peak_tflops * 1e12 : run.s.backend->peak_flops();
   run.s.tokens.resize(static_cast<size_t>(c.micro_batch * c.seq_len));
   run.s.targets.resize(run.s.tokens.size());
+  for (RunLock& lock : run.locks) lock.keep();
 }
 
 /// Rank 0: the run directory, config.json and metrics.jsonl (a resumed run keeps the lines of the steps

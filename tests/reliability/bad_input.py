@@ -1,5 +1,5 @@
-"""The bad-input matrix of mptrain: one case per bad flag, config file, data file, checkpoint or
-rank disagreement, each run under `mpiexec -n 2` in a fresh directory.
+"""The bad-input matrix of mptrain: one case per bad flag, config file, data file, checkpoint, rank
+disagreement or run held by another job, each run under `mpiexec -n 2` in a fresh directory.
 
 Every case asserts: the exit code (2 for a usage error, 1 for a file that cannot be used), exactly one line
 "mptrain: error: ..." that names the input and what is wrong (the case's needles), the job gone within 10
@@ -17,8 +17,10 @@ import pwd
 import grp
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
+import time
 
 from common import (TINY, diff_snapshots, parse_driver_args, processes_in, run, shard_tokens, snapshot,
                     write_corpus, write_shard)
@@ -37,6 +39,7 @@ class Case:
 
     def __init__(self, args, directory):
         self.args, self.dir = args, directory
+        self.cleanup = []  # callables run after the case
         self.corpus = os.path.join(directory, "corpus.txt")
         write_corpus(self.corpus, 20_000)
 
@@ -59,6 +62,21 @@ class Case:
         shutil.copy(os.path.join(scratch, "runs", "src", "checkpoints", "ckpt_00000002.safetensors"), path)
         shutil.rmtree(scratch)
         return path
+
+    def hold_lock(self, name, text):
+        """Another job holding the lock file `name` (flock, as mptrain takes it) that contains `text`: a
+        process outside the case directory, so that it is not one the job under test left behind."""
+        script = ("import fcntl, os, sys, time\n"
+                  "os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)\n"
+                  "f = open(sys.argv[1], 'w'); f.write(sys.argv[2]); f.flush()\n"
+                  "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                  "print('locked', flush=True)\n"
+                  "time.sleep(600)\n")
+        holder = subprocess.Popen([sys.executable, "-c", script, os.path.join(self.dir, name), text], cwd="/",
+                                  stdout=subprocess.PIPE, text=True)
+        self.cleanup.append(lambda: (holder.kill(), holder.wait()))
+        if holder.stdout.readline().strip() != "locked":
+            raise AssertionError(f"the lock holder for {name} did not start")
 
     def write(self, name, content, mode="w"):
         path = os.path.join(self.dir, name)
@@ -341,10 +359,41 @@ def _(c):
             ":", "-n", "1", "-wdir", b, c.args.mptrain, *app]
 
 
+# ---- a run another job holds ------------------------------------------------------------------------------
+def holder_text(host="vm", pid=1234, hms=(12, 0, 3)):
+    """A lock file naming a job on `host` with `pid` that started today at `hms` (local time)."""
+    today = time.localtime()
+    since = int(time.mktime((today.tm_year, today.tm_mon, today.tm_mday, *hms, 0, 0, -1)))
+    return f'{{"host": "{host}", "pid": {pid}, "since_unix_seconds": {since}}}\n'
+
+
+@case("run_in_use", BAD_FILE, "run 'bad' is in use by another job (host vm, pid 1234, since 12:00:03); use another "
+      "--run-name or stop that job")
+def _(c):
+    c.hold_lock("runs/bad/lock", holder_text())
+    return c.train("--resume", "auto")
+
+
+@case("run_in_use_lock_file_empty", BAD_FILE, "run 'bad' is in use by another job (its lock file runs/bad/lock names "
+      "no job); use another --run-name or stop that job")
+def _(c):
+    c.hold_lock("runs/bad/lock", "")
+    return c.train("--resume", "auto")
+
+
+@case("checkpoint_dir_in_use", BAD_FILE, "--checkpoint-dir ck is in use by another job (host vm, pid 1234, since "
+      "12:00:03); use another --checkpoint-dir or stop that job")
+def _(c):
+    # The run's own lock (runs/bad/lock) is taken first; the job must remove it and runs/ again.
+    c.hold_lock("ck/lock", holder_text())
+    return c.train("--checkpoint-dir", "ck", "--resume", "auto")
+
+
 def run_case(args, name):
     """Runs case `name`; returns (passed, report text)."""
     code, needles, make = CASES[name]
     directory = tempfile.mkdtemp(prefix=f"mptrain_bad_{name}_")
+    c = None
     try:
         c = Case(args, directory)
         try:
@@ -375,6 +424,8 @@ def run_case(args, name):
             return False, "FAIL " + report + "\n  " + "\n  ".join(problems) + "\n" + r.describe()
         return True, "ok   " + report
     finally:
+        for undo in c.cleanup if c else []:
+            undo()
         for root, dirs, _ in os.walk(directory):
             for d in dirs:
                 os.chmod(os.path.join(root, d), 0o755)

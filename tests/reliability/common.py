@@ -131,7 +131,7 @@ def run(cmd, cwd, timeout=60, extra_env=None, prefix=()):
     `cwd`, and reports exit code None."""
     t0 = time.monotonic()
     p = subprocess.Popen([*prefix, *cmd], cwd=cwd, env=env(extra_env), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stderr=subprocess.PIPE, text=True, errors="backslashreplace", start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
         code = p.returncode

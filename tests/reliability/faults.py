@@ -14,6 +14,13 @@
   kill_during_checkpoint           rank 0 killed between writing a checkpoint and renaming it: the previous
                                    checkpoint is intact, and --resume auto skips a damaged newer one
   determinism                      two identical runs: bitwise identical non-timing metrics and checkpoints
+  two_jobs_one_run                 a second job on a run another job holds: exit 1 on every rank within 10 s,
+                                   one line naming the holder, no file of the run touched, the first job
+                                   goes on and ends cleanly
+  two_jobs_one_checkpoint_dir      the same for two runs given one --checkpoint-dir
+  stale_lock_resume                the lock holder (rank 0) killed with SIGKILL: the next job takes the lock
+                                   over and --resume auto continues
+  eval_sample_while_locked         eval and sample of a checkpoint of a run that a job holds: they take no lock
 
   python3 faults.py --mptrain build/mptrain --case NAME [--case NAME...] | --all | --list
 """
@@ -23,12 +30,14 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-from common import TINY, children, env, kill_all, parse_driver_args, processes_in, run, write_corpus
+from common import (TINY, children, diff_snapshots, env, kill_all, parse_driver_args, processes_in, run, snapshot,
+                    write_corpus)
 
 TIMING = {"tokens_per_second", "mfu", "elapsed_seconds"}
 
@@ -332,6 +341,124 @@ def determinism(ctx):
         check(data[0] == data[1] and len(data[0]) > 0, f"{name}: tensor bytes differ")
     return [f"{len(a)} metric lines bitwise identical in {sorted(set().union(*a))}",
             f"tensor bytes identical in {ctx.checkpoints('one')}"]
+
+
+def holding_job(ctx, *extra, run_name="r"):
+    """A job that holds its run's lock, frozen (SIGSTOP on both ranks) after its checkpoint of step 10, so
+    that nothing in the directory changes while another command runs beside it."""
+    ckpt_dir = ctx.ckpt_dir(run_name)
+    if "--checkpoint-dir" in extra:
+        ckpt_dir = os.path.join(ctx.dir, extra[list(extra).index("--checkpoint-dir") + 1])
+    job = Job(ctx, ctx.cmd("--steps", "100000", "--checkpoint-interval", "10", "--keep-checkpoints", "100",
+                           "--log-interval", "10", "--collective-timeout", "120", *extra, run_name=run_name))
+    job.wait_for("the checkpoint of step 10",
+                 lambda: os.path.exists(os.path.join(ckpt_dir, "ckpt_00000010.safetensors")))
+    job.ranks = [job.rank_pid(0), job.rank_pid(1)]
+    kill_all(job.ranks, signal.SIGSTOP)
+    job.logged_when_frozen = job.stdout().count("\nstep ")
+    return job
+
+
+def release_holding_job(ctx, job, run_name="r"):
+    """Lets the frozen job go on, stops it gracefully and checks it ended as if alone: exit 0, metrics.jsonl
+    whole (one JSON object a line, steps increasing), its lock file gone."""
+    kill_all(job.ranks, signal.SIGCONT)
+    job.wait_for("a step logged after the freeze", lambda: job.stdout().count("\nstep ") > job.logged_when_frozen)
+    os.kill(job.proc.pid, signal.SIGUSR1)
+    code = job.finish(timeout=60)
+    check(code == 0, f"the first job exited {code}\n" + job.describe())
+    steps = [line["step"] for line in ctx.metrics(run_name) if "train_loss" in line]
+    check(steps == sorted(set(steps)) and steps[:2] == [10, 20], f"the first job's logged steps: {steps}")
+    check(not os.path.exists(os.path.join(ctx.dir, "runs", run_name, "lock")), "the lock file outlived the job")
+
+
+def second_job_refused(ctx, first_extra, second_extra, second_run_name, needles):
+    job = holding_job(ctx, *first_extra)
+    try:
+        before = snapshot(ctx.dir)
+        r = run(ctx.cmd("--steps", "100", "--resume", "auto", *second_extra, run_name=second_run_name),
+                cwd=ctx.dir, timeout=60)
+        changed = diff_snapshots(before, snapshot(ctx.dir))
+        lines = r.error_lines()
+        check(r.returncode == 1, f"the second job exited {r.returncode}, expected 1\n" + r.describe())
+        check(r.seconds <= 10, f"the second job took {r.seconds:.1f} s (> 10 s)")
+        check(len(lines) == 1, f"{len(lines)} 'mptrain: error:' lines, expected 1\n" + r.describe())
+        holder = f"(host {socket.gethostname()}, pid {job.ranks[0]}, since "
+        for needle in (holder, *needles):
+            check(needle in lines[0], f"the error line lacks {needle!r}: {lines[0]}")
+        check(not changed, "the second job changed files:\n  " + "\n  ".join(changed))
+        check(set(processes_in(ctx.dir)) == set(job.ranks) | {job.proc.pid} | set(children(job.proc.pid)),
+              f"processes left by the second job: {processes_in(ctx.dir)}")
+    except BaseException:
+        kill_all(job.ranks, signal.SIGCONT)
+        raise
+    release_holding_job(ctx, job)
+    return [f"second job: exit {r.returncode} in {r.seconds:.1f} s: {lines[0]}"]
+
+
+@case
+def two_jobs_one_run(ctx):
+    return second_job_refused(ctx, (), (), "r", ("mptrain: error: run 'r' is in use by another job",
+                                                 "); use another --run-name or stop that job"))
+
+
+@case
+def two_jobs_one_checkpoint_dir(ctx):
+    return second_job_refused(ctx, ("--checkpoint-dir", "shared"), ("--checkpoint-dir", "shared"), "other",
+                              ("mptrain: error: --checkpoint-dir shared is in use by another job",
+                               "); use another --checkpoint-dir or stop that job"))
+
+
+@case
+def stale_lock_resume(ctx):
+    job = Job(ctx, ctx.cmd("--steps", "100000", "--checkpoint-interval", "10", "--keep-checkpoints", "3",
+                           "--log-interval", "10", "--collective-timeout", "30"))
+    job.wait_for("the checkpoint of step 20", lambda: "ckpt_00000020.safetensors" in ctx.checkpoints())
+    holder = job.rank_pid(0)
+    os.kill(holder, signal.SIGKILL)
+    code = job.finish(timeout=30)
+    check(code != 0, "exit 0 after rank 0 was killed\n" + job.describe())
+    check(not processes_in(ctx.dir), "processes left behind")
+    lock = os.path.join(ctx.dir, "runs", "r", "lock")
+    check(os.path.exists(lock), "no lock file left by the killed job")
+    stale = json.load(open(lock))
+    check(stale["pid"] == holder and stale["host"] == socket.gethostname(), f"the lock file names {stale}")
+    last = int(ctx.checkpoints()[-1][5:13])
+    r = ctx.train("--steps", str(last + 3), "--resume", "auto")
+    took = [l for l in r.stdout.splitlines() if "taking over the lock" in l]
+    check(len(took) == 1 and took[0].startswith("run 'r': taking over the lock of a job that did not end cleanly "
+                                                f"(host {socket.gethostname()}, pid {holder}, since "),
+          "no take-over line\n" + r.describe())
+    want = f"resumed from runs/r/checkpoints/ckpt_{last:08d}.safetensors at step {last}"
+    check(want in r.stdout, f"expected {want!r}\n" + r.describe())
+    check(not os.path.exists(lock), "the lock file outlived the resumed job")
+    return [took[0], want]
+
+
+@case
+def eval_sample_while_locked(ctx):
+    job = holding_job(ctx)
+    said = []
+    try:
+        ckpt = os.path.join("runs", "r", "checkpoints", "ckpt_00000010.safetensors")
+        commands = {
+            "eval": ["eval", "--checkpoint", ckpt, "--data", ctx.corpus, "--val-fraction", "0.1", "--eval-batches",
+                     "1", "--global-batch", "4", "--micro-batch", "4"],
+            "sample": ["sample", "--checkpoint", ckpt, "--prompt", "The ", "--sample-tokens", "8"],
+        }
+        for name, app in commands.items():
+            before = snapshot(ctx.dir)
+            r = run([ctx.args.mpiexec, "--oversubscribe", "--bind-to", "none", "-n", "1", ctx.args.mptrain, *app],
+                    cwd=ctx.dir, timeout=60)
+            check(r.returncode == 0, f"{name} beside a job holding the run exited {r.returncode}\n" + r.describe())
+            changed = diff_snapshots(before, snapshot(ctx.dir))
+            check(not changed, f"{name} changed files: {changed}")
+            said.append(f"{name}: exit 0: {r.stdout.strip().splitlines()[-1]}")
+    except BaseException:
+        kill_all(job.ranks, signal.SIGCONT)
+        raise
+    release_holding_job(ctx, job)
+    return said
 
 
 def main():
