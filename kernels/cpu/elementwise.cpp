@@ -1,6 +1,9 @@
 // CPU elementwise ops of the GPT-2 block: tanh-GELU forward/backward (element math in
 // kernels/common/gelu.hpp), the residual add and gradient accumulation.
 //
+// float/half/bf16 compute GELU in FP32 through the vectorised SLEEF loops of kernels/cpu/vecmath.hpp (within
+// a few ulp of the tanh-GELU of kernels/common/gelu.hpp); double keeps the scalar formula.
+//
 // Every op walks its n elements in fixed chunks split across OpenMP threads; a chunk is widened to opmath
 // with the SIMD bulk converters, computed, and rounded once on store. No element depends on another, so
 // results do not depend on the thread count. Each chunk is read completely before it is written, so an output
@@ -10,6 +13,7 @@
 
 #include "common/gelu.hpp"
 #include "cpu/ops.hpp"
+#include "cpu/vecmath.hpp"
 #include "mptrain/error.hpp"
 
 namespace mpt::cpu {
@@ -40,7 +44,10 @@ void gelu_forward(T* out, const T* inp, int64_t n) {
   for_each_chunk(n, [&](int64_t begin, int64_t count) {
     F x[kChunk];
     load_n(inp + begin, x, count);
-    for (int64_t i = 0; i < count; ++i) x[i] = common::gelu_tanh(x[i]);
+    if constexpr (std::is_same_v<F, float>)
+      gelu_forward_f32(x, x, count);  // SLEEF tanh, vectorised
+    else
+      for (int64_t i = 0; i < count; ++i) x[i] = common::gelu_tanh(x[i]);
     store_n<T>(x, out + begin, count);
   });
 }
@@ -59,7 +66,10 @@ void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
     load_n(inp + begin, x, count);
     load_n(dout + begin, dy, count);
     load_n(dinp + begin, acc, count);
-    for (int64_t i = 0; i < count; ++i) acc[i] += dy[i] * common::gelu_tanh_derivative(x[i]);
+    if constexpr (std::is_same_v<F, float>)
+      gelu_backward_f32(acc, x, dy, count);  // SLEEF tanh, vectorised
+    else
+      for (int64_t i = 0; i < count; ++i) acc[i] += dy[i] * common::gelu_tanh_derivative(x[i]);
     store_n<T>(acc, dinp + begin, count);
   });
 }
