@@ -55,23 +55,10 @@ void accumulate_rounded(T* g, const float* r, int64_t n) {
   }
 }
 
-/// Row-major C[M,N] = op(A) @ op(B) + beta * C in the precision of S (SGEMM for float, DGEMM for double).
-/// K == 0 is handled here (BLAS rejects a leading dimension of 0).
 template <typename S>
 void gemm(CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int64_t M, int64_t N, int64_t K, const S* A,
           int64_t lda, const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (beta == S(0)) std::fill(C, C + M * N, S(0));  // ldc == N for every call in this file
-    return;
-  }
-  const auto i = [](int64_t x) { return static_cast<int>(x); };
-  if constexpr (std::is_same_v<S, float>)
-    cblas_sgemm(CblasRowMajor, trans_a, trans_b, i(M), i(N), i(K), 1.0f, A, i(lda), B, i(ldb), beta, C,
-                i(ldc));
-  else
-    cblas_dgemm(CblasRowMajor, trans_a, trans_b, i(M), i(N), i(K), 1.0, A, i(lda), B, i(ldb), beta, C,
-                i(ldc));
+  blas_gemm<S>(trans_a == CblasTrans, trans_b == CblasTrans, M, N, K, S(1), A, lda, B, ldb, beta, C, ldc);
 }
 
 /// dbias[j] = round(dbias[j] + sum over rows of x[r, j]), summed in opmath. Each task owns a fixed chunk of
@@ -111,6 +98,28 @@ float* workspace_for(std::vector<float>& workspace, int64_t n) {
 }
 
 }  // namespace
+
+template <typename S>
+void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
+               const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (beta == S(0))
+      for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, S(0));
+    return;
+  }
+  const auto i = [](int64_t x) { return static_cast<int>(x); };
+  const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans;
+  const CBLAS_TRANSPOSE tb = trans_b ? CblasTrans : CblasNoTrans;
+  if constexpr (std::is_same_v<S, float>)
+    cblas_sgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
+  else
+    cblas_dgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
+}
+template void blas_gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                               const float*, int64_t, float, float*, int64_t);
+template void blas_gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
+                                const double*, int64_t, double, double*, int64_t);
 
 template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int64_t rows, int64_t IC,
