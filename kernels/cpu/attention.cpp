@@ -66,6 +66,13 @@ void softmax_row(A* row, int64_t n) {
 
 template <typename T>
 void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int64_t C, int64_t NH) {
+  std::vector<opmath_t<T>> workspace;
+  attention_forward(out, att, qkv, B, T_, C, NH, workspace);
+}
+
+template <typename T>
+void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int64_t C, int64_t NH,
+                       std::vector<opmath_t<T>>& workspace) {
   using A = opmath_t<T>;
   check_shape("attention_forward", B, T_, C, NH);
   if (B == 0 || T_ == 0 || C == 0) return;
@@ -77,14 +84,15 @@ void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int6
   const A scale = A(1) / std::sqrt(static_cast<A>(hs));
   const int64_t pairs = B * NH;
 
-  // Per thread: q, k, v, o [T, hs] and the probabilities P [T, T]. Allocated before the parallel region so
-  // an allocation failure throws here rather than terminating inside it.
+  // Per thread: q, k, v, o [T, hs] and the probabilities P [T, T]. Grown before the parallel region so an
+  // allocation failure throws here rather than terminating inside it.
   const int64_t per_thread = 4 * T_ * hs + T_ * T_;
-  std::vector<A> scratch(static_cast<size_t>(per_thread * omp_get_max_threads()));
+  const auto needed = static_cast<size_t>(per_thread * omp_get_max_threads());
+  if (workspace.size() < needed) workspace.resize(needed);
 
 #pragma omp parallel if (pairs > 1 && pairs * T_ * T_ * hs >= kParallelMinWork)
   {
-    A* const q = scratch.data() + per_thread * omp_get_thread_num();
+    A* const q = workspace.data() + per_thread * omp_get_thread_num();
     A* const k = q + T_ * hs;
     A* const v = k + T_ * hs;
     A* const o = v + T_ * hs;
@@ -207,6 +215,8 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int6
 
 #define MPT_INSTANTIATE_ATTENTION(T)                                                                        \
   template void attention_forward<T>(T*, T*, const T*, int64_t, int64_t, int64_t, int64_t);                 \
+  template void attention_forward<T>(T*, T*, const T*, int64_t, int64_t, int64_t, int64_t,                  \
+                                     std::vector<opmath_t<T>>&);                                            \
   template void attention_backward<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, \
                                       std::vector<opmath_t<T>>&);
 MPT_INSTANTIATE_ATTENTION(float)

@@ -110,6 +110,11 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S al
 /// FLOP/s of an n x n x n SGEMM on the current OpenMP thread count (best of `repeats`).
 double measure_sgemm_flops(int n, int repeats);
 
+/// `workspace` (grow-only) holds the per-thread [T, hs] operands and the [T, T] probabilities; the overload
+/// without it allocates its own.
+template <typename T>
+void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int64_t C, int64_t NH,
+                       std::vector<opmath_t<T>>& workspace);
 template <typename T>
 void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int64_t C, int64_t NH);
 template <typename T>
