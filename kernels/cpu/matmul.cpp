@@ -1,4 +1,6 @@
-// CPU linear layer (torch.nn.Linear): out = inp @ weight^T + bias and its backward, on OpenBLAS.
+// CPU linear layer (torch.nn.Linear): out = inp @ weight^T + bias and its backward, on OpenBLAS, and for BF16
+// on oneDNN's native BF16 matmul where the CPU has AVX512_BF16 or AMX (kernels/cpu/onednn_gemm.hpp: FP32
+// accumulation, results into FP32 scratch, then the same bias add and single rounding as the FP32-copy path).
 //
 // float and double call SGEMM/DGEMM on the operands directly. FP16/BF16 follow the numerics contract
 // (DESIGN.md): the operands are widened to FP32 in the caller's grow-only workspace with the SIMD bulk
@@ -14,6 +16,7 @@
 
 #include <cblas.h>
 
+#include "cpu/onednn_gemm.hpp"
 #include "cpu/ops.hpp"
 #include "mptrain/error.hpp"
 
@@ -91,6 +94,16 @@ void check_sizes(const char* op, int64_t rows, int64_t IC, int64_t OC) {
 template <typename T>
 constexpr bool kNativeBlas = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
+/// BF16 operands go straight to oneDNN's native BF16 matmul where the CPU has it (and K > 0, which oneDNN
+/// requires); elsewhere they take the FP32-copy path.
+template <typename T>
+bool use_native_bf16(int64_t K) {
+  if constexpr (std::is_same_v<T, bf16>)
+    return K > 0 && onednn_native_bf16();
+  else
+    return false;
+}
+
 /// Grows `workspace` to at least n floats (never shrinks) and returns its data.
 float* workspace_for(std::vector<float>& workspace, int64_t n) {
   if (workspace.size() < static_cast<size_t>(n)) workspace.resize(static_cast<size_t>(n));
@@ -139,6 +152,18 @@ void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int64_
         for (int64_t j = 0; j < OC; ++j) o[j] += bias[j];
       }
     }
+  } else if (use_native_bf16<T>(IC)) {
+    float* out32 = workspace_for(workspace, rows * OC + OC);
+    float* bias32 = out32 + rows * OC;
+    if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
+    onednn_gemm<T>(false, true, rows, OC, IC, inp, IC, weight, IC, 0.0f, out32, OC);
+#pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = out32 + r * OC;
+      if (bias != nullptr)
+        for (int64_t j = 0; j < OC; ++j) o[j] += bias32[j];
+      convert(o, out + r * OC, static_cast<size_t>(OC));
+    }
   } else {
     float* inp32 = workspace_for(workspace, rows * IC + OC * IC + rows * OC + OC);
     float* weight32 = inp32 + rows * IC;
@@ -175,6 +200,21 @@ void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
       gemm<T>(CblasNoTrans, CblasNoTrans, rows, IC, OC, dout, OC, weight, IC, T(1), dinp, IC);
     gemm<T>(CblasTrans, CblasNoTrans, OC, IC, rows, dout, OC, inp, IC, T(1), dweight, IC);
     if (dbias != nullptr) add_column_sums(dbias, dout, rows, OC);
+  } else if (use_native_bf16<T>(IC)) {
+    // dweight32 [OC,IC] | dinp32 [rows,IC] | dout32 [rows,OC] (the bias gradient's column sums only).
+    float* dweight32 = workspace_for(workspace, OC * IC + rows * IC + (dbias != nullptr ? rows * OC : 0));
+    float* dinp32 = dweight32 + OC * IC;
+    if (dinp != nullptr) {
+      onednn_gemm<T>(false, false, rows, IC, OC, dout, OC, weight, IC, 0.0f, dinp32, IC);
+      accumulate_rounded(dinp, dinp32, rows * IC);
+    }
+    onednn_gemm<T>(true, false, OC, IC, rows, dout, OC, inp, IC, 0.0f, dweight32, IC);
+    accumulate_rounded(dweight, dweight32, OC * IC);
+    if (dbias != nullptr) {
+      float* dout32 = dinp32 + rows * IC;
+      widen(dout, dout32, rows * OC);
+      add_column_sums(dbias, dout32, rows, OC);
+    }
   } else {
     // dout32 [rows,OC] | weight32 [OC,IC], reused for the FP32 dweight | scratch [rows,IC]: the FP32 dinp,
     // then the FP32 inp.
