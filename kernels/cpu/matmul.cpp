@@ -8,7 +8,10 @@
 // g = round(g + result), so FP16 results with |x| >= 65520 become inf exactly as on a GPU). The bias gradient
 // is a column sum in FP32 (FP64 for double) over fixed column chunks, each summed in row order, so it does
 // not depend on the thread count.
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstring>
@@ -112,10 +115,26 @@ float* workspace_for(std::vector<float>& workspace, int64_t n) {
 
 }  // namespace
 
+namespace {
+std::atomic<int64_t> g_gemm_outside_ns{0};
+std::atomic<int64_t> g_gemm_inside_ns{0};
+}  // namespace
+
+GemmSeconds gemm_seconds() {
+  return {1e-9 * static_cast<double>(g_gemm_outside_ns.load(std::memory_order_relaxed)),
+          1e-9 * static_cast<double>(g_gemm_inside_ns.load(std::memory_order_relaxed))};
+}
+
+void record_gemm_nanoseconds(int64_t nanoseconds) {
+  (omp_in_parallel() ? g_gemm_inside_ns : g_gemm_outside_ns)
+      .fetch_add(nanoseconds, std::memory_order_relaxed);
+}
+
 template <typename S>
 void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
                const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  const auto t0 = std::chrono::steady_clock::now();
   if (K == 0) {
     if (beta == S(0))
       for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, S(0));
@@ -128,6 +147,8 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S al
     cblas_sgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
   else
     cblas_dgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
+  record_gemm_nanoseconds(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
 }
 template void blas_gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
                                const float*, int64_t, float, float*, int64_t);
