@@ -113,6 +113,44 @@ float* workspace_for(std::vector<float>& workspace, int64_t n) {
   return workspace.data();
 }
 
+/// matmul_forward for BF16 storage on oneDNN's native BF16 matmul: FP32 result in the workspace, bias added
+/// in FP32, one rounding per output.
+void matmul_forward_native_bf16(bf16* out, const bf16* inp, const bf16* weight, const bf16* bias,
+                                int64_t rows, int64_t IC, int64_t OC, std::vector<float>& workspace) {
+  float* out32 = workspace_for(workspace, rows * OC + OC);
+  float* bias32 = out32 + rows * OC;
+  if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
+  onednn_gemm<bf16>(false, true, rows, OC, IC, inp, IC, weight, IC, 0.0f, out32, OC);
+#pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = out32 + r * OC;
+    if (bias != nullptr)
+      for (int64_t j = 0; j < OC; ++j) o[j] += bias32[j];
+    convert(o, out + r * OC, static_cast<size_t>(OC));
+  }
+}
+
+/// matmul_backward for BF16 storage on oneDNN's native BF16 matmul: FP32 results in the workspace, then one
+/// rounding per gradient element.
+void matmul_backward_native_bf16(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp,
+                                 const bf16* weight, int64_t rows, int64_t IC, int64_t OC,
+                                 std::vector<float>& workspace) {
+  // dweight32 [OC,IC] | dinp32 [rows,IC] | dout32 [rows,OC] (the bias gradient's column sums only).
+  float* dweight32 = workspace_for(workspace, OC * IC + rows * IC + (dbias != nullptr ? rows * OC : 0));
+  float* dinp32 = dweight32 + OC * IC;
+  if (dinp != nullptr) {
+    onednn_gemm<bf16>(false, false, rows, IC, OC, dout, OC, weight, IC, 0.0f, dinp32, IC);
+    accumulate_rounded(dinp, dinp32, rows * IC);
+  }
+  onednn_gemm<bf16>(true, false, OC, IC, rows, dout, OC, inp, IC, 0.0f, dweight32, IC);
+  accumulate_rounded(dweight, dweight32, OC * IC);
+  if (dbias != nullptr) {
+    float* dout32 = dinp32 + rows * IC;
+    widen(dout, dout32, rows * OC);
+    add_column_sums(dbias, dout32, rows, OC);
+  }
+}
+
 }  // namespace
 
 namespace {
@@ -174,17 +212,8 @@ void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int64_
       }
     }
   } else if (use_native_bf16<T>(IC)) {
-    float* out32 = workspace_for(workspace, rows * OC + OC);
-    float* bias32 = out32 + rows * OC;
-    if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
-    onednn_gemm<T>(false, true, rows, OC, IC, inp, IC, weight, IC, 0.0f, out32, OC);
-#pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
-    for (int64_t r = 0; r < rows; ++r) {
-      float* o = out32 + r * OC;
-      if (bias != nullptr)
-        for (int64_t j = 0; j < OC; ++j) o[j] += bias32[j];
-      convert(o, out + r * OC, static_cast<size_t>(OC));
-    }
+    if constexpr (std::is_same_v<T, bf16>)
+      matmul_forward_native_bf16(out, inp, weight, bias, rows, IC, OC, workspace);
   } else {
     float* inp32 = workspace_for(workspace, rows * IC + OC * IC + rows * OC + OC);
     float* weight32 = inp32 + rows * IC;
@@ -222,20 +251,8 @@ void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
     gemm<T>(CblasTrans, CblasNoTrans, OC, IC, rows, dout, OC, inp, IC, T(1), dweight, IC);
     if (dbias != nullptr) add_column_sums(dbias, dout, rows, OC);
   } else if (use_native_bf16<T>(IC)) {
-    // dweight32 [OC,IC] | dinp32 [rows,IC] | dout32 [rows,OC] (the bias gradient's column sums only).
-    float* dweight32 = workspace_for(workspace, OC * IC + rows * IC + (dbias != nullptr ? rows * OC : 0));
-    float* dinp32 = dweight32 + OC * IC;
-    if (dinp != nullptr) {
-      onednn_gemm<T>(false, false, rows, IC, OC, dout, OC, weight, IC, 0.0f, dinp32, IC);
-      accumulate_rounded(dinp, dinp32, rows * IC);
-    }
-    onednn_gemm<T>(true, false, OC, IC, rows, dout, OC, inp, IC, 0.0f, dweight32, IC);
-    accumulate_rounded(dweight, dweight32, OC * IC);
-    if (dbias != nullptr) {
-      float* dout32 = dinp32 + rows * IC;
-      widen(dout, dout32, rows * OC);
-      add_column_sums(dbias, dout32, rows, OC);
-    }
+    if constexpr (std::is_same_v<T, bf16>)
+      matmul_backward_native_bf16(dinp, dweight, dbias, dout, inp, weight, rows, IC, OC, workspace);
   } else {
     // dout32 [rows,OC] | weight32 [OC,IC], reused for the FP32 dweight | scratch [rows,IC]: the FP32 dinp,
     // then the FP32 inp.
