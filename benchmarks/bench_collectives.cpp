@@ -147,7 +147,6 @@ Row run_point(Op op, size_t total_count, int warmup, int iters, mpt::Communicato
 }  // namespace
 
 int main(int argc, char** argv) {
-  mpt::MpiSession mpi(&argc, &argv);
   CLI::App app{
       "All-reduce, reduce-scatter and all-gather through mptrain's Communicator: time, algbw, busbw, #wrong "
       "(nccl-tests columns; the table on stdout, the JSON with --json)"};
@@ -173,102 +172,81 @@ int main(int argc, char** argv) {
       ->delimiter(',')
       ->check(CLI::IsMember({"all_reduce", "reduce_scatter", "all_gather"}))
       ->capture_default_str();
-  app.add_option("--warmup", warmup, "untimed iterations per point")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
-  app.add_option("--iters", iters, "timed iterations per point")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  app.add_option("--json", json_path, "write the JSON report to this file (rank 0)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
-  }
-  int world_rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-  try {
-    const size_t min_bytes = parse_bytes(min_bytes_s), max_bytes = parse_bytes(max_bytes_s);
-    MPT_INPUT_CHECK(min_bytes >= 1 && min_bytes <= max_bytes, "--min-bytes {} must be in [1, --max-bytes {}]",
-                    min_bytes, max_bytes);
-    mpt::MpiCommunicator host_comm;
-    mpt::Runtime runtime = mpt::bench::make_bench_runtime(device);
-    auto& backend = runtime.backend;
-    auto& comm = runtime.grad_comm;
-    const int n = comm->size();
-    nlohmann::json report;
-    report["benchmark"] = "collectives";
-    report["comm"] = comm->name();
-    report["backend"] = backend->name();
-    report["ranks"] = n;
-    report["machine"] = mpt::bench::machine_json(n, 1);
-    report["reduce_op"] = "sum";
-    report["time"] = "median over iterations of the max over ranks; min and max beside it";
-    report["busbw_factor"] = {
-        {"all_reduce", "2(n-1)/n"}, {"reduce_scatter", "(n-1)/n"}, {"all_gather", "(n-1)/n"}};
-    report["size_definition"] = "bytes of the full vector (reduce-scatter input, all-gather output)";
-    report["iterations"] = iters;
-    if (comm->rank() == 0) {
-      std::printf(
-          "# %s, %d ranks; busbw = algbw x 2(n-1)/n (all_reduce), x (n-1)/n (reduce_scatter, "
-          "all_gather) = x %.3f, x %.3f\n",
-          comm->name().c_str(), n, bus_factor(Op::all_reduce, n), bus_factor(Op::all_gather, n));
-      std::printf("%-15s %12s %12s %6s %11s %11s %11s %9s %9s %7s\n", "op", "size(B)", "count", "type",
-                  "time(us)", "min(us)", "max(us)", "algbw", "busbw", "#wrong");
-      std::printf("%-15s %12s %12s %6s %11s %11s %11s %9s %9s %7s\n", "", "", "(elements)", "", "", "", "",
-                  "(GB/s)", "(GB/s)", "");
-    }
-    int64_t total_wrong = 0;
-    for (const std::string& op_s : ops) {
-      const Op op = op_s == "all_reduce"       ? Op::all_reduce
-                    : op_s == "reduce_scatter" ? Op::reduce_scatter
-                                               : Op::all_gather;
-      for (const std::string& type : types) {
-        const mpt::DType dt = type == "fp16"   ? mpt::DType::f16
-                              : type == "bf16" ? mpt::DType::bf16
-                                               : mpt::DType::f32;
-        const size_t esize = mpt::dtype_size(dt);
-        for (size_t bytes = min_bytes; bytes <= max_bytes; bytes *= static_cast<size_t>(step_factor)) {
-          // The full vector must split evenly over the ranks: round the count down to a multiple of n.
-          const size_t count = bytes / esize / static_cast<size_t>(n) * static_cast<size_t>(n);
-          if (count == 0) continue;
-          const Row row = mpt::dispatch_float_dtype(dt, [&]<typename T>() {
-            return run_point<T>(op, count, warmup, iters, *comm, host_comm, *backend);
-          });
-          total_wrong += row.wrong;
-          if (comm->rank() != 0) continue;
-          std::printf("%-15s %12zu %12zu %6s %11.1f %11.1f %11.1f %9.3f %9.3f %7lld\n", op_name(op),
-                      row.bytes, row.count, row.type.c_str(), 1e6 * row.seconds.median, 1e6 * row.seconds.min,
-                      1e6 * row.seconds.max, row.algbw / 1e9, row.busbw / 1e9,
-                      static_cast<long long>(row.wrong));
-          std::fflush(stdout);
-          report["results"].push_back(
-              {{"op", op_name(op)},
-               {"size_bytes", row.bytes},
-               {"count", row.count},
-               {"type", row.type},
-               {"time_seconds",
-                {{"median", row.seconds.median}, {"min", row.seconds.min}, {"max", row.seconds.max}}},
-               {"algbw_gb_per_s", row.algbw / 1e9},
-               {"busbw_gb_per_s", row.busbw / 1e9},
-               {"wrong", row.wrong}});
+  mpt::bench::add_timing_flags(app, warmup, iters, "iterations per point");
+  return mpt::bench::run_main(
+      argc, argv, app, "bench_collectives",
+      [&](nlohmann::json& report) {
+        const size_t min_bytes = parse_bytes(min_bytes_s), max_bytes = parse_bytes(max_bytes_s);
+        MPT_INPUT_CHECK(min_bytes >= 1 && min_bytes <= max_bytes,
+                        "--min-bytes {} must be in [1, --max-bytes {}]", min_bytes, max_bytes);
+        mpt::MpiCommunicator host_comm;
+        mpt::Runtime runtime = mpt::bench::make_bench_runtime(device);
+        auto& backend = runtime.backend;
+        auto& comm = runtime.grad_comm;
+        const int n = comm->size();
+        report["benchmark"] = "collectives";
+        report["comm"] = comm->name();
+        report["backend"] = backend->name();
+        report["ranks"] = n;
+        report["machine"] = mpt::bench::machine_json(n, 1);
+        report["reduce_op"] = "sum";
+        report["time"] = "median over iterations of the max over ranks; min and max beside it";
+        report["busbw_factor"] = {
+            {"all_reduce", "2(n-1)/n"}, {"reduce_scatter", "(n-1)/n"}, {"all_gather", "(n-1)/n"}};
+        report["size_definition"] = "bytes of the full vector (reduce-scatter input, all-gather output)";
+        report["iterations"] = iters;
+        if (comm->rank() == 0) {
+          std::printf(
+              "# %s, %d ranks; busbw = algbw x 2(n-1)/n (all_reduce), x (n-1)/n (reduce_scatter, "
+              "all_gather) = x %.3f, x %.3f\n",
+              comm->name().c_str(), n, bus_factor(Op::all_reduce, n), bus_factor(Op::all_gather, n));
+          std::printf("%-15s %12s %12s %6s %11s %11s %11s %9s %9s %7s\n", "op", "size(B)", "count", "type",
+                      "time(us)", "min(us)", "max(us)", "algbw", "busbw", "#wrong");
+          std::printf("%-15s %12s %12s %6s %11s %11s %11s %9s %9s %7s\n", "", "", "(elements)", "", "", "",
+                      "", "(GB/s)", "(GB/s)", "");
         }
-      }
-    }
-    report["total_wrong"] = total_wrong;
-    if (comm->rank() == 0) {
-      std::printf("# total #wrong: %lld\n", static_cast<long long>(total_wrong));
-      if (!json_path.empty()) {
-        FILE* f = std::fopen(json_path.c_str(), "w");
-        if (!f || std::fprintf(f, "%s\n", report.dump(2).c_str()) < 0 || std::fclose(f) != 0) {
-          std::fprintf(stderr, "bench_collectives: cannot write --json file '%s'\n", json_path.c_str());
-          return 1;
+        int64_t total_wrong = 0;
+        for (const std::string& op_s : ops) {
+          const Op op = op_s == "all_reduce"       ? Op::all_reduce
+                        : op_s == "reduce_scatter" ? Op::reduce_scatter
+                                                   : Op::all_gather;
+          for (const std::string& type : types) {
+            const mpt::DType dt = type == "fp16"   ? mpt::DType::f16
+                                  : type == "bf16" ? mpt::DType::bf16
+                                                   : mpt::DType::f32;
+            const size_t esize = mpt::dtype_size(dt);
+            for (size_t bytes = min_bytes; bytes <= max_bytes; bytes *= static_cast<size_t>(step_factor)) {
+              // The full vector must split evenly over the ranks: round the count down to a multiple of n.
+              const size_t count = bytes / esize / static_cast<size_t>(n) * static_cast<size_t>(n);
+              if (count == 0) continue;
+              const Row row = mpt::dispatch_float_dtype(dt, [&]<typename T>() {
+                return run_point<T>(op, count, warmup, iters, *comm, host_comm, *backend);
+              });
+              total_wrong += row.wrong;
+              if (comm->rank() != 0) continue;
+              std::printf("%-15s %12zu %12zu %6s %11.1f %11.1f %11.1f %9.3f %9.3f %7lld\n", op_name(op),
+                          row.bytes, row.count, row.type.c_str(), 1e6 * row.seconds.median,
+                          1e6 * row.seconds.min, 1e6 * row.seconds.max, row.algbw / 1e9, row.busbw / 1e9,
+                          static_cast<long long>(row.wrong));
+              std::fflush(stdout);
+              report["results"].push_back(
+                  {{"op", op_name(op)},
+                   {"size_bytes", row.bytes},
+                   {"count", row.count},
+                   {"type", row.type},
+                   {"time_seconds",
+                    {{"median", row.seconds.median}, {"min", row.seconds.min}, {"max", row.seconds.max}}},
+                   {"algbw_gb_per_s", row.algbw / 1e9},
+                   {"busbw_gb_per_s", row.busbw / 1e9},
+                   {"wrong", row.wrong}});
+            }
+          }
         }
-      }
-    }
-    return total_wrong == 0 ? 0 : 3;
-  } catch (const std::exception& e) {
-    if (world_rank == 0) std::fprintf(stderr, "bench_collectives: %s\n", e.what());
-    return 2;
-  }
+        report["total_wrong"] = total_wrong;
+        if (comm->rank() == 0) {
+          std::printf("# total #wrong: %lld\n", static_cast<long long>(total_wrong));
+        }
+        return total_wrong == 0 ? 0 : 3;
+      },
+      mpt::bench::ReportOnStdout::no);
 }

@@ -16,6 +16,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench_common.hpp"
 #include "bench_stats.hpp"
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/engine.hpp"
@@ -24,7 +25,6 @@ using mpt::bench::Stats;
 using mpt::bench::stats;
 
 int main(int argc, char** argv) {
-  mpt::MpiSession mpi(&argc, &argv);
   CLI::App app{"Times the mixed-precision engine's step phases (sync, check, AdamW, all-gather) on the CPU"};
   size_t params = 10'000'000;
   size_t tensor_elements = 1'000'000;
@@ -32,7 +32,6 @@ int main(int argc, char** argv) {
   std::string sync = "reduce-scatter";
   size_t bucket_mib = 25;
   int warmup = 2, iters = 10, threads = 1;
-  std::string json_path;
   app.add_option("--params", params, "parameters (elements) of the flat model")->capture_default_str();
   app.add_option("--tensor-elements", tensor_elements, "elements per parameter tensor")
       ->capture_default_str();
@@ -45,22 +44,11 @@ int main(int argc, char** argv) {
   app.add_option("--bucket-mib", bucket_mib, "gradient bucket size in MiB")
       ->check(CLI::Range(size_t{1}, size_t{1} << 20))
       ->capture_default_str();
-  app.add_option("--warmup", warmup, "untimed iterations")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
-  app.add_option("--iters", iters, "timed iterations")->check(CLI::PositiveNumber)->capture_default_str();
+  mpt::bench::add_timing_flags(app, warmup, iters, "iterations");
   app.add_option("--threads", threads, "OpenMP threads per rank (set explicitly)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--json", json_path, "also write the JSON report to this file (rank 0)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
-  }
-  // Bad values that pass the flag checks (e.g. a model the layout rejects) are the same on every rank, so
-  // every rank reports and exits alike.
-  try {
+  return mpt::bench::run_main(argc, argv, app, "bench_engine", [&](nlohmann::json& report) {
     omp_set_num_threads(threads);
 
     mpt::MpiCommunicator comm;
@@ -109,7 +97,6 @@ int main(int argc, char** argv) {
     }
 
     if (comm.rank() == 0) {
-      nlohmann::json report;
       report["benchmark"] = "engine_step_phases";
       report["backend"] = "cpu";
       report["comm"] = comm.name();
@@ -133,23 +120,7 @@ int main(int argc, char** argv) {
           {"params", memory.params_bytes}, {"grads", memory.grads_bytes},
           {"master", memory.master_bytes}, {"adam_m", memory.adam_m_bytes},
           {"adam_v", memory.adam_v_bytes}, {"state_total", memory.state_bytes()}};
-      const std::string text = report.dump(2);
-      std::printf("%s\n", text.c_str());
-      if (!json_path.empty()) {
-        if (FILE* f = std::fopen(json_path.c_str(), "w")) {
-          std::fprintf(f, "%s\n", text.c_str());
-          std::fclose(f);
-        } else {
-          std::fprintf(stderr, "bench_engine: cannot write --json file '%s'\n", json_path.c_str());
-          return 1;
-        }
-      }
     }
-  } catch (const std::exception& e) {
-    int rank = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    if (rank == 0) std::fprintf(stderr, "bench_engine: %s\n", e.what());
-    return 2;
-  }
-  return 0;
+    return 0;
+  });
 }

@@ -25,38 +25,19 @@
 #include "mptrain/model.hpp"
 
 int main(int argc, char** argv) {
-  mpt::MpiSession mpi(&argc, &argv);
   CLI::App app{
       "Measured memory per rank (weights, grads, FP32 shards, activations) vs 4P + 12P/N; largest "
-      "micro-batch "
-      "in a budget, with and without sharding; JSON"};
+      "micro-batch in a budget, with and without sharding; JSON"};
   mpt::RunConfig rc;
-  std::string device = "cpu", json_path;
+  std::string device = "cpu";
   int64_t vocab = 256;
   double budget_mib = 512;
   app.add_option("--device", device, "backend")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
-  app.add_option("--precision", rc.precision, "storage precision")
-      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}))
-      ->capture_default_str();
-  app.add_option("--layers", rc.layers, "transformer blocks L")->capture_default_str();
-  app.add_option("--channels", rc.channels, "channels C")->capture_default_str();
-  app.add_option("--heads", rc.heads, "attention heads NH")->capture_default_str();
-  app.add_option("--seq-len", rc.seq_len, "sequence length T")->capture_default_str();
-  app.add_option("--vocab", vocab, "vocabulary size V")->capture_default_str();
-  app.add_option("--micro-batch", rc.micro_batch, "micro-batch whose activations are also measured")
-      ->capture_default_str();
+  mpt::bench::add_model_flags(app, rc, vocab, "micro-batch whose activations are also measured");
   app.add_option("--budget-mib", budget_mib, "memory budget per rank (MiB) for the largest micro-batch")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--json", json_path, "also write the JSON report to this file (rank 0)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
-  }
-  int world_rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-  try {
+  return mpt::bench::run_main(argc, argv, app, "bench_memory", [&](nlohmann::json& report) {
     omp_set_num_threads(1);
     rc.command = "train";
     rc.global_batch = rc.micro_batch;  // one micro-batch per rank: only the engine settings matter here
@@ -103,7 +84,6 @@ int main(int argc, char** argv) {
         const double room = budget - state - fixed;
         return room < per_sequence ? int64_t{0} : static_cast<int64_t>(room / per_sequence);
       };
-      nlohmann::json report;
       report["benchmark"] = "memory_per_rank";
       report["config"] = {
           {"device", device},         {"precision", rc.precision},     {"layers", cfg.num_layers},
@@ -137,11 +117,7 @@ int main(int argc, char** argv) {
           "budget %.0f MiB: largest B %lld sharded, %lld unsharded\n",
           N, sharded_state, formula, sharded_state - formula, fixed, per_sequence, budget_mib,
           static_cast<long long>(largest(sharded_state)), static_cast<long long>(largest(unsharded_state)));
-      if (!mpt::bench::emit_json(report, json_path, "bench_memory")) return 1;
     }
-  } catch (const std::exception& e) {
-    if (world_rank == 0) std::fprintf(stderr, "bench_memory: %s\n", e.what());
-    return 2;
-  }
-  return 0;
+    return 0;
+  });
 }

@@ -16,6 +16,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench_common.hpp"
 #include "bench_stats.hpp"
 #include "mptrain/model.hpp"
 
@@ -46,10 +47,7 @@ int main(int argc, char** argv) {
   app.add_option("--dtypes", dtypes, "storage dtypes (fp32, fp16, bf16; comma separated)")
       ->delimiter(',')
       ->capture_default_str();
-  app.add_option("--warmup", warmup, "untimed iterations per configuration")->capture_default_str();
-  app.add_option("--iters", iters, "timed iterations per configuration")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  mpt::bench::add_timing_flags(app, warmup, iters, "iterations per configuration");
   app.add_option("--json", json_path, "also write the JSON report to this file");
   CLI11_PARSE(app, argc, argv);
   cfg.max_seq_len = T;
@@ -121,16 +119,5 @@ int main(int argc, char** argv) {
                    name.c_str(), nt, 1e3 * t.median, 1e3 * t.min, 1e3 * t.max, tokens_per_second);
     }
   }
-  const std::string text = report.dump(2);
-  std::printf("%s\n", text.c_str());
-  if (!json_path.empty()) {
-    FILE* f = std::fopen(json_path.c_str(), "w");
-    if (!f) {
-      std::fprintf(stderr, "bench_model: cannot write --json file '%s'\n", json_path.c_str());
-      return 1;
-    }
-    std::fprintf(f, "%s\n", text.c_str());
-    std::fclose(f);
-  }
-  return 0;
+  return mpt::bench::emit_json(report, json_path, "bench_model") ? 0 : 1;
 }

@@ -63,26 +63,16 @@ struct GemmChunk {
 }  // namespace
 
 int main(int argc, char** argv) {
-  mpt::MpiSession mpi(&argc, &argv);
   CLI::App app{"Exposed gradient communication with and without bucketed overlap (emulated backward), JSON"};
   mpt::RunConfig rc;
   rc.channels = 256;
   rc.micro_batch = 8;
-  std::string grad_sync = "reduce-scatter", json_path;
+  std::string grad_sync = "reduce-scatter";
   int64_t vocab = 256;
   std::vector<double> bucket_kib = {64, 256, 1024, 4096};
   int threads = 1, warmup = 2, iters = 8;
   int64_t chunk_rows = 64, chunk_k = 256;
-  app.add_option("--precision", rc.precision, "gradient storage")
-      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}))
-      ->capture_default_str();
-  app.add_option("--layers", rc.layers, "transformer blocks L")->capture_default_str();
-  app.add_option("--channels", rc.channels, "channels C")->capture_default_str();
-  app.add_option("--heads", rc.heads, "attention heads NH")->capture_default_str();
-  app.add_option("--seq-len", rc.seq_len, "sequence length T")->capture_default_str();
-  app.add_option("--vocab", vocab, "vocabulary size V")->capture_default_str();
-  app.add_option("--micro-batch", rc.micro_batch, "sequences per rank B (sets the backward time)")
-      ->capture_default_str();
+  mpt::bench::add_model_flags(app, rc, vocab, "sequences per rank B (sets the backward time)");
   app.add_option("--bucket-kib", bucket_kib, "bucket sizes in KiB (comma separated)")
       ->delimiter(',')
       ->check(CLI::PositiveNumber)
@@ -93,24 +83,11 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "OpenMP threads per rank")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--warmup", warmup, "untimed iterations per mode")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
-  app.add_option("--iters", iters, "timed iterations per mode")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  mpt::bench::add_timing_flags(app, warmup, iters, "iterations per mode");
   app.add_option("--chunk-rows", chunk_rows, "rows of the emulation GEMM (its granularity and poll interval)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--json", json_path, "also write the JSON report to this file (rank 0)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
-  }
-  int world_rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-  try {
+  return mpt::bench::run_main(argc, argv, app, "bench_overlap", [&](nlohmann::json& report) {
     omp_set_num_threads(threads);
     rc.grad_sync = grad_sync;
     rc.command = "train";
@@ -167,7 +144,6 @@ int main(int argc, char** argv) {
       chunk_seconds = max_over_ranks(mpt::bench::stats(v).median);
     }
 
-    nlohmann::json report;
     report["benchmark"] = "gradient_sync_overlap";
     report["config"] = {{"precision", rc.precision},
                         {"layers", cfg.num_layers},
@@ -271,10 +247,6 @@ int main(int argc, char** argv) {
             1e3 * row["exposed_seconds"]["polled"].get<double>());
       report["results"].push_back(row);
     }
-    if (host_comm.rank() == 0 && !mpt::bench::emit_json(report, json_path, "bench_overlap")) return 1;
-  } catch (const std::exception& e) {
-    if (world_rank == 0) std::fprintf(stderr, "bench_overlap: %s\n", e.what());
-    return 2;
-  }
-  return 0;
+    return 0;
+  });
 }

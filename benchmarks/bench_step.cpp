@@ -25,8 +25,8 @@
 
 #include "bench_common.hpp"
 #include "bench_stats.hpp"
-#include "cpu/ops.hpp"
 #include "mptrain/config.hpp"
+#include "mptrain/cpu_profile.hpp"
 #include "mptrain/engine.hpp"
 #include "mptrain/model.hpp"
 
@@ -57,32 +57,21 @@ double scale_update_seconds(const mpt::DynamicLossScaler& scaler) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  mpt::MpiSession mpi(&argc, &argv);
   CLI::App app{"Times mptrain's training step (forward, backward, grad sync, optimizer), tokens/s and MFU"};
   mpt::RunConfig rc;  // the trainer's defaults: model shape, AdamW hyper-parameters, clipping, loss scaler
   std::string device = "cpu", grad_sync = "reduce-scatter";
   int64_t vocab = 256, accumulation = 1;
   int threads = 1, warmup = 2, iters = 10;
   double peak_tflops = 0.0;
-  std::string json_path;
   app.add_option("--device", device, "backend")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
-  app.add_option("--precision", rc.precision, "storage precision of weights, activations and gradients")
-      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}))
-      ->capture_default_str();
-  app.add_option("--layers", rc.layers, "transformer blocks L")->capture_default_str();
-  app.add_option("--channels", rc.channels, "channels C")->capture_default_str();
-  app.add_option("--heads", rc.heads, "attention heads NH")->capture_default_str();
-  app.add_option("--seq-len", rc.seq_len, "sequence length T (tokens)")->capture_default_str();
-  app.add_option("--vocab", vocab, "vocabulary size V")->capture_default_str();
-  app.add_option("--micro-batch", rc.micro_batch, "sequences per rank per forward B")->capture_default_str();
+  mpt::bench::add_model_flags(app, rc, vocab, "sequences per rank per forward B");
   app.add_option("--accumulation", accumulation, "micro-batches per optimizer step K")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_option("--threads", threads, "OpenMP threads per rank (set explicitly)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--warmup", warmup, "untimed steps")->check(CLI::NonNegativeNumber)->capture_default_str();
-  app.add_option("--iters", iters, "timed steps")->check(CLI::PositiveNumber)->capture_default_str();
+  mpt::bench::add_timing_flags(app, warmup, iters, "steps");
   app.add_option("--grad-sync", grad_sync, "gradient reduction of phase 3")
       ->check(CLI::IsMember({"reduce-scatter", "all-reduce"}))
       ->capture_default_str();
@@ -90,15 +79,7 @@ int main(int argc, char** argv) {
   app.add_option("--peak-tflops", peak_tflops,
                  "peak FLOP/s per rank for MFU in TFLOP/s; 0 = the backend's (CPU: measured SGEMM)")
       ->capture_default_str();
-  app.add_option("--json", json_path, "also write the JSON report to this file (rank 0)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
-  }
-  int world_rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-  try {
+  return mpt::bench::run_main(argc, argv, app, "bench_step", [&](nlohmann::json& report) {
     omp_set_num_threads(threads);
     mpt::MpiCommunicator host_comm;  // reduces the timings (host doubles) whatever the engine's transport
     const int N = host_comm.size();
@@ -188,7 +169,6 @@ int main(int argc, char** argv) {
       const double peak = peak_tflops > 0 ? peak_tflops * 1e12 : backend->peak_flops();
       const double tokens_per_step = static_cast<double>(B * accumulation * T * N);
       const mpt::bench::Stats step = mpt::bench::stats(samples["step"]);
-      nlohmann::json report;
       report["benchmark"] = "training_step";
       report["config"] = {{"device", device},
                           {"backend", backend->name()},
@@ -266,11 +246,7 @@ int main(int argc, char** argv) {
           static_cast<long long>(accumulation), N, threads, 1e3 * step.median, 1e3 * step.min, 1e3 * step.max,
           tokens_per_step / step.median, 100.0 * report["mfu"].get<double>(), 100.0 * overhead.median,
           gemm_share.empty() ? 0.0 : 100.0 * mpt::bench::stats(gemm_share).median);
-      if (!mpt::bench::emit_json(report, json_path, "bench_step")) return 1;
     }
-  } catch (const std::exception& e) {
-    if (world_rank == 0) std::fprintf(stderr, "bench_step: %s\n", e.what());
-    return 2;
-  }
-  return 0;
+    return 0;
+  });
 }

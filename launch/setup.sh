@@ -17,6 +17,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev nlohmann-json3-dev libfmt-dev
   clang-format
+  universal-ctags  # function extents for tests/tools/function_length.py (CI)
   clang libclang-rt-14-dev libomp-14-dev  # libFuzzer targets (tests/fuzz, .ci/run)
   util-linux  # setpriv: the bad-input test that drops root's privileges
   python3-torch

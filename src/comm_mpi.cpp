@@ -5,8 +5,6 @@
 // keeps the blocking and non-blocking paths one piece of code.
 #include "mptrain/comm_mpi.hpp"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <climits>
@@ -243,12 +241,12 @@ struct CollectiveInfo {
 /// Ends the job: one line naming this rank, its host, the collective and the timeout, then MPI_Abort (which
 /// makes mpirun kill every rank, the frozen one included).
 [[noreturn]] void watchdog_abort(MPI_Comm comm, int rank, const CollectiveInfo& what, double timeout) {
-  char host[256] = {};
-  if (::gethostname(host, sizeof(host) - 1) != 0) std::snprintf(host, sizeof(host), "?");
+  const std::string host = detail::host_name();
   std::fprintf(stderr,
                "mptrain: rank %d on %s: collective %s of %zu %s elements did not complete within %g s "
                "(--collective-timeout); a rank is frozen or gone, aborting the job\n",
-               rank, host, what.name, what.count, std::string(dtype_name(what.dtype)).c_str(), timeout);
+               rank, host.c_str(), what.name, what.count, std::string(dtype_name(what.dtype)).c_str(),
+               timeout);
   std::fflush(stderr);
   MPI_Abort(comm, 1);
   std::_Exit(1);  // MPI_Abort does not return; never continue past a failed collective

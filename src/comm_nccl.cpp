@@ -8,13 +8,10 @@
 
 #include <cuda_runtime.h>
 #include <nccl.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <chrono>
-#include <climits>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -27,8 +24,8 @@
 #include <utility>
 #include <vector>
 
-#include "cuda/max_keys.hpp"
 #include "mptrain/cuda_check.hpp"
+#include "mptrain/cuda_max_keys.hpp"
 #include "mptrain/cuda_raii.hpp"
 #include "mptrain/error.hpp"
 
@@ -155,22 +152,6 @@ std::string describe(const char* what, size_t count, DType t) {
 
 ncclDataType_t key_type(DType t) {
   return cuda::max_key_size(t) == 8 ? ncclUint64 : ncclUint32;
-}
-
-std::string host_name() {
-  char buf[256] = {};
-  if (gethostname(buf, sizeof(buf) - 1) != 0) return "unknown host";
-  return buf;
-}
-
-/// Non-negative integer from environment variable `name`; -1 when unset. Throws InputError when malformed.
-int env_local_rank(const char* name) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return -1;
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  MPT_INPUT_CHECK(*end == '\0' && x >= 0 && x <= INT_MAX, "{}={} is not a node-local rank", name, v);
-  return static_cast<int>(x);
 }
 
 class NcclRequest final : public CommRequest {
@@ -423,7 +404,7 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, cudaStream_t compute_stream, d
   MPT_MPI_CHECK(MPI_Comm_size(s.mpi, &size_));
   MPT_CUDA_CHECK(cudaGetDevice(&device_));
   s.device = device_;
-  s.prefix = MPT_FORMAT("mptrain: rank {} ({})", rank_, host_name());
+  s.prefix = MPT_FORMAT("mptrain: rank {} ({})", rank_, detail::host_name());
 
   // Rank 0 makes the id; its success travels first so no rank waits for an id that never comes.
   ncclUniqueId id;
@@ -469,7 +450,7 @@ void NcclCommunicator::set_timeout_seconds(double seconds) {
 
 namespace {
 
-/// The max of floating-point data as an unsigned max over order-preserving keys (cuda/max_keys.hpp).
+/// The max of floating-point data as an unsigned max over order-preserving keys (mptrain/cuda_max_keys.hpp).
 /// `in` holds `in_count` values; the NCCL collective `op` reduces the keys in place, leaving `out_count`
 /// result keys at key offset `out_offset`, which become `out`.
 template <typename NcclCall>
@@ -600,89 +581,6 @@ std::unique_ptr<CommRequest> NcclCommunicator::iall_gather(const void* send, voi
   MPT_CHECK(send_count > 0, "iall_gather: empty collectives have no request; send_count must be > 0");
   return std::make_unique<NcclRequest>(issue_all_gather(*state_, size_, send, recv, send_count, dtype),
                                        state_->compute);
-}
-
-// ---- GPU choice -------------------------------------------------------------------------------------------
-
-int select_local_device(MPI_Comm comm) {
-  int rank = 0;
-  MPT_MPI_CHECK(MPI_Comm_rank(comm, &rank));
-  MPI_Comm node = MPI_COMM_NULL;
-  MPT_MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node));
-  // Freed on every path out of this function (the node communicator is needed for the GPU check below).
-  struct NodeComm {
-    MPI_Comm comm;
-    ~NodeComm() { MPI_Comm_free(&comm); }
-  } node_guard{node};
-  int node_rank = 0, node_size = 1;
-  MPT_MPI_CHECK(MPI_Comm_rank(node, &node_rank));
-  MPT_MPI_CHECK(MPI_Comm_size(node, &node_size));
-
-  std::string problem;
-  int local_rank = -1;
-  try {
-    local_rank = env_local_rank("OMPI_COMM_WORLD_LOCAL_RANK");
-    if (local_rank < 0) local_rank = env_local_rank("SLURM_LOCALID");
-  } catch (const InputError& e) {
-    problem = e.what();
-  }
-  if (local_rank < 0) local_rank = node_rank;
-
-  int devices = 0;
-  const cudaError_t rc = cudaGetDeviceCount(&devices);
-  if (rc != cudaSuccess) {
-    (void)cudaGetLastError();
-    devices = 0;
-  }
-  const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
-  const std::string visible_text =
-      visible ? MPT_FORMAT("CUDA_VISIBLE_DEVICES={}", visible) : "CUDA_VISIBLE_DEVICES unset";
-  const std::string host = host_name();
-  if (problem.empty() && devices == 0)
-    problem = MPT_FORMAT("no CUDA device on {} (rank {}; {}{})", host, rank, visible_text,
-                         rc != cudaSuccess ? MPT_FORMAT("; {}", cudaGetErrorString(rc)) : std::string());
-
-  // Two ranks of a node must not drive one physical GPU. Compared by UUID, not by counts: with one GPU per
-  // task (srun --gpus-per-task=1) every rank sees one device and they are still all different. Every rank
-  // of the node takes part (zeros when it has no device).
-  std::array<unsigned char, 16> uuid{};
-  if (problem.empty() && devices > 0) {
-    cudaDeviceProp prop{};
-    if (cudaGetDeviceProperties(&prop, local_rank % devices) == cudaSuccess)
-      std::memcpy(uuid.data(), &prop.uuid, uuid.size());
-    else
-      (void)cudaGetLastError();
-  }
-  std::vector<unsigned char> uuids(uuid.size() * static_cast<size_t>(node_size));
-  MPT_MPI_CHECK(MPI_Allgather(uuid.data(), static_cast<int>(uuid.size()), MPI_BYTE, uuids.data(),
-                              static_cast<int>(uuid.size()), MPI_BYTE, node));
-  const auto uuid_of = [&](int r) {
-    return std::vector<unsigned char>(uuids.begin() + static_cast<std::ptrdiff_t>(r * uuid.size()),
-                                      uuids.begin() + static_cast<std::ptrdiff_t>((r + 1) * uuid.size()));
-  };
-  const std::vector<unsigned char> none(uuid.size(), 0);
-  if (problem.empty() && devices > 0)
-    for (int r = 0; r < node_size; ++r)
-      if (r != node_rank && uuid_of(r) != none && uuid_of(r) == uuid_of(node_rank)) {
-        problem = MPT_FORMAT(
-            "{} ranks run on {} with {} visible CUDA device(s) ({}) and two of them would share one GPU; "
-            "start "
-            "one rank per GPU",
-            node_size, host, devices, visible_text);
-        break;
-      }
-
-  // Every rank learns the first rank's problem, so all fail together with the same message.
-  const int mine = problem.empty() ? INT_MAX : rank;
-  int first = INT_MAX;
-  MPT_MPI_CHECK(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm));
-  if (first != INT_MAX) {
-    char text[512] = {};
-    if (rank == first) std::snprintf(text, sizeof(text), "%s", problem.c_str());
-    MPT_MPI_CHECK(MPI_Bcast(text, static_cast<int>(sizeof(text)), MPI_CHAR, first, comm));
-    throw InputError(MPT_FORMAT("--device cuda: {}", text));
-  }
-  return local_rank % devices;
 }
 
 }  // namespace mpt

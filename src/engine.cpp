@@ -68,14 +68,19 @@ MixedPrecisionEngine::MixedPrecisionEngine(std::vector<TensorSpec> tensors, cons
   master_ = backend_.allocate(shard * sizeof(float));
   adam_m_ = backend_.allocate(shard * sizeof(float));
   adam_v_ = backend_.allocate(shard * sizeof(float));
+  // The step's tables, registered with the backend once: the ops take their handles every step.
+  std::vector<ElementRange> slices;
   for (size_t b = 0; b < layout_.buckets().size(); ++b)
-    my_slices_.push_back({layout_.slice_offset(b, comm_.rank()), layout_.buckets()[b].slice_elements});
+    slices.push_back({layout_.slice_offset(b, comm_.rank()), layout_.buckets()[b].slice_elements});
+  my_slices_ = backend_.register_table<ElementRange>(slices);
+  std::vector<AdamWSegment> segments;
   for (const ShardSegment& s : layout_.shard_segments(comm_.rank()))
-    my_segments_.push_back({s.shard_offset, s.flat_offset, s.num_elements, s.decay});
+    segments.push_back({s.shard_offset, s.flat_offset, s.num_elements, s.decay});
+  my_segments_ = backend_.register_table<AdamWSegment>(segments);
+  norm_order_ = backend_.register_table<size_t>(layout_.global_block_order());
   block_sums_ = backend_.allocate(layout_.blocks_per_rank() * sizeof(double));
   gathered_block_sums_ =
       backend_.allocate(layout_.blocks_per_rank() * static_cast<size_t>(comm_.size()) * sizeof(double));
-  norm_order_ = layout_.global_block_order();
   pending_.resize(layout_.buckets().size());
 
   scaler_rule_ = scaler_.rule();
@@ -263,7 +268,7 @@ void MixedPrecisionEngine::sync_grads() {
   for (auto& request : pending_) request->wait();
 }
 
-void MixedPrecisionEngine::step_async(bool stop_requested) {
+void MixedPrecisionEngine::check_grads(bool stop_requested) {
   // Either no bucket was started (gradients already reduced by the caller, or one rank) or all were.
   size_t started = 0;
   for (const auto& request : pending_) started += request ? 1 : 0;
@@ -276,29 +281,40 @@ void MixedPrecisionEngine::step_async(bool stop_requested) {
   reset_grad_done();
 
   timings_ = StepResult{};
-  auto t0 = std::chrono::steady_clock::now();
-  auto* flags =
-      reinterpret_cast<float*>(static_cast<std::byte*>(state_.data()) + offsetof(common::AmpState, flags));
-
-  // Phase 4: read-only pass over my shard; zeroes and sets my found_inf, records my stop request.
+  const auto t0 = std::chrono::steady_clock::now();
+  // Read-only pass over my shard; zeroes and sets my found_inf, records my stop request.
   backend_.grad_check(grads_.data(), grad_dtype(), my_slices_, config_.block_elements,
                       block_sums_.as<double>(), state(), stop_requested);
-  // Phase 5: agree. After this every rank holds the same found_inf, so every op below takes the same branch
-  // everywhere. The same MAX all-reduce carries the stop requests (SIGUSR1/SIGTERM), so the ranks also agree
-  // on stopping at this step boundary without a collective of its own.
-  comm_.all_reduce(flags, flags, 2, DType::f32, ReduceOp::max);
   timings_.check_seconds = seconds_since(t0);
+}
 
-  // Phase 6: every rank's block sums (gathered even on a skipped step: nobody on the host knows yet), the
-  // global norm in the fixed order, clip factor and lr into the state; AdamW reads them and skips itself on
-  // found_inf.
+void MixedPrecisionEngine::agree() {
+  const auto t0 = std::chrono::steady_clock::now();
+  // After this every rank holds the same found_inf, so every op below takes the same branch everywhere. The
+  // same MAX all-reduce carries the stop requests (SIGUSR1/SIGTERM), so the ranks also agree on stopping at
+  // this step boundary without a collective of its own.
+  auto* flags =
+      reinterpret_cast<float*>(static_cast<std::byte*>(state_.data()) + offsetof(common::AmpState, flags));
+  comm_.all_reduce(flags, flags, 2, DType::f32, ReduceOp::max);
+  timings_.check_seconds += seconds_since(t0);
+}
+
+void MixedPrecisionEngine::update() {
+  const auto t0 = std::chrono::steady_clock::now();
+  // Every rank's block sums (gathered even on a skipped step: nobody on the host knows yet), the global norm
+  // in the fixed order, clip factor and lr into the state; AdamW reads them and skips itself on found_inf.
   comm_.all_gather(block_sums_.data(), gathered_block_sums_.data(), layout_.blocks_per_rank(), DType::f64);
   backend_.amp_prepare(state(), gathered_block_sums_.as<double>(), norm_order_, optimizer_rule_);
   backend_.adamw(master(), adam_m(), adam_v(), grads_.data(), grad_dtype(), my_segments_, state());
-  timings_.optimizer_seconds = seconds_since(t0) - timings_.check_seconds;
+  // The loss-scaler state machine and Adam's t, on the replicated state (it leaves the flags as they are).
+  backend_.amp_update(state(), scaler_rule_);
+  timings_.optimizer_seconds = seconds_since(t0);
+}
 
-  // Phase 7: my slices of params from the master shard (skipped on found_inf), then everyone's slices to
-  // everyone (unchanged weights on a skipped step).
+void MixedPrecisionEngine::gather_params() {
+  const auto t0 = std::chrono::steady_clock::now();
+  // My slices of params from the master shard (skipped on found_inf), then everyone's slices to everyone
+  // (unchanged weights on a skipped step).
   backend_.cast_master(params_.data(), config_.dtype, master(), my_slices_, state());
   const size_t esize = dtype_size(config_.dtype);
   auto* params = static_cast<std::byte*>(params_.data());
@@ -309,10 +325,14 @@ void MixedPrecisionEngine::step_async(bool stop_requested) {
   }
   for (auto& request : pending_) request->wait();
   for (auto& request : pending_) request.reset();
-  timings_.gather_seconds = seconds_since(t0) - timings_.check_seconds - timings_.optimizer_seconds;
+  timings_.gather_seconds = seconds_since(t0);
+}
 
-  // The loss-scaler state machine and Adam's t, on the replicated state.
-  backend_.amp_update(state(), scaler_rule_);
+void MixedPrecisionEngine::step_async(bool stop_requested) {
+  check_grads(stop_requested);
+  agree();
+  update();
+  gather_params();
 }
 
 StepResult MixedPrecisionEngine::result() {

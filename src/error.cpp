@@ -7,6 +7,16 @@
 
 namespace mpt::detail {
 
+std::string host_name() {
+  char host[256] = {0};
+  if (gethostname(host, sizeof(host) - 1) != 0) return "?";
+  try {
+    return host;
+  } catch (...) {
+    return "?";
+  }
+}
+
 std::string where_am_i() {
   int initialized = 0;
   int finalized = 0;
@@ -14,10 +24,8 @@ std::string where_am_i() {
   MPI_Finalized(&finalized);
   int rank = -1;
   if (initialized && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  char host[256] = {0};
-  if (gethostname(host, sizeof(host) - 1) != 0) host[0] = '?';
   try {
-    return fmt::format("rank {} on {}", rank, host);
+    return fmt::format("rank {} on {}", rank, host_name());
   } catch (...) {
     return "rank ? on ?";
   }

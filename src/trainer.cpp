@@ -178,8 +178,9 @@ struct Session {
   Session(const RunConfig& c, Communicator& comm_) : config(c), comm(comm_) {}
 
   /// The device and the runtime on it, in two agreed phases: --device and the thread count are checked on
-  /// every rank first (local), then every rank builds its runtime together (collective: MPI_Comm_dup, or the
-  /// node-local GPU choice and the NCCL bootstrap, whose errors are the same on every rank).
+  /// every rank first (local), then every rank builds its runtime over `comm` together (collective:
+  /// MPI_Comm_dup, or the node-local GPU choice and the NCCL bootstrap, whose errors are the same on every
+  /// rank).
   void start_runtime() {
     const std::string config_device_flag = config.device;
     agree_on_setup(comm, [&] {
@@ -196,7 +197,7 @@ struct Session {
                       config_device_flag, config.device, comm.rank()));
     });
     agree_on_setup(comm, [&] {
-      runtime = make_runtime(config.device, MPI_COMM_WORLD, config.collective_timeout);
+      runtime = make_runtime(config.device, comm, config.collective_timeout);
       backend = runtime.backend.get();
     });
   }
@@ -324,30 +325,74 @@ void check_checkpoint_fits(const SafetensorsFile& ckpt, const Session& s) {
                   precision == ckpt.metadata.end() ? "?" : precision->second, s.config.precision);
 }
 
-}  // namespace
+/// --inject-overflow as a hook of the step: after the last backward of a chosen step, the chosen rank writes
+/// +inf or NaN into one gradient element.
+struct OverflowInjection {
+  InjectOverflow spec;
 
-int run_train(const RunConfig& config_in, Communicator& comm) {
-  const auto start = Clock::now();
-  Session s(config_in, comm);
-  RunConfig& c = s.config;
-  if (c.checkpoint_dir.empty()) c.checkpoint_dir = fmt::format("runs/{}/checkpoints", c.run_name);
-  const std::string run_dir = fmt::format("runs/{}", c.run_name);
-  const bool root = comm.rank() == 0;
-  int64_t start_step = 0;
+  /// Whether step `step` (0-based) is poisoned on some rank. Every rank knows it alike, so all ranks take the
+  /// same (non-overlapped) bucket order on that step: collectives must be issued in one order everywhere.
+  bool poisons(int64_t step) const { return spec.step > 0 && spec.hits(step + 1, spec.rank); }
+
+  /// Poisons this rank's gradients when `step` is chosen for it, and says so on stdout.
+  void after_backward(Session& s, int64_t step) const {
+    if (!poisons(step) || s.comm.rank() != spec.rank) return;
+    poison_gradient(*s.backend, *s.engine, spec.nan);
+    std::printf("step %6lld/%lld | rank %d: --inject-overflow: gradient element set to %s\n",
+                static_cast<long long>(step + 1), static_cast<long long>(s.config.steps), s.comm.rank(),
+                spec.nan ? "NaN" : "inf");
+    std::fflush(stdout);
+  }
+};
+
+/// A training run: the session and what the loop keeps between steps.
+struct TrainingRun {
+  Session s;
+  RunConfig& c;  // s.config
+  Communicator& comm;
+  const bool root;
+  const Clock::time_point start = Clock::now();
+  std::string run_dir;
+  OverflowInjection inject;
   int64_t accumulation = 1;
+  int64_t start_step = 0;
   std::string resumed_from;
-  const InjectOverflow inject = parse_inject_overflow(c.inject_overflow);
-  install_stop_handlers();
+  nlohmann::json effective;  // the config as run (config.json, the ranks' agreement hash)
+  double flops_per_token = 0, peak = 0;
+  std::ofstream metrics;  // rank 0 only
+  double train_seconds = 0, window_seconds = 0;
+  int64_t window_tokens = 0;
 
-  // Set-up in three agreed phases, so that nothing is created before every check passed on every rank:
-  // flags, data and checkpoint checks; then the ranks compare their configs, layouts and data; only then
-  // the checkpoint directory is created.
-  s.start_runtime();
-  agree_on_setup(comm, [&] {
-    accumulation = c.accumulation_steps(comm.size());
-    MPT_INPUT_CHECK(inject.step == 0 || inject.rank < comm.size(),
+  TrainingRun(const RunConfig& config, Communicator& comm_)
+      : s(config, comm_), c(s.config), comm(comm_), root(comm_.rank() == 0) {}
+
+  bool logs_at(int64_t step) const { return (step + 1) % c.log_interval == 0 || step + 1 == c.steps; }
+  bool evaluates_at(int64_t step) const {
+    return c.eval_batches > 0 &&
+           ((c.eval_interval > 0 && (step + 1) % c.eval_interval == 0) || step + 1 == c.steps);
+  }
+  bool checkpoints_at(int64_t step, const StepResult& r) const {
+    return (c.checkpoint_interval > 0 && (step + 1) % c.checkpoint_interval == 0) || step + 1 == c.steps ||
+           r.stop_requested;
+  }
+  /// Writes one JSON line to metrics.jsonl (rank 0).
+  void log_metrics(const nlohmann::json& line) {
+    if (!root) return;
+    metrics << line.dump() << "\n";
+    metrics.flush();
+  }
+};
+
+/// The flags, data and checkpoint checks, the model and its weights (initial or resumed): everything that
+/// may fail on some ranks only, agreed by all of them.
+void load_run(TrainingRun& run) {
+  Session& s = run.s;
+  RunConfig& c = run.c;
+  agree_on_setup(run.comm, [&] {
+    run.accumulation = c.accumulation_steps(run.comm.size());
+    MPT_INPUT_CHECK(run.inject.spec.step == 0 || run.inject.spec.rank < run.comm.size(),
                     "--inject-overflow '{}': rank {} does not exist in a run of {} rank(s)",
-                    c.inject_overflow, inject.rank, comm.size());
+                    c.inject_overflow, run.inject.spec.rank, run.comm.size());
     about_files([&] {
       s.data = std::make_unique<Dataset>(Dataset::load(c.data, c.val_fraction));
       s.data->check_sequence_length(c.seq_len, c.eval_batches > 0);
@@ -359,9 +404,9 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
         !std::filesystem::exists(c.checkpoint_dir, ec) || std::filesystem::is_directory(c.checkpoint_dir, ec),
         "--checkpoint-dir {}: exists and is not a directory", c.checkpoint_dir);
     if (c.resume == "auto")
-      resumed_from = about_files([&] { return find_latest_checkpoint(c.checkpoint_dir, root); });
+      run.resumed_from = about_files([&] { return find_latest_checkpoint(c.checkpoint_dir, run.root); });
     else if (c.resume != "none")
-      resumed_from = c.resume;
+      run.resumed_from = c.resume;
     // A fresh run in a directory of older checkpoints would prune them and leave --resume auto to pick
     // them up later in place of this run's.
     MPT_INPUT_CHECK(
@@ -369,224 +414,279 @@ int run_train(const RunConfig& config_in, Communicator& comm) {
         "--resume none: {} already holds checkpoints of an earlier run; pick another --run-name or "
         "--checkpoint-dir, or resume it",
         c.checkpoint_dir);
-    if (!resumed_from.empty()) {
+    if (!run.resumed_from.empty()) {
       about_files([&] {
-        const SafetensorsFile ckpt = read_checkpoint(resumed_from);
+        const SafetensorsFile ckpt = read_checkpoint(run.resumed_from);
         check_checkpoint_fits(ckpt, s);
-        start_step = restore_checkpoint(*s.engine, ckpt);
+        run.start_step = restore_checkpoint(*s.engine, ckpt);
       });
-      MPT_INPUT_CHECK(start_step <= c.steps, "--steps {}: checkpoint {} is already at step {}", c.steps,
-                      resumed_from, start_step);
+      MPT_INPUT_CHECK(run.start_step <= c.steps, "--steps {}: checkpoint {} is already at step {}", c.steps,
+                      run.resumed_from, run.start_step);
     }
   });
-  const nlohmann::json effective = c.to_json();
-  uint64_t hash = fnv1a(effective.dump());
-  for (const TensorPlacement& t : s.engine->layout().tensors())
+}
+
+/// Set-up in three agreed phases, so that nothing is created before every check passed on every rank:
+/// flags, data and checkpoint checks (load_run); then the ranks compare their configs, layouts and data;
+/// only then the checkpoint directory is created.
+void set_up_training(TrainingRun& run) {
+  RunConfig& c = run.c;
+  if (c.checkpoint_dir.empty()) c.checkpoint_dir = fmt::format("runs/{}/checkpoints", c.run_name);
+  run.run_dir = fmt::format("runs/{}", c.run_name);
+  run.inject.spec = parse_inject_overflow(c.inject_overflow);
+  install_stop_handlers();
+  run.s.start_runtime();
+  load_run(run);
+  run.effective = c.to_json();
+  uint64_t hash = fnv1a(run.effective.dump());
+  for (const TensorPlacement& t : run.s.engine->layout().tensors())
     hash = fnv1a(fmt::format("{}:{}:{}", t.spec.name, t.offset, t.spec.num_elements()), hash);
-  agree_on_setup(comm, [&] {
-    check_ranks_agree(comm, fnv1a(fmt::format("{:016x}", s.data->hash()), hash),
+  agree_on_setup(run.comm, [&] {
+    check_ranks_agree(run.comm, fnv1a(fmt::format("{:016x}", run.s.data->hash()), hash),
                       "config, model layout or data");
   });
-  agree_on_setup(comm, [&] {
+  agree_on_setup(run.comm, [&] {
     std::error_code ec;
     std::filesystem::create_directories(c.checkpoint_dir, ec);
     if (ec || !std::filesystem::is_directory(c.checkpoint_dir))
       throw FileInputError(fmt::format("--checkpoint-dir {}: cannot create the directory ({})",
                                        c.checkpoint_dir, ec.message()));
   });
+  run.flops_per_token = gpt_flops_per_token(run.s.model_config, c.seq_len);
+  run.peak = c.peak_tflops > 0 ? c.peak_tflops * 1e12 : run.s.backend->peak_flops();
+  run.s.tokens.resize(static_cast<size_t>(c.micro_batch * c.seq_len));
+  run.s.targets.resize(run.s.tokens.size());
+}
 
-  const int64_t G = c.global_batch, T = c.seq_len, mb = c.micro_batch, N = comm.size();
-  const double flops_per_token = gpt_flops_per_token(s.model_config, T);
-  const double peak = c.peak_tflops > 0 ? c.peak_tflops * 1e12 : s.backend->peak_flops();
-  std::ofstream metrics;
-  if (root) {
-    std::filesystem::create_directories(run_dir);
-    write_text_file(run_dir + "/config.json", effective.dump(2) + "\n");
-    // Keep the metrics of the steps before the resume point; a fresh run starts a new file.
-    std::vector<std::string> kept;
-    if (start_step > 0) {
-      std::ifstream old(run_dir + "/metrics.jsonl");
-      for (std::string line; std::getline(old, line);) {
-        const auto j = nlohmann::json::parse(line, nullptr, false);
-        if (!j.is_discarded() && j.value("step", int64_t{-1}) <= start_step) kept.push_back(line);
-      }
+/// Rank 0: the run directory, config.json and metrics.jsonl (a resumed run keeps the lines of the steps
+/// before its resume point; a fresh run starts a new file).
+void open_run_files(TrainingRun& run) {
+  if (!run.root) return;
+  std::filesystem::create_directories(run.run_dir);
+  write_text_file(run.run_dir + "/config.json", run.effective.dump(2) + "\n");
+  std::vector<std::string> kept;
+  if (run.start_step > 0) {
+    std::ifstream old(run.run_dir + "/metrics.jsonl");
+    for (std::string line; std::getline(old, line);) {
+      const auto j = nlohmann::json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.value("step", int64_t{-1}) <= run.start_step) kept.push_back(line);
     }
-    metrics.open(run_dir + "/metrics.jsonl", std::ios::trunc);
-    for (const auto& line : kept) metrics << line << "\n";
-    const MemoryReport m = s.engine->memory();
-    const double P = static_cast<double>(m.num_parameters);
-    std::printf("mptrain train: %d rank(s) x %d thread(s), backend %s, precision %s\n", static_cast<int>(N),
-                omp_get_max_threads(), s.backend->name().c_str(), c.precision.c_str());
-    std::printf("config: %s\n", effective.dump().c_str());
-    std::printf("data: %s\n", s.data->describe().c_str());
-    std::printf("model: L=%lld C=%lld NH=%lld T=%lld V=%lld (padded %lld): %zu parameters\n",
-                static_cast<long long>(c.layers), static_cast<long long>(c.channels),
-                static_cast<long long>(c.heads), static_cast<long long>(T),
-                static_cast<long long>(s.model_config.vocab_size),
-                static_cast<long long>(s.model_config.padded_vocab_size()), m.num_parameters);
-    // The ZeRO-1 contract: 2 x element size x P (weights + gradients) + 12P/N (FP32 master, m, v shard), plus
-    // 4P for the FP32 accumulation buffer when it is on; the rest is bucket padding.
-    const bool main_grad = c.fp32_grad_accumulation;
-    const double expected = 2.0 * static_cast<double>(dtype_size(c.dtype())) * P +
-                            (main_grad ? 4.0 * P : 0.0) + 12.0 * P / static_cast<double>(N);
+  }
+  run.metrics.open(run.run_dir + "/metrics.jsonl", std::ios::trunc);
+  for (const auto& line : kept) run.metrics << line << "\n";
+}
+
+/// Rank 0: the run's header: ranks and backend, config, data, model, the memory accounting, batch and MFU
+/// definitions, the resume point.
+void print_run_header(const TrainingRun& run) {
+  if (!run.root) return;
+  const RunConfig& c = run.c;
+  const Session& s = run.s;
+  const int64_t G = c.global_batch, T = c.seq_len, N = run.comm.size();
+  const MemoryReport m = s.engine->memory();
+  const double P = static_cast<double>(m.num_parameters);
+  std::printf("mptrain train: %d rank(s) x %d thread(s), backend %s, precision %s\n", static_cast<int>(N),
+              omp_get_max_threads(), s.backend->name().c_str(), c.precision.c_str());
+  std::printf("config: %s\n", run.effective.dump().c_str());
+  std::printf("data: %s\n", s.data->describe().c_str());
+  std::printf("model: L=%lld C=%lld NH=%lld T=%lld V=%lld (padded %lld): %zu parameters\n",
+              static_cast<long long>(c.layers), static_cast<long long>(c.channels),
+              static_cast<long long>(c.heads), static_cast<long long>(T),
+              static_cast<long long>(s.model_config.vocab_size),
+              static_cast<long long>(s.model_config.padded_vocab_size()), m.num_parameters);
+  // The ZeRO-1 contract: 2 x element size x P (weights + gradients) + 12P/N (FP32 master, m, v shard), plus
+  // 4P for the FP32 accumulation buffer when it is on; the rest is bucket padding.
+  const bool main_grad = c.fp32_grad_accumulation;
+  const double expected = 2.0 * static_cast<double>(dtype_size(c.dtype())) * P + (main_grad ? 4.0 * P : 0.0) +
+                          12.0 * P / static_cast<double>(N);
+  std::printf(
+      "memory per rank: weights %zu + grads %zu + FP32 master/m/v shard %zu = %zu bytes (%s%s: %.0f, "
+      "padding %.0f)\n",
+      m.params_bytes, m.grads_bytes, m.master_bytes + m.adam_m_bytes + m.adam_v_bytes, m.state_bytes(),
+      c.precision == "fp32" ? "8P + 12P/N" : "4P + 12P/N", main_grad ? " + 4P main_grad" : "", expected,
+      static_cast<double>(m.state_bytes()) - expected);
+  std::printf(
+      "batch: global %lld sequences x %lld tokens = %lld tokens/step; micro-batch %lld per rank, %lld "
+      "accumulation step(s); %lld steps\n",
+      static_cast<long long>(G), static_cast<long long>(T), static_cast<long long>(G * T),
+      static_cast<long long>(c.micro_batch), static_cast<long long>(run.accumulation),
+      static_cast<long long>(c.steps));
+  std::printf(
+      "MFU = tokens/s x %.4g FLOP/token (6N + 12 L C T, PaLM appendix B) / (%lld ranks x %.3g FLOP/s %s)\n",
+      run.flops_per_token, static_cast<long long>(N), run.peak,
+      c.peak_tflops > 0 ? "given by --peak-tflops" : "measured SGEMM peak per rank");
+  if (!run.resumed_from.empty())
+    std::printf("resumed from %s at step %lld\n", run.resumed_from.c_str(),
+                static_cast<long long>(run.start_step));
+  std::fflush(stdout);
+}
+
+/// Phase 2 for micro-batch `k` of step `step`: this rank's sequences, forward with the loss scaled where the
+/// scale lives (engine->loss_scale_device(): no host read), backward into the gradients. In the last
+/// micro-batch each bucket's collective starts as soon as backward has written its last gradient (phase 3
+/// overlapped), except with main_grad (the FP32 sums are final only after accumulate_micro_batch) and on a
+/// step whose gradient is poisoned after backward.
+void micro_batch(TrainingRun& run, int64_t step, int64_t k) {
+  Session& s = run.s;
+  const RunConfig& c = run.c;
+  const int64_t G = c.global_batch, T = c.seq_len, mb = c.micro_batch;
+  const int64_t first = run.comm.rank() * (G / run.comm.size()) + k * mb;
+  s.data->train_batch(c.seed, step, G, first, mb, T, s.tokens.data(), s.targets.data());
+  const float factor = 1.0f / static_cast<float>(run.accumulation);
+  s.model->forward_accumulate(s.engine->params(), s.tokens.data(), s.targets.data(), mb, T, factor,
+                              s.engine->loss_scale_device());
+  const bool last = k + 1 == run.accumulation;
+  if (last && !c.fp32_grad_accumulation && !run.inject.poisons(step))
+    s.model->backward(s.engine->params(), s.engine->grads(),
+                      [&](size_t tensor) { s.engine->grad_done(tensor); });
+  else
+    s.model->backward(s.engine->params(), s.engine->grads());
+  if (last) run.inject.after_backward(s, step);
+  s.engine->accumulate_micro_batch();
+}
+
+/// One optimizer step: DESIGN.md's seven phases in order. Returns the step's agreed result (one read of the
+/// step state at the step boundary; NumericsError, the same on every rank, when the scale is stuck).
+StepResult train_step(TrainingRun& run, int64_t step) {
+  MixedPrecisionEngine& engine = *run.s.engine;
+  engine.zero_grads();                            // 1. grads = 0
+  for (int64_t k = 0; k < run.accumulation; ++k)  // 2. forward + backward of every micro-batch; the last
+    micro_batch(run, step, k);                    //    one starts 3 bucket by bucket as backward fills them
+  engine.sync_grads();                     // 3. reduce-scatter (or all-reduce) of the buckets not started yet
+  engine.check_grads(g_stop_signal != 0);  // 4. found_inf and block sums of my shard (and my stop request)
+  engine.agree();                          // 5. found_inf and the stop request agreed by all ranks
+  engine.update();                         // 6. norm, clip, AdamW, loss scale (skip on found_inf)
+  engine.gather_params();                  // 7. my slices of the weights cast, then all-gathered
+  return engine.result();
+}
+
+/// The step's messages outside the log interval: a skipped step (rank 0, or every rank under fault
+/// injection, to show that all of them skipped it) and, after the first step, the activation memory.
+void report_step(const TrainingRun& run, int64_t step, const StepResult& r) {
+  if (r.skipped && (run.root || run.inject.spec.step > 0)) {
     std::printf(
-        "memory per rank: weights %zu + grads %zu + FP32 master/m/v shard %zu = %zu bytes (%s%s: %.0f, "
-        "padding %.0f)\n",
-        m.params_bytes, m.grads_bytes, m.master_bytes + m.adam_m_bytes + m.adam_v_bytes, m.state_bytes(),
-        c.precision == "fp32" ? "8P + 12P/N" : "4P + 12P/N", main_grad ? " + 4P main_grad" : "", expected,
-        static_cast<double>(m.state_bytes()) - expected);
-    std::printf(
-        "batch: global %lld sequences x %lld tokens = %lld tokens/step; micro-batch %lld per rank, %lld "
-        "accumulation step(s); %lld steps\n",
-        static_cast<long long>(G), static_cast<long long>(T), static_cast<long long>(G * T),
-        static_cast<long long>(mb), static_cast<long long>(accumulation), static_cast<long long>(c.steps));
-    std::printf(
-        "MFU = tokens/s x %.4g FLOP/token (6N + 12 L C T, PaLM appendix B) / (%lld ranks x %.3g FLOP/s %s)\n",
-        flops_per_token, static_cast<long long>(N), peak,
-        c.peak_tflops > 0 ? "given by --peak-tflops" : "measured SGEMM peak per rank");
-    if (!resumed_from.empty())
-      std::printf("resumed from %s at step %lld\n", resumed_from.c_str(), static_cast<long long>(start_step));
+        "step %6lld/%lld | rank %d: non-finite gradients on some rank: step skipped on every rank, "
+        "loss scale %g -> %g\n",
+        static_cast<long long>(step + 1), static_cast<long long>(run.c.steps), run.comm.rank(), r.loss_scale,
+        run.s.engine->loss_scale());
     std::fflush(stdout);
   }
+  if (run.root && step == run.start_step)
+    std::printf("activations per rank: %zu bytes (micro-batch %lld x %lld tokens)\n",
+                run.s.model->activation_bytes(), static_cast<long long>(run.c.micro_batch),
+                static_cast<long long>(run.c.seq_len));
+}
 
-  const int64_t per_rank = G / N;
-  s.tokens.resize(static_cast<size_t>(mb * T));
-  s.targets.resize(s.tokens.size());
-  double train_seconds = 0, window_seconds = 0;
-  int64_t window_tokens = 0;
-  const auto log_metrics = [&](const nlohmann::json& line) {
-    if (!root) return;
-    metrics << line.dump() << "\n";
-    metrics.flush();
-  };
-  for (int64_t step = start_step; step < c.steps; ++step) {
+/// The log line and metrics.jsonl entry of step `step`: the step's mean loss over all ranks (collective),
+/// throughput and MFU over the window since the last log line, elapsed time and ETA.
+void log_step(TrainingRun& run, int64_t step, const StepResult& r) {
+  const RunConfig& c = run.c;
+  const auto N = static_cast<double>(run.comm.size());
+  // This step's mean loss on this rank: the device accumulator holds every micro-batch's per-token sums.
+  double mean =
+      run.s.model->take_loss_sum() / static_cast<double>(run.accumulation * c.micro_batch * c.seq_len);
+  run.comm.all_reduce(std::span<double>(&mean, 1), ReduceOp::sum);
+  mean /= N;
+  const double tokens_per_second = static_cast<double>(run.window_tokens) / run.window_seconds;
+  const double mfu = tokens_per_second * run.flops_per_token / (N * run.peak);
+  const double elapsed = seconds_since(run.start);
+  const double eta = run.train_seconds / static_cast<double>(step + 1 - run.start_step) *
+                     static_cast<double>(c.steps - step - 1);
+  const int64_t skipped = run.s.engine->scaler().state().skipped_steps;
+  if (run.root)
+    std::printf(
+        "step %6lld/%lld | loss %.4f | scale %g | skipped %lld | grad norm %.3f | lr %.3e | %.0f tok/s | "
+        "MFU %.1f%% | elapsed %s | ETA %s\n",
+        static_cast<long long>(step + 1), static_cast<long long>(c.steps), mean, r.loss_scale,
+        static_cast<long long>(skipped), r.grad_norm, r.lr, tokens_per_second, 100.0 * mfu,
+        format_duration(elapsed).c_str(), format_duration(eta).c_str());
+  nlohmann::json line = {{"step", step + 1},
+                         {"train_loss", mean},
+                         {"loss_scale", r.loss_scale},
+                         {"skipped", skipped},
+                         {"step_skipped", r.skipped},
+                         {"lr", r.lr},
+                         {"tokens_per_second", tokens_per_second},
+                         {"mfu", mfu},
+                         {"elapsed_seconds", elapsed}};
+  line["grad_norm"] = std::isfinite(r.grad_norm) ? nlohmann::json(r.grad_norm) : nlohmann::json(nullptr);
+  run.log_metrics(line);
+  std::fflush(stdout);
+  run.window_seconds = 0;
+  run.window_tokens = 0;
+}
+
+/// The validation loss after step `step` (collective), printed and logged.
+void log_evaluation(TrainingRun& run, int64_t step) {
+  const double val = run.s.evaluate();
+  if (run.root)
+    std::printf("step %6lld/%lld | val loss %.4f\n", static_cast<long long>(step + 1),
+                static_cast<long long>(run.c.steps), val);
+  run.log_metrics({{"step", step + 1}, {"val_loss", val}});
+  std::fflush(stdout);
+}
+
+/// Writes the checkpoint after step `step` (collective). Returns true when the run stops here: a graceful
+/// stop request agreed by all ranks before the last step.
+bool checkpoint(TrainingRun& run, int64_t step, const StepResult& r) {
+  const RunConfig& c = run.c;
+  const std::string path = save_checkpoint(*run.s.engine, c.checkpoint_dir, step + 1,
+                                           static_cast<int>(c.keep_checkpoints), checkpoint_metadata(run.s));
+  if (run.root)
+    std::printf("step %6lld/%lld | checkpoint %s\n", static_cast<long long>(step + 1),
+                static_cast<long long>(c.steps), path.c_str());
+  if (!r.stop_requested || step + 1 == c.steps) return false;
+  if (run.root)
+    std::printf(
+        "step %6lld/%lld | graceful stop (%s): every rank stopped after this step; checkpoint %s "
+        "written, continue with --resume auto\n",
+        static_cast<long long>(step + 1), static_cast<long long>(c.steps),
+        signal_label(g_stop_signal != 0 ? static_cast<int>(g_stop_signal) : SIGUSR1), path.c_str());
+  std::fflush(stdout);
+  return true;
+}
+
+/// Rank 0, after the last step: the training time and throughput, and a text sample.
+void print_run_summary(TrainingRun& run) {
+  if (!run.root) return;
+  const RunConfig& c = run.c;
+  const int64_t steps = c.steps - run.start_step;
+  std::printf("training: %.1f s for %lld steps (%.0f tokens/s)\n", run.train_seconds,
+              static_cast<long long>(steps),
+              static_cast<double>(steps * c.global_batch * c.seq_len) / std::max(run.train_seconds, 1e-9));
+  if (c.sample_tokens > 0) {
+    std::mt19937_64 rng(c.seed);
+    const auto text = run.s.generate({}, c.sample_tokens, 1.0f, rng);
+    std::printf("sample:\n%s\n", run.s.data->decode(text.data(), static_cast<int64_t>(text.size())).c_str());
+  }
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int run_train(const RunConfig& config, Communicator& comm) {
+  TrainingRun run(config, comm);
+  set_up_training(run);
+  open_run_files(run);
+  print_run_header(run);
+  for (int64_t step = run.start_step; step < run.c.steps; ++step) {
     const auto t0 = Clock::now();
-    s.engine->zero_grads();
-    const bool logged = (step + 1) % c.log_interval == 0 || step + 1 == c.steps;
-    if (logged) s.model->take_loss_sum();  // the logged loss is this step's (the accumulator runs on device)
-    // The loss is multiplied by the scale where the scale lives (engine->loss_scale_device()): no host read.
-    const float factor = 1.0f / static_cast<float>(accumulation);
-    // Whether this step is poisoned anywhere is known to every rank alike, so all ranks take the same
-    // (non-overlapped) bucket order on that step: collectives must be issued in one order everywhere.
-    const bool poison_step = inject.step > 0 && inject.hits(step + 1, inject.rank);
-    const bool poison = poison_step && comm.rank() == inject.rank;
-    for (int64_t k = 0; k < accumulation; ++k) {
-      s.data->train_batch(c.seed, step, G, comm.rank() * per_rank + k * mb, mb, T, s.tokens.data(),
-                          s.targets.data());
-      s.model->forward_accumulate(s.engine->params(), s.tokens.data(), s.targets.data(), mb, T, factor,
-                                  s.engine->loss_scale_device());
-      // Overlap (DESIGN.md phase 3): in the last micro-batch each bucket's collective starts as soon as
-      // backward has written its last gradient. Not with main_grad (the FP32 sums are only final after
-      // accumulate_micro_batch) nor on a step whose gradient is poisoned after backward.
-      const bool overlap = k + 1 == accumulation && !c.fp32_grad_accumulation && !poison_step;
-      if (overlap)
-        s.model->backward(s.engine->params(), s.engine->grads(),
-                          [&](size_t tensor) { s.engine->grad_done(tensor); });
-      else
-        s.model->backward(s.engine->params(), s.engine->grads());
-      if (k + 1 == accumulation && poison) {
-        poison_gradient(*s.backend, *s.engine, inject.nan);
-        std::printf("step %6lld/%lld | rank %d: --inject-overflow: gradient element set to %s\n",
-                    static_cast<long long>(step + 1), static_cast<long long>(c.steps), comm.rank(),
-                    inject.nan ? "NaN" : "inf");
-        std::fflush(stdout);
-      }
-      s.engine->accumulate_micro_batch();
-    }
-    s.engine->sync_grads();
+    if (run.logs_at(step)) run.s.model->take_loss_sum();  // the logged loss is this step's alone
     // The stop request rides in the step's found_inf all-reduce: every rank stops after the same step.
-    // step_async enqueues phases 4-7 without a host read; result() then reads the step's state back once at
-    // the step boundary (the agreed skip and stop decisions; NumericsError, the same on every rank).
-    s.engine->step_async(g_stop_signal != 0);
-    const StepResult r = s.engine->result();
+    const StepResult r = train_step(run, step);
     const double step_seconds = seconds_since(t0);
-    train_seconds += step_seconds;
-    window_seconds += step_seconds;
-    window_tokens += G * T;
-    const bool last = step + 1 == c.steps;
-    if (r.skipped && (root || inject.step > 0)) {
-      // With fault injection every rank reports, showing that all of them skipped the same step.
-      std::printf(
-          "step %6lld/%lld | rank %d: non-finite gradients on some rank: step skipped on every rank, "
-          "loss scale %g -> %g\n",
-          static_cast<long long>(step + 1), static_cast<long long>(c.steps), comm.rank(), r.loss_scale,
-          s.engine->loss_scale());
-      std::fflush(stdout);
-    }
-    if (root && step == start_step)
-      std::printf("activations per rank: %zu bytes (micro-batch %lld x %lld tokens)\n",
-                  s.model->activation_bytes(), static_cast<long long>(mb), static_cast<long long>(T));
-
-    if ((step + 1) % c.log_interval == 0 || last) {
-      // This step's mean loss on this rank: the device accumulator holds every micro-batch's per-token sums.
-      double mean = s.model->take_loss_sum() / static_cast<double>(accumulation * mb * T);
-      comm.all_reduce(std::span<double>(&mean, 1), ReduceOp::sum);
-      mean /= static_cast<double>(N);
-      const double tokens_per_second = static_cast<double>(window_tokens) / window_seconds;
-      const double mfu = tokens_per_second * flops_per_token / (static_cast<double>(N) * peak);
-      const double elapsed = seconds_since(start);
-      const double eta = train_seconds / static_cast<double>(step + 1 - start_step) *
-                         static_cast<double>(c.steps - step - 1);
-      if (root)
-        std::printf(
-            "step %6lld/%lld | loss %.4f | scale %g | skipped %lld | grad norm %.3f | lr %.3e | %.0f tok/s | "
-            "MFU %.1f%% | elapsed %s | ETA %s\n",
-            static_cast<long long>(step + 1), static_cast<long long>(c.steps), mean, r.loss_scale,
-            static_cast<long long>(s.engine->scaler().state().skipped_steps), r.grad_norm, r.lr,
-            tokens_per_second, 100.0 * mfu, format_duration(elapsed).c_str(), format_duration(eta).c_str());
-      nlohmann::json line = {{"step", step + 1},
-                             {"train_loss", mean},
-                             {"loss_scale", r.loss_scale},
-                             {"skipped", s.engine->scaler().state().skipped_steps},
-                             {"step_skipped", r.skipped},
-                             {"lr", r.lr},
-                             {"tokens_per_second", tokens_per_second},
-                             {"mfu", mfu},
-                             {"elapsed_seconds", elapsed}};
-      line["grad_norm"] = std::isfinite(r.grad_norm) ? nlohmann::json(r.grad_norm) : nlohmann::json(nullptr);
-      log_metrics(line);
-      std::fflush(stdout);
-      window_seconds = 0;
-      window_tokens = 0;
-    }
-    if (c.eval_batches > 0 && ((c.eval_interval > 0 && (step + 1) % c.eval_interval == 0) || last)) {
-      const double val = s.evaluate();
-      if (root)
-        std::printf("step %6lld/%lld | val loss %.4f\n", static_cast<long long>(step + 1),
-                    static_cast<long long>(c.steps), val);
-      log_metrics({{"step", step + 1}, {"val_loss", val}});
-      std::fflush(stdout);
-    }
-    if ((c.checkpoint_interval > 0 && (step + 1) % c.checkpoint_interval == 0) || last || r.stop_requested) {
-      const std::string path = save_checkpoint(*s.engine, c.checkpoint_dir, step + 1,
-                                               static_cast<int>(c.keep_checkpoints), checkpoint_metadata(s));
-      if (root)
-        std::printf("step %6lld/%lld | checkpoint %s\n", static_cast<long long>(step + 1),
-                    static_cast<long long>(c.steps), path.c_str());
-      if (r.stop_requested && !last) {
-        if (root)
-          std::printf(
-              "step %6lld/%lld | graceful stop (%s): every rank stopped after this step; checkpoint %s "
-              "written, continue with --resume auto\n",
-              static_cast<long long>(step + 1), static_cast<long long>(c.steps),
-              signal_label(g_stop_signal != 0 ? static_cast<int>(g_stop_signal) : SIGUSR1), path.c_str());
-        std::fflush(stdout);
-        comm.barrier();
-        return 0;
-      }
+    run.train_seconds += step_seconds;
+    run.window_seconds += step_seconds;
+    run.window_tokens += run.c.global_batch * run.c.seq_len;
+    report_step(run, step, r);
+    if (run.logs_at(step)) log_step(run, step, r);
+    if (run.evaluates_at(step)) log_evaluation(run, step);
+    if (run.checkpoints_at(step, r) && checkpoint(run, step, r)) {
+      comm.barrier();
+      return 0;
     }
   }
-  if (root) {
-    std::printf("training: %.1f s for %lld steps (%.0f tokens/s)\n", train_seconds,
-                static_cast<long long>(c.steps - start_step),
-                static_cast<double>((c.steps - start_step) * G * T) / std::max(train_seconds, 1e-9));
-    if (c.sample_tokens > 0) {
-      std::mt19937_64 rng(c.seed);
-      const auto text = s.generate({}, c.sample_tokens, 1.0f, rng);
-      std::printf("sample:\n%s\n", s.data->decode(text.data(), static_cast<int64_t>(text.size())).c_str());
-    }
-    std::fflush(stdout);
-  }
+  print_run_summary(run);
   comm.barrier();
   return 0;
 }

@@ -9,38 +9,19 @@
 
 #include <gtest/gtest.h>
 
+#include "comm_test_support.hpp"
 #include "mptrain/comm_mpi.hpp"
 
 namespace mpt {
 namespace {
 
+using test::epsilon_of;
+using test::k_of;
+using test::make;
+
 template <typename T>
 class CommTyped : public ::testing::Test {};
-using FloatTypes = ::testing::Types<float, half, bf16>;
-TYPED_TEST_SUITE(CommTyped, FloatTypes);
-
-template <typename T>
-std::vector<T> make(size_t n, auto&& value_of_index) {
-  std::vector<T> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = from_float<T>(static_cast<float>(value_of_index(i)));
-  return v;
-}
-
-// Small integers: rank r holds (r + 1) * k(i) with |k| <= 8, so sums over <= 4 ranks (<= 80) are exact in
-// every dtype.
-int k_of(size_t i) {
-  return static_cast<int>(i % 17) - 8;
-}
-
-template <typename T>
-double epsilon_of() {
-  if constexpr (std::is_same_v<T, half>)
-    return std::ldexp(1.0, -10);
-  else if constexpr (std::is_same_v<T, bf16>)
-    return std::ldexp(1.0, -7);
-  else
-    return std::ldexp(1.0, -23);
-}
+TYPED_TEST_SUITE(CommTyped, test::FloatTypes);
 
 TYPED_TEST(CommTyped, AllReduceSumMaxExactBlockingAndNonBlocking) {
   using T = TypeParam;

@@ -9,32 +9,14 @@
 #include <gtest/gtest.h>
 
 #include "common/amp_state.hpp"
+#include "cuda_test_support.hpp"
 #include "mptrain/cuda_check.hpp"
 #include "mptrain/cuda_ops.hpp"
 
 namespace mpt {
 namespace {
 
-#define MPT_REQUIRE_GPU() \
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
-
-template <typename T>
-struct DeviceArray {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceArray(const std::vector<T>& host) : n(host.size()) {
-    MPT_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)));
-    MPT_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  ~DeviceArray() { cudaFree(ptr); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  std::vector<T> to_host() const {
-    std::vector<T> h(n);
-    MPT_CUDA_CHECK(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-};
+using test::DeviceArray;
 
 template <typename T>
 class CudaAmp : public ::testing::Test {};
@@ -59,7 +41,8 @@ TYPED_TEST(CudaAmp, GradCheckMatchesCpu) {
     std::vector<double> expected(starts.size());
     common::AmpState cpu_state;
     cpu_state.flags[common::kFoundInf] = 5.0f;  // stale: grad_check must overwrite it
-    cpu->grad_check(g.data(), dtype_of<T>(), ranges, block, expected.data(), &cpu_state, poison);
+    cpu->grad_check(g.data(), dtype_of<T>(), cpu->register_table<ElementRange>(ranges), block,
+                    expected.data(), &cpu_state, poison);
     const bool cpu_inf = cpu_state.flags[common::kFoundInf] != 0.0f;
     EXPECT_EQ(cpu_state.flags[common::kStopRequested], poison ? 1.0f : 0.0f);
     DeviceArray<T> d_g(g);
@@ -78,7 +61,10 @@ TYPED_TEST(CudaAmp, GradCheckMatchesCpu) {
   }
 }
 
-TYPED_TEST(CudaAmp, AdamWAndCastMatchCpuAndSkipOnOverflow) {
+// AdamW with the per-step constants read from the device AmpState (the engine's path) against the CPU backend
+// on the same state, its bitwise skip on an agreed overflow, and the cast of the master weights with the
+// state's found_inf (skipped with the step) and without a flag (always cast).
+TYPED_TEST(CudaAmp, AdamWFromDeviceStateAndCastMatchCpu) {
   MPT_REQUIRE_GPU();
   using T = TypeParam;
   auto cpu = make_cpu_backend();
@@ -91,88 +77,28 @@ TYPED_TEST(CudaAmp, AdamWAndCastMatchCpuAndSkipOnOverflow) {
     m[i] = 0.01f * normal(rng);
     v[i] = 1e-4f * std::abs(normal(rng));
   }
-  std::vector<T> g(flat), params(flat);
+  std::vector<T> g(flat), params(flat, from_float<T>(0.0f));
   for (T& x : g) x = from_float<T>(1000.0f * normal(rng));
   const std::vector<AdamWSegment> segments = {
       {0, 5, 400, true}, {400, 1200, 1, false}, {401, 1500, 500, true}};
   const float scale = 1024.0f, clip = 0.5f;
-  const auto step = common::make_adamw_step(3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 7, clip / scale);
-  for (float found : {0.0f, 1.0f}) {
-    DeviceArray<float> dp(p), dm(m), dv(v), d_found(std::vector<float>{found}),
-        d_scale(std::vector<float>{scale}), d_clip(std::vector<float>{clip});
-    DeviceArray<T> dg(g), dparams(params);
-    DeviceArray<AdamWSegment> dseg(segments);
-    cuda::adamw(dp.ptr, dm.ptr, dv.ptr, dg.ptr, dseg.ptr, segments.size(), 500, step, d_found.ptr,
-                d_scale.ptr, d_clip.ptr, nullptr);
-    cuda::cast_master(dparams.ptr, dp.ptr, dseg.ptr, segments.size(), 500, d_found.ptr, nullptr);
-    MPT_CUDA_CHECK(cudaDeviceSynchronize());
-    auto hp = p, hm = m, hv = v;
-    auto hparams = params;
-    common::AmpState cpu_state;
-    cpu_state.flags[common::kFoundInf] = found;
-    cpu_state.step = step;
-    cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(), segments, &cpu_state);
-    if (found == 0.0f) {
-      for (const auto& s : segments)
-        for (size_t i = 0; i < s.num_elements; ++i)
-          hparams[s.flat_offset + i] = from_float<T>(hp[s.shard_offset + i]);
-    }
-    const auto gp = dp.to_host(), gm = dm.to_host(), gv = dv.to_host();
-    const auto gparams = dparams.to_host();
-    for (size_t i = 0; i < shard; ++i) {
-      ASSERT_NEAR(gp[i], hp[i], 1e-6f * (1.0f + std::abs(hp[i]))) << "master " << i << " found " << found;
-      ASSERT_NEAR(gm[i], hm[i], 1e-6f * (1.0f + std::abs(hm[i]))) << "m " << i;
-      ASSERT_NEAR(gv[i], hv[i], 1e-6f * (1.0f + std::abs(hv[i]))) << "v " << i;
-    }
-    for (size_t i = 0; i < flat; ++i)
-      ASSERT_NEAR(to_float(gparams[i]), to_float(hparams[i]),
-                  1e-2f * (1e-3f + std::abs(to_float(hparams[i]))))
-          << "params " << i;
-  }
-}
-
-// AdamW with the per-step constants read from the device AmpState (the engine's path) against the CPU
-// backend on the same state, and its skip on an agreed overflow.
-TYPED_TEST(CudaAmp, AdamWFromDeviceStateMatchesCpu) {
-  MPT_REQUIRE_GPU();
-  using T = TypeParam;
-  auto cpu = make_cpu_backend();
-  const size_t shard = 777, flat = 1601;
-  std::mt19937 rng(9);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> p(shard), m(shard), v(shard);
-  for (size_t i = 0; i < shard; ++i) {
-    p[i] = normal(rng);
-    m[i] = 0.01f * normal(rng);
-    v[i] = 1e-4f * std::abs(normal(rng));
-  }
-  std::vector<T> g(flat);
-  for (T& x : g) x = from_float<T>(300.0f * normal(rng));
-  const std::vector<AdamWSegment> segments = {
-      {0, 3, 300, true}, {300, 700, 77, false}, {377, 1000, 400, true}};
   for (float found : {0.0f, 1.0f}) {
     common::AmpState state;
     state.flags[common::kFoundInf] = found;
-    state.step = common::make_adamw_step(6e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, 0.25f / 512.0f);
+    state.step = common::make_adamw_step(3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 7, clip / scale);
     DeviceArray<float> dp(p), dm(m), dv(v);
-    DeviceArray<T> dg(g);
+    DeviceArray<T> dg(g), d_flagged(params), d_unflagged(params);
     DeviceArray<AdamWSegment> dseg(segments);
     DeviceArray<common::AmpState> dstate(std::vector<common::AmpState>{state});
-    cuda::adamw(dp.ptr, dm.ptr, dv.ptr, dg.ptr, dseg.ptr, segments.size(), shard, dstate.ptr, nullptr);
-    DeviceArray<T> dparams(std::vector<T>(flat, from_float<T>(0.0f)));
-    cuda::cast_master(dparams.ptr, dp.ptr, dseg.ptr, segments.size(), shard, nullptr, nullptr);  // no flag
+    // max_segment_elements only sizes the grid: 500 is the largest segment, and any bound above works.
+    cuda::adamw(dp.ptr, dm.ptr, dv.ptr, dg.ptr, dseg.ptr, segments.size(), 500, dstate.ptr, nullptr);
+    cuda::cast_master(d_flagged.ptr, dp.ptr, dseg.ptr, segments.size(), 500,
+                      &dstate.ptr->flags[common::kFoundInf], nullptr);
+    cuda::cast_master(d_unflagged.ptr, dp.ptr, dseg.ptr, segments.size(), shard, nullptr, nullptr);
     MPT_CUDA_CHECK(cudaDeviceSynchronize());
-    {
-      const auto master_now = dp.to_host();
-      const auto params_now = dparams.to_host();
-      for (const AdamWSegment& sg : segments)
-        for (size_t i = 0; i < sg.num_elements; ++i)
-          ASSERT_EQ(to_float(params_now[sg.flat_offset + i]),
-                    to_float(from_float<T>(master_now[sg.shard_offset + i])))
-              << "cast without a flag, element " << i;
-    }
     auto hp = p, hm = m, hv = v;
-    cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(), segments, &state);
+    cpu->adamw(hp.data(), hm.data(), hv.data(), g.data(), dtype_of<T>(),
+               cpu->register_table<AdamWSegment>(segments), &state);
     const auto gp = dp.to_host(), gm = dm.to_host(), gv = dv.to_host();
     for (size_t i = 0; i < shard; ++i) {
       if (found != 0.0f) {
@@ -184,6 +110,16 @@ TYPED_TEST(CudaAmp, AdamWFromDeviceStateMatchesCpu) {
       ASSERT_NEAR(gp[i], hp[i], 1e-6f * (1.0f + std::abs(hp[i]))) << "master " << i << " found " << found;
       ASSERT_NEAR(gm[i], hm[i], 1e-6f * (1.0f + std::abs(hm[i]))) << "m " << i;
       ASSERT_NEAR(gv[i], hv[i], 1e-6f * (1.0f + std::abs(hv[i]))) << "v " << i;
+    }
+    auto cast = params;
+    for (const auto& sg : segments)
+      for (size_t i = 0; i < sg.num_elements; ++i)
+        cast[sg.flat_offset + i] = from_float<T>(gp[sg.shard_offset + i]);
+    const auto flagged = d_flagged.to_host(), unflagged = d_unflagged.to_host();
+    for (size_t i = 0; i < flat; ++i) {
+      ASSERT_EQ(to_float(unflagged[i]), to_float(cast[i])) << "cast without a flag, element " << i;
+      ASSERT_EQ(to_float(flagged[i]), to_float(found != 0.0f ? params[i] : cast[i]))
+          << "cast with the state's flag, element " << i << " found " << found;
     }
   }
 }
@@ -266,7 +202,7 @@ TEST(CudaAmpState, PrepareMatchesCpu) {
       state.applied_steps = applied;
       state.flags[common::kFoundInf] = found;
       common::AmpState cpu_state = state;
-      cpu->amp_prepare(&cpu_state, gathered.data(), order, rule);
+      cpu->amp_prepare(&cpu_state, gathered.data(), cpu->register_table<size_t>(order), rule);
       const common::AmpState gpu_state = on_device(state, [&](common::AmpState* d) {
         cuda::amp_prepare(d, d_gathered.ptr, d_order.ptr, count, rule, nullptr);
       });

@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include "cuda/attention_cudnn.cuh"
+#include "cuda_test_support.hpp"
 #include "mptrain/backend.hpp"
 #include "mptrain/cuda_blas.hpp"
 #include "mptrain/cuda_check.hpp"
@@ -24,30 +25,7 @@
 namespace mpt {
 namespace {
 
-#define MPT_REQUIRE_GPU() \
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
-
-/// Device copy of a host vector, placed `offset` elements past a cudaMalloc'd (256-byte aligned) base so that
-/// offset 1 gives pointers aligned to one element only.
-template <typename T>
-struct DeviceArray {
-  void* base = nullptr;
-  T* ptr = nullptr;
-  size_t n = 0;
-  DeviceArray(const std::vector<T>& host, size_t offset) : n(host.size()) {
-    MPT_CUDA_CHECK(cudaMalloc(&base, (n + offset + 1) * sizeof(T)));
-    ptr = static_cast<T*>(base) + offset;
-    MPT_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  ~DeviceArray() { cudaFree(base); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  std::vector<T> to_host() const {
-    std::vector<T> h(n);
-    MPT_CUDA_CHECK(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-};
+using test::DeviceArray;
 
 template <typename T>
 std::vector<T> random_vector(size_t n, float lo, float hi, uint32_t seed) {

@@ -14,6 +14,7 @@
 
 #include <gtest/gtest.h>
 
+#include "cuda_test_support.hpp"
 #include "mptrain/backend.hpp"
 #include "mptrain/cuda_ops.hpp"
 #include "mptrain/error.hpp"
@@ -22,9 +23,6 @@
 
 namespace mpt {
 namespace {
-
-#define MPT_REQUIRE_GPU() \
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
 
 struct Tol {
   double abs;
@@ -450,9 +448,16 @@ TYPED_TEST(CudaOps, OptimizerOpsThroughTheBackend) {
     return host;
   };
   std::vector<double> gpu_sums(25, -1.0);
-  for (int rep = 0; rep < 2; ++rep) {  // the second call reuses the cached upload
-    cpu.grad_check(grads.cpu(), dt, ranges, block, cpu_sums_buf.as<double>(), cpu_amp, rep == 1);
-    gpu.grad_check(grads.dev(), dt, ranges, block, gpu_sums_buf.as<double>(), gpu_amp, rep == 1);
+  // Each backend holds its own registration of the tables; a table of the other backend is refused.
+  const Table<ElementRange> cpu_ranges = cpu.register_table<ElementRange>(ranges);
+  const Table<ElementRange> gpu_ranges = gpu.register_table<ElementRange>(ranges);
+  EXPECT_THROW(gpu.grad_check(grads.dev(), dt, cpu_ranges, block, gpu_sums_buf.as<double>(), gpu_amp, false),
+               Error);
+  EXPECT_THROW(cpu.grad_check(grads.cpu(), dt, gpu_ranges, block, cpu_sums_buf.as<double>(), cpu_amp, false),
+               Error);
+  for (int rep = 0; rep < 2; ++rep) {  // the second call reuses the block starts derived by the first
+    cpu.grad_check(grads.cpu(), dt, cpu_ranges, block, cpu_sums_buf.as<double>(), cpu_amp, rep == 1);
+    gpu.grad_check(grads.dev(), dt, gpu_ranges, block, gpu_sums_buf.as<double>(), gpu_amp, rep == 1);
     gpu.copy_to_host(gpu_sums.data(), gpu_sums_buf.data(), gpu_sums.size() * sizeof(double));
     const common::AmpState g = read_gpu_state();
     EXPECT_EQ(cpu_amp->flags[common::kFoundInf], 0.0f);
@@ -464,8 +469,8 @@ TYPED_TEST(CudaOps, OptimizerOpsThroughTheBackend) {
   }
   grads.host[block * 25 + 3] = from_float<T>(NAN);
   gpu.copy_from_host(grads.dev(), grads.cpu(), n * sizeof(T));
-  cpu.grad_check(grads.cpu(), dt, ranges, block, cpu_sums_buf.as<double>(), cpu_amp, false);
-  gpu.grad_check(grads.dev(), dt, ranges, block, gpu_sums_buf.as<double>(), gpu_amp, false);
+  cpu.grad_check(grads.cpu(), dt, cpu_ranges, block, cpu_sums_buf.as<double>(), cpu_amp, false);
+  gpu.grad_check(grads.dev(), dt, gpu_ranges, block, gpu_sums_buf.as<double>(), gpu_amp, false);
   EXPECT_EQ(cpu_amp->flags[common::kFoundInf], 1.0f);
   EXPECT_EQ(read_gpu_state().flags[common::kFoundInf], 1.0f);
   grads.host[block * 25 + 3] = from_float<T>(0.5f);
@@ -480,16 +485,18 @@ TYPED_TEST(CudaOps, OptimizerOpsThroughTheBackend) {
   state.step = common::make_adamw_step(1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, 0.25f);
   *cpu_amp = state;
   gpu.copy_from_host(gpu_amp, &state, sizeof(state));
-  cpu.adamw(master.cpu(), m.cpu(), v.cpu(), grads.cpu(), dt, segments, cpu_amp);
-  gpu.adamw(master.dev(), m.dev(), v.dev(), grads.dev(), dt, segments, gpu_amp);
+  cpu.adamw(master.cpu(), m.cpu(), v.cpu(), grads.cpu(), dt, cpu.register_table<AdamWSegment>(segments),
+            cpu_amp);
+  gpu.adamw(master.dev(), m.dev(), v.dev(), grads.dev(), dt, gpu.register_table<AdamWSegment>(segments),
+            gpu_amp);
   expect_close(master.download(gpu), master.host, {1e-6, 1e-5}, "adamw master");
   expect_close(m.download(gpu), m.host, {1e-7, 1e-5}, "adamw m");
   expect_close(v.download(gpu), v.host, {1e-7, 1e-5}, "adamw v");
 
   const std::vector<ElementRange> cast_ranges = {{100, 300}, {1000, 400}};
   Mirror<T> params(gpu, std::vector<T>(n));
-  cpu.cast_master(params.cpu(), dt, master.cpu(), cast_ranges, cpu_amp);
-  gpu.cast_master(params.dev(), dt, master.dev(), cast_ranges, gpu_amp);
+  cpu.cast_master(params.cpu(), dt, master.cpu(), cpu.register_table<ElementRange>(cast_ranges), cpu_amp);
+  gpu.cast_master(params.dev(), dt, master.dev(), gpu.register_table<ElementRange>(cast_ranges), gpu_amp);
   expect_close(params.download(gpu), params.host, elem_tol<T>(), "cast_master");
 }
 

@@ -14,12 +14,14 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include "comm_test_support.hpp"
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/comm_nccl.hpp"
 #include "mptrain/cuda_check.hpp"
 #include "mptrain/cuda_ops.hpp"
 #include "mptrain/engine.hpp"
 #include "mptrain/model.hpp"
+#include "mptrain/runtime.hpp"
 
 namespace {
 
@@ -72,50 +74,31 @@ struct Trainer {
 
 /// Forwards to the NCCL communicator and records `first_issued` on its comm stream right after the first
 /// reduce-scatter of each step was enqueued there (so the event completes when that collective has).
-class FirstBucketRecorder final : public Communicator {
+class FirstBucketRecorder final : public test::ForwardingCommunicator {
  public:
   FirstBucketRecorder(NcclCommunicator& inner, cudaEvent_t first_issued)
-      : inner_(inner), event_(first_issued) {}
+      : ForwardingCommunicator(inner), nccl_(inner), event_(first_issued) {}
   void arm() { armed_ = true; }
   bool fired() const { return !armed_; }
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
-  std::string name() const override { return inner_.name(); }
-  using Communicator::all_gather;
-  using Communicator::all_reduce;
-  using Communicator::broadcast;
-  void all_reduce(const void* s, void* r, size_t n, DType t, ReduceOp op) override {
-    inner_.all_reduce(s, r, n, t, op);
-  }
-  void reduce_scatter(const void* s, void* r, size_t n, DType t, ReduceOp op) override {
-    inner_.reduce_scatter(s, r, n, t, op);
-  }
-  void all_gather(const void* s, void* r, size_t n, DType t) override { inner_.all_gather(s, r, n, t); }
-  void broadcast(void* b, size_t n, DType t, int root) override { inner_.broadcast(b, n, t, root); }
-  void barrier() override { inner_.barrier(); }
-  void set_timeout_seconds(double seconds) override { inner_.set_timeout_seconds(seconds); }
   std::unique_ptr<CommRequest> iall_reduce(const void* s, void* r, size_t n, DType t, ReduceOp op) override {
-    auto request = inner_.iall_reduce(s, r, n, t, op);
+    auto request = nccl_.iall_reduce(s, r, n, t, op);
     record();
     return request;
   }
   std::unique_ptr<CommRequest> ireduce_scatter(const void* s, void* r, size_t n, DType t,
                                                ReduceOp op) override {
-    auto request = inner_.ireduce_scatter(s, r, n, t, op);
+    auto request = nccl_.ireduce_scatter(s, r, n, t, op);
     record();
     return request;
-  }
-  std::unique_ptr<CommRequest> iall_gather(const void* s, void* r, size_t n, DType t) override {
-    return inner_.iall_gather(s, r, n, t);
   }
 
  private:
   void record() {
     if (!armed_) return;
-    MPT_CUDA_CHECK(cudaEventRecord(event_, inner_.comm_stream()));
+    MPT_CUDA_CHECK(cudaEventRecord(event_, nccl_.comm_stream()));
     armed_ = false;
   }
-  NcclCommunicator& inner_;
+  NcclCommunicator& nccl_;
   cudaEvent_t event_;
   bool armed_ = false;
 };
@@ -129,12 +112,8 @@ class CudaStep : public testing::TestWithParam<DType> {};
 TEST_P(CudaStep, MatchesCpuStepByStep) {
   if (!have_device()) GTEST_SKIP() << "no CUDA device";
   const DType dtype = GetParam();
-  GPTConfig config;
-  config.vocab_size = 61;
-  config.num_layers = 2;
-  config.channels = 64;
-  config.num_heads = 4;
-  config.max_seq_len = 32;
+  const GPTConfig config{
+      .vocab_size = 61, .max_seq_len = 32, .num_layers = 2, .num_heads = 4, .channels = 64};
   EngineConfig ec;
   ec.dtype = dtype;
   ec.bucket_bytes = 16 << 10;  // several buckets
@@ -157,7 +136,9 @@ TEST_P(CudaStep, MatchesCpuStepByStep) {
     EXPECT_EQ(rg.skipped, rc.skipped) << "step " << s;
     EXPECT_EQ(rg.loss_scale, rc.loss_scale) << "step " << s;
     EXPECT_EQ(rg.applied_steps, rc.applied_steps) << "step " << s;
-    if (!rc.skipped) EXPECT_NEAR(rg.grad_norm, rc.grad_norm, tolerance * rc.grad_norm + 1e-6) << "step " << s;
+    if (!rc.skipped) {
+      EXPECT_NEAR(rg.grad_norm, rc.grad_norm, tolerance * rc.grad_norm + 1e-6) << "step " << s;
+    }
   }
   const auto master_gpu = gpu.engine->gather_tensors(MixedPrecisionEngine::ShardState::master);
   const auto master_cpu = cpu.engine->gather_tensors(MixedPrecisionEngine::ShardState::master);
@@ -170,18 +151,14 @@ TEST_P(CudaStep, MatchesCpuStepByStep) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaStep, testing::Values(DType::f32, DType::f16, DType::bf16),
-                         [](const auto& info) { return std::string(dtype_name(info.param)); });
+                         [](const auto& param_info) { return std::string(dtype_name(param_info.param)); });
 
 /// An injected inf in one gradient skips the step on the device: weights unchanged, scale halved, Adam's t
 /// not advanced — read back only after the step, as the trainer does at log intervals.
 TEST(CudaStepScaler, InjectedInfSkipsOnDevice) {
   if (!have_device()) GTEST_SKIP() << "no CUDA device";
-  GPTConfig config;
-  config.vocab_size = 61;
-  config.num_layers = 1;
-  config.channels = 32;
-  config.num_heads = 2;
-  config.max_seq_len = 16;
+  const GPTConfig config{
+      .vocab_size = 61, .max_seq_len = 16, .num_layers = 1, .num_heads = 2, .channels = 32};
   EngineConfig ec;
   ec.dtype = DType::f16;
   Trainer gpu(true, config, ec);
@@ -209,12 +186,8 @@ TEST(CudaStepScaler, InjectedInfSkipsOnDevice) {
 /// collective was issued must complete before the event recorded on the compute stream after backward.
 TEST(CudaStepOverlap, FirstBucketBeforeBackwardEnds) {
   if (!have_device()) GTEST_SKIP() << "no CUDA device";
-  GPTConfig config;
-  config.vocab_size = 256;
-  config.num_layers = 6;
-  config.channels = 256;
-  config.num_heads = 4;
-  config.max_seq_len = 256;
+  const GPTConfig config{
+      .vocab_size = 256, .max_seq_len = 256, .num_layers = 6, .num_heads = 4, .channels = 256};
   EngineConfig ec;
   ec.dtype = DType::f16;
   ec.bucket_bytes = 256 << 10;  // many buckets: the first covers only the last layers' tensors

@@ -11,8 +11,10 @@
 
 #include <gtest/gtest.h>
 
+#include "comm_test_support.hpp"
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/engine.hpp"
+#include "mptrain/error.hpp"
 
 namespace mpt {
 namespace {
@@ -484,48 +486,22 @@ TEST_F(EngineMpi, MemoryAccountingMatchesAllocations) {
 
 /// A Communicator that forwards to another and records the receive buffer of every non-blocking gradient
 /// collective (iall_reduce / ireduce_scatter) as it is issued.
-class RecordingComm final : public Communicator {
+class RecordingComm final : public test::ForwardingCommunicator {
  public:
-  explicit RecordingComm(Communicator& inner) : inner_(inner) {}
+  explicit RecordingComm(Communicator& inner) : ForwardingCommunicator(inner) {}
   std::vector<const void*> started;  // recv pointers of iall_reduce / ireduce_scatter, in issue order
 
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
-  std::string name() const override { return "recording(" + inner_.name() + ")"; }
-  using Communicator::all_gather;
-  using Communicator::all_reduce;
-  using Communicator::broadcast;
-  void all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) override {
-    inner_.all_reduce(send, recv, count, dtype, op);
-  }
-  void reduce_scatter(const void* send, void* recv, size_t recv_count, DType dtype, ReduceOp op) override {
-    inner_.reduce_scatter(send, recv, recv_count, dtype, op);
-  }
-  void all_gather(const void* send, void* recv, size_t send_count, DType dtype) override {
-    inner_.all_gather(send, recv, send_count, dtype);
-  }
-  void broadcast(void* buf, size_t count, DType dtype, int root) override {
-    inner_.broadcast(buf, count, dtype, root);
-  }
-  void barrier() override { inner_.barrier(); }
-  void set_timeout_seconds(double seconds) override { inner_.set_timeout_seconds(seconds); }
+  std::string name() const override { return "recording(" + ForwardingCommunicator::name() + ")"; }
   std::unique_ptr<CommRequest> iall_reduce(const void* send, void* recv, size_t count, DType dtype,
                                            ReduceOp op) override {
     started.push_back(recv);
-    return inner_.iall_reduce(send, recv, count, dtype, op);
+    return ForwardingCommunicator::iall_reduce(send, recv, count, dtype, op);
   }
   std::unique_ptr<CommRequest> ireduce_scatter(const void* send, void* recv, size_t recv_count, DType dtype,
                                                ReduceOp op) override {
     started.push_back(recv);
-    return inner_.ireduce_scatter(send, recv, recv_count, dtype, op);
+    return ForwardingCommunicator::ireduce_scatter(send, recv, recv_count, dtype, op);
   }
-  std::unique_ptr<CommRequest> iall_gather(const void* send, void* recv, size_t send_count,
-                                           DType dtype) override {
-    return inner_.iall_gather(send, recv, send_count, dtype);
-  }
-
- private:
-  Communicator& inner_;
 };
 
 // grad_done(): reporting tensors in backward order (reverse registration) starts each bucket's collective at
@@ -660,6 +636,63 @@ TEST_F(EngineMpi, LoadStateRestoresTheDeviceState) {
   EXPECT_EQ(r.loss_scale, 32768.0f);
   EXPECT_EQ(r.applied_steps, 8);
   EXPECT_EQ(b.scaler().state().steps, 2);
+}
+
+// The four phase calls the trainer makes are step_async(): the same weights, Adam state and scaler state.
+TEST_F(EngineMpi, PhaseCallsEqualStep) {
+  MixedPrecisionEngine a(small_model(), small_config(GradSync::reduce_scatter, 1e-3f), world, *backend);
+  MixedPrecisionEngine b(small_model(), small_config(GradSync::reduce_scatter, 1e-3f), world, *backend);
+  const auto init = initial_values(a.layout().num_parameters());
+  a.set_parameters(init);
+  b.set_parameters(init);
+  for (int step = 0; step < 3; ++step) {
+    auto value = [&](size_t t, size_t i) { return grad_value(step, t, i); };
+    for (MixedPrecisionEngine* e : {&a, &b}) {
+      e->zero_grads();
+      write_grads(*e, value, e->loss_scale());
+      if (step == 1) poison_slice_of(*e, 0, world.rank(), INFINITY);
+      e->sync_grads();
+    }
+    a.check_grads();
+    a.agree();
+    a.update();
+    a.gather_params();
+    const StepResult ra = a.result();
+    const StepResult rb = b.step();
+    EXPECT_EQ(ra.skipped, step == 1);
+    EXPECT_EQ(ra.skipped, rb.skipped);
+    EXPECT_EQ(ra.lr, rb.lr);
+    EXPECT_EQ(a.scaler().state(), b.scaler().state());
+    const size_t shard = a.layout().shard_elements() * sizeof(float);
+    EXPECT_EQ(std::memcmp(a.master(), b.master(), shard), 0);
+    EXPECT_EQ(std::memcmp(a.adam_v(), b.adam_v(), shard), 0);
+    EXPECT_EQ(
+        std::memcmp(a.params(), b.params(), a.layout().padded_elements() * dtype_size(a.config().dtype)), 0);
+  }
+}
+
+// A table belongs to the backend it was registered with: another backend's op refuses it; the handle moves
+// and keeps its elements.
+TEST_F(EngineMpi, TablesBelongToTheirBackend) {
+  const std::vector<ElementRange> ranges = {{0, 4}, {8, 4}};
+  Table<ElementRange> table = backend->register_table<ElementRange>(ranges);
+  EXPECT_EQ(table.owner(), backend.get());
+  EXPECT_NE(table.id(), 0u);
+  const Table<ElementRange> moved = std::move(table);
+  EXPECT_EQ(table.owner(), nullptr);  // NOLINT(bugprone-use-after-move): a moved-from handle holds nothing
+  ASSERT_EQ(moved.size(), 2u);
+  EXPECT_EQ(moved.host()[1].offset, 8u);
+  std::vector<float> grads(12, 1.0f);
+  std::vector<double> sums(2);
+  common::AmpState state;
+  backend->grad_check(grads.data(), DType::f32, moved, 4, sums.data(), &state, false);
+  EXPECT_EQ(sums[0], 4.0);
+  EXPECT_EQ(sums[1], 4.0);
+  const std::unique_ptr<Backend> other = make_cpu_backend();
+  EXPECT_THROW(other->grad_check(grads.data(), DType::f32, moved, 4, sums.data(), &state, false), Error);
+  EXPECT_THROW(
+      backend->grad_check(grads.data(), DType::f32, Table<ElementRange>(), 4, sums.data(), &state, false),
+      Error);
 }
 
 }  // namespace

@@ -1,16 +1,20 @@
 // Backend: where buffers live and the ops that run on them, implemented by the CPU backend (kernels/cpu/) and
 // the CUDA backend (kernels/cuda/). The trainer and the engine are written once against it.
 //
-// This part holds memory management and the optimizer-side ops of the mixed-precision step (DESIGN.md phases
-// 4, 6 and 7); the model's forward/backward ops join it with the model. Pointers passed to ops are in the
-// backend's memory (host for CPU, device for CUDA). Ops run on the backend's stream, in order; the CPU
-// backend runs them synchronously.
+// It holds memory management, the model's forward/backward ops (GPT-2) and the optimizer-side ops of the
+// mixed-precision step (docs/DESIGN.md phases 4, 6 and 7). Pointers passed to ops are in the backend's memory
+// (host for CPU, device for CUDA). Ops run on the backend's stream, in order; the CPU backend runs them
+// synchronously.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "common/adamw.hpp"
 #include "common/amp_state.hpp"
@@ -60,6 +64,41 @@ struct AdamWSegment {
   bool decay = true;
 };
 
+/// Move-only handle of a table registered with a Backend (Backend::register_table): a fixed array of `E`
+/// (ranges, segments, an order) that ops read on every call. It keeps the host copy; the backend keeps
+/// whatever copy its ops read (nothing more on the CPU, a device copy on CUDA), released when the handle is
+/// destroyed, which must happen before the backend is. Never throws.
+template <typename E>
+class Table {
+ public:
+  Table() = default;
+  ~Table() { reset(); }
+  Table(Table&& other) noexcept { *this = std::move(other); }
+  Table& operator=(Table&& other) noexcept;
+  Table(const Table&) = delete;
+  Table& operator=(const Table&) = delete;
+
+  /// The registered elements (host memory).
+  std::span<const E> host() const { return elements_; }
+  size_t size() const { return elements_.size(); }
+  bool empty() const { return elements_.empty(); }
+  /// The backend's key of this table: unique in the process, 0 for a handle holding no table.
+  uint64_t id() const { return id_; }
+  /// The backend it is registered with (null for a handle holding no table).
+  const Backend* owner() const { return owner_; }
+  /// Releases the table now.
+  void reset() noexcept;
+
+ private:
+  friend class Backend;
+  Table(Backend* owner, uint64_t id, std::vector<E> elements)
+      : owner_(owner), id_(id), elements_(std::move(elements)) {}
+
+  Backend* owner_ = nullptr;
+  uint64_t id_ = 0;
+  std::vector<E> elements_;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -79,6 +118,21 @@ class Backend {
   virtual void copy_to_host(void* dst, const void* src, size_t num_bytes) = 0;
   /// Waits until every op issued so far has finished.
   virtual void synchronize() = 0;
+  /// Registers `elements` (host memory, copied) as a table for the ops below that take a Table<E>, so a step
+  /// passes handles and copies nothing: the CPU backend reads the handle's host copy, CUDA uploads a device
+  /// copy here (and an op that reads an array derived from the table, such as grad_check's block starts,
+  /// builds and uploads it on its first call, kept with the table). Tables are for arrays fixed for the life
+  /// of their user (an engine's ranges, segments, norm order); their memory is not counted in
+  /// bytes_in_use(). Throws mpt::Error when the backend cannot hold the copy.
+  template <typename E>
+  Table<E> register_table(std::span<const E> elements) {
+    static_assert(std::is_trivially_copyable_v<E>, "a table holds plain values");
+    std::vector<E> copy(elements.begin(), elements.end());
+    const uint64_t id = next_table_id();
+    store_table(id, copy.data(), copy.size() * sizeof(E));
+    return Table<E>(this, id, std::move(copy));
+  }
+
   /// Peak FP32-accumulate GEMM rate of this backend in FLOP/s, the denominator of MFU: the CPU backend
   /// measures OpenBLAS SGEMM (1024^3, current OpenMP thread count) once and caches it.
   virtual double peak_flops() = 0;
@@ -156,8 +210,9 @@ class Backend {
   // ---- optimizer side of the mixed-precision step (DESIGN.md phases 4-7) ----
   // Every op below reads or writes the step state common::AmpState (kernels/common/amp_state.hpp) in backend
   // memory, so on CUDA the whole step is enqueued without a host synchronisation; the host reads the state
-  // back only when it wants the numbers (MixedPrecisionEngine::result). Tables (ranges, segments, order) are
-  // host memory and do not change between steps of one engine (a device backend may cache device copies).
+  // back only when it wants the numbers (MixedPrecisionEngine::result). Their tables (ranges, segments,
+  // order) are registered with this backend once (register_table) and passed by handle; an op given a table
+  // of another backend throws mpt::Error.
 
   /// Phase 4: one read-only pass over `ranges` of the flat gradient buffer `grads` (dtype `grad_dtype`).
   /// Each range's length is a multiple of `block_elements`. Writes, for every block in range order, the FP64
@@ -167,7 +222,7 @@ class Backend {
   /// state->flags[kFoundInf] and then sets it to 1 when any element is inf or NaN, and writes
   /// state->flags[kStopRequested] = stop_requested (this rank's stop request, passed by value so that no host
   /// buffer has to outlive the call). Throws mpt::Error for a range that is not a multiple of the block.
-  virtual void grad_check(const void* grads, DType grad_dtype, std::span<const ElementRange> ranges,
+  virtual void grad_check(const void* grads, DType grad_dtype, const Table<ElementRange>& ranges,
                           size_t block_elements, double* block_sums, common::AmpState* state,
                           bool stop_requested) = 0;
 
@@ -177,19 +232,19 @@ class Backend {
   /// common::amp_prepare: norm, clip factor, lr from Adam's t and the AdamW constants into *state. On a step
   /// whose agreed flags[kFoundInf] is set the sums are not read (norm NaN, lr 0).
   virtual void amp_prepare(common::AmpState* state, const double* gathered_block_sums,
-                           std::span<const size_t> order, const common::OptimizerRule& rule) = 0;
+                           const Table<size_t>& order, const common::OptimizerRule& rule) = 0;
 
   /// Phase 6: AdamW (kernels/common/adamw.hpp) with the constants state->step on FP32 `master`, `m`, `v`
   /// (indexed by shard offset), reading the stored gradient `grads[flat_offset + i] * step.grad_multiplier`
   /// for every segment element. Does nothing when state->flags[kFoundInf] is set (the skipped step).
   virtual void adamw(float* master, float* m, float* v, const void* grads, DType grad_dtype,
-                     std::span<const AdamWSegment> segments, const common::AmpState* state) = 0;
+                     const Table<AdamWSegment>& segments, const common::AmpState* state) = 0;
 
   /// Phase 7: params[ranges[k].offset + i] = round(master[shard position]) to `param_dtype`, with the shard
   /// position running through the ranges consecutively from 0 (round to nearest even). Does nothing when
   /// `state` is non-null and state->flags[kFoundInf] is set (the weights did not change).
   virtual void cast_master(void* params, DType param_dtype, const float* master,
-                           std::span<const ElementRange> ranges, const common::AmpState* state) = 0;
+                           const Table<ElementRange>& ranges, const common::AmpState* state) = 0;
 
   /// End of the step: common::amp_update on *state (the loss-scaler state machine with the agreed found_inf,
   /// Adam's t + 1 when the step was applied, min_scale_stop when the minimum-scale rule fired).
@@ -201,7 +256,39 @@ class Backend {
 
   /// Called by Buffer to free memory; not for direct use.
   virtual void release(void* data, size_t num_bytes) noexcept = 0;
+  /// Called by Table to drop the backend's copy of table `id`; not for direct use. Waits for ops still
+  /// reading it.
+  virtual void release_table(uint64_t id) noexcept = 0;
+
+ protected:
+  /// Called by register_table: prepares what the ops read for table `id`, `num_bytes` of host memory at
+  /// `data` (the CPU backend reads the handle's host copy and stores nothing; CUDA uploads it).
+  virtual void store_table(uint64_t id, const void* data, size_t num_bytes) = 0;
+
+ private:
+  /// A fresh table id, unique in the process (so an op can tell a table of another backend).
+  static uint64_t next_table_id();
 };
+
+template <typename E>
+Table<E>& Table<E>::operator=(Table&& other) noexcept {
+  if (this != &other) {
+    reset();
+    owner_ = std::exchange(other.owner_, nullptr);
+    id_ = std::exchange(other.id_, 0);
+    elements_ = std::move(other.elements_);
+    other.elements_.clear();
+  }
+  return *this;
+}
+
+template <typename E>
+void Table<E>::reset() noexcept {
+  if (owner_) owner_->release_table(id_);
+  owner_ = nullptr;
+  id_ = 0;
+  elements_.clear();
+}
 
 /// The CPU backend (OpenMP; thread count from OMP_NUM_THREADS / omp_set_num_threads).
 std::unique_ptr<Backend> make_cpu_backend();

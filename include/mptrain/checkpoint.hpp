@@ -1,4 +1,4 @@
-// Checkpoints (DESIGN.md "Files"): safetensors with the unpadded, named FP32 master weights, Adam m and v
+// Checkpoints (DESIGN.md "Formats"): safetensors with the unpadded, named FP32 master weights, Adam m and v
 // ("master.<tensor>", "adam_m.<tensor>", "adam_v.<tensor>"), so a run can resume with any number of ranks;
 // the step, Adam's t, the loss-scaler state, the seed (the data order depends only on seed and step) and the
 // effective config in the metadata, plus an FNV-1a 64 checksum of all tensor bytes and metadata. Written

@@ -1,10 +1,10 @@
-// NcclCommunicator: the Communicator on device memory through NCCL, and select_local_device, the choice of
-// this rank's GPU. Only built with MPTRAIN_WITH_CUDA.
+// NcclCommunicator: the Communicator on device memory through NCCL (the rank's GPU is chosen by
+// select_local_device in mptrain/runtime.hpp). Only built with MPTRAIN_WITH_CUDA.
 //
-// Stream model (DESIGN.md, "Gradient communication runs on its own stream"): the communicator owns one
-// communication stream (non-blocking, highest priority). Every collective records an event on the caller's
-// compute stream, makes the communication stream wait on it, enqueues the NCCL operation there and records a
-// completion event. Nothing blocks the host:
+// Stream model (docs/DESIGN.md, "The two interfaces"): the communicator owns one communication stream
+// (non-blocking, highest priority). Every collective records an event on the caller's compute stream, makes
+// the communication stream wait on it, enqueues the NCCL operation there and records a completion event.
+// Nothing blocks the host:
 //  - the blocking calls (all_reduce, reduce_scatter, all_gather, broadcast) make the compute stream wait on
 //    the completion event and return at once: the result is ready for any later work on the compute stream
 //    (and for Backend::copy_to_host, which synchronises the compute stream);
@@ -33,16 +33,6 @@
 #include "mptrain/comm.hpp"
 
 namespace mpt {
-
-/// This rank's CUDA device: the node-local rank (OMPI_COMM_WORLD_LOCAL_RANK, else SLURM_LOCALID, else the
-/// rank in MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED)) modulo the number of visible devices. Does not
-/// set the device: call cudaSetDevice with the result before creating the CUDA backend and the
-/// NcclCommunicator. Collective over `comm` (every rank must call it). Throws mpt::InputError on every rank
-/// when any rank has no CUDA device ("no CUDA device") or two ranks of a node would drive the same physical
-/// GPU (compared by UUID, so one GPU per task with its own CUDA_VISIBLE_DEVICES is fine; NCCL does not
-/// support sharing); the message names the rank and device counts and CUDA_VISIBLE_DEVICES. Throws
-/// mpt::LibraryError when MPI fails.
-int select_local_device(MPI_Comm comm);
 
 class NcclCommunicator final : public Communicator {
  public:

@@ -27,17 +27,9 @@ template <typename T>
 void grad_check(double* block_sums, float* found_inf, const T* grads, const size_t* block_starts,
                 size_t num_blocks, size_t block_elements, cudaStream_t stream);
 
-/// Phase 6 on the device: AdamW (kernels/common/adamw.hpp) over `num_segments` segments (device array).
-/// Reads *found_inf and does nothing when it is non-zero, so an overflowing step needs no host sync. The
-/// gradient multiplier is computed on the device as (*clip_factor) / (*loss_scale); `step.grad_multiplier`
-/// is ignored.
-template <typename T>
-void adamw(float* master, float* m, float* v, const T* grads, const AdamWSegment* segments,
-           size_t num_segments, size_t max_segment_elements, const common::AdamWStep& step,
-           const float* found_inf, const float* loss_scale, const float* clip_factor, cudaStream_t stream);
-
-/// Phase 6 on the device with the step state: AdamW with the constants state->step (written by amp_prepare),
-/// nothing when state->flags[kFoundInf] is set. `max_segment_elements` only sizes the grid (any upper bound
+/// Phase 6 on the device: AdamW (kernels/common/adamw.hpp) over `num_segments` segments (device array) with
+/// the constants state->step (written by amp_prepare), nothing when state->flags[kFoundInf] is set, so an
+/// overflowing step needs no host sync. `max_segment_elements` only sizes the grid (any upper bound
 /// of the largest segment works).
 template <typename T>
 void adamw(float* master, float* m, float* v, const T* grads, const AdamWSegment* segments,

@@ -71,7 +71,7 @@ struct StepResult {
   // Wall-clock seconds of the phases on this rank as seen by the host in step_async() (the CPU backend runs
   // synchronously, so these are the phases' times there; on CUDA they are enqueue times).
   double check_seconds = 0;      ///< phases 4-5: inf/NaN check, block sums, found_inf agreement
-  double optimizer_seconds = 0;  ///< phase 6: block-sum gather, norm, clipping, AdamW
+  double optimizer_seconds = 0;  ///< phase 6: block-sum gather, norm, clipping, AdamW, loss-scale update
   double gather_seconds = 0;     ///< phase 7: cast and weight all-gather
 };
 
@@ -171,14 +171,23 @@ class MixedPrecisionEngine {
   /// Phase 3: starts the buckets not reported yet and waits for all. After it, this rank's slices of grads
   /// hold the average over ranks (reduce-scatter mode: other slices are unspecified; all-reduce: all valid).
   void sync_grads();
-  /// Phases 4-7 on the gradients as they stand, enqueued without any host read of the step state: the
-  /// inf/NaN check and block sums (grad_check, which also records this rank's `stop_requested`), the MAX
-  /// all-reduce of {found_inf, stop} and the block-sum all-gather (through the Communicator, on backend
-  /// memory), norm/clip/lr (amp_prepare), AdamW and the cast (both skip themselves on found_inf), the weight
-  /// all-gather (issued on every step: on a skipped one it re-sends unchanged weights), and the scaler update
-  /// with Adam's t. In data-parallel training call sync_grads() (or report every tensor through grad_done())
-  /// first; with no bucket started the gradients are taken as already reduced (every rank must then hold the
-  /// same values in its slices). Throws mpt::Error when only some buckets were started.
+  /// Phase 4 on the gradients as they stand: the read-only pass over this rank's shard (Backend::grad_check:
+  /// found_inf and the FP64 block sums), which also records this rank's `stop_requested`. In data-parallel
+  /// training call sync_grads() (or report every tensor through grad_done()) first; with no bucket started
+  /// the gradients are taken as already reduced (every rank must then hold the same values in its slices).
+  /// Throws mpt::Error when only some buckets were started. Phases 4-7 enqueue without any host read of the
+  /// step state; call check_grads(), agree(), update(), gather_params() in this order, every rank alike.
+  void check_grads(bool stop_requested = false);
+  /// Phase 5: the MAX all-reduce of {found_inf, stop} through the Communicator on backend memory, so every
+  /// rank takes the same decision in phase 6.
+  void agree();
+  /// Phase 6: the block-sum all-gather, norm/clip/lr in the fixed block order (Backend::amp_prepare), AdamW
+  /// on the master shard (skips itself on found_inf), then the loss-scaler update with Adam's t.
+  void update();
+  /// Phase 7: this rank's slices of the weights cast from the master shard (skipped on found_inf) and the
+  /// weight all-gather (issued on every step: on a skipped one it re-sends unchanged weights).
+  void gather_params();
+  /// Phases 4-7: check_grads(stop_requested), agree(), update(), gather_params().
   void step_async(bool stop_requested = false);
   /// Reads the step state back (a host synchronisation), refreshes the host mirrors (scaler(), loss_scale(),
   /// applied_steps()) and describes the last step_async(). Throws mpt::NumericsError, on every rank alike
@@ -209,16 +218,17 @@ class MixedPrecisionEngine {
   int64_t applied_steps_ = 0;
 
   Buffer params_, grads_, master_, adam_m_, adam_v_;
-  Buffer micro_grads_;                     // only with fp32_grad_accumulation: backward's target, dtype
-  std::vector<ElementRange> my_slices_;    // this rank's slice of every bucket, in shard order
-  std::vector<AdamWSegment> my_segments_;  // real-parameter parts of the shard
+  Buffer micro_grads_;  // only with fp32_grad_accumulation: backward's target, dtype
+  // The tables of the optimizer-side ops, registered with backend_ at construction.
+  Table<ElementRange> my_slices_;    // this rank's slice of every bucket, in shard order
+  Table<AdamWSegment> my_segments_;  // real-parameter parts of the shard
+  Table<size_t> norm_order_;         // ParamLayout::global_block_order()
   common::ScalerRule scaler_rule_;
   common::OptimizerRule optimizer_rule_;
-  Buffer state_;                    // one common::AmpState, backend memory
-  Buffer block_sums_;               // this rank's block sums (blocks_per_rank doubles), backend memory
-  Buffer gathered_block_sums_;      // every rank's, rank-major, backend memory
-  std::vector<size_t> norm_order_;  // ParamLayout::global_block_order()
-  StepResult timings_;              // host-side phase times of the last step_async()
+  Buffer state_;                // one common::AmpState, backend memory
+  Buffer block_sums_;           // this rank's block sums (blocks_per_rank doubles), backend memory
+  Buffer gathered_block_sums_;  // every rank's, rank-major, backend memory
+  StepResult timings_;          // host-side phase times of the last step_async()
   std::vector<std::unique_ptr<CommRequest>> pending_;  // per bucket; null when not started this step
   // grad_done(): buckets each tensor overlaps, tensors overlapping each bucket, this step's counts.
   std::vector<std::vector<size_t>> tensor_buckets_;

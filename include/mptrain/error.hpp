@@ -48,6 +48,8 @@ class LibraryError : public Error {
 };
 
 namespace detail {
+/// This machine's host name (gethostname), or "?" when it cannot be read. Never throws.
+std::string host_name();
 /// "rank R on HOST" for messages; rank is -1 before MPI is initialised. Never throws.
 std::string where_am_i();
 /// Formats "LIBRARY error at FILE:LINE (rank R on HOST): CALL: MESSAGE". Never throws.

@@ -1,8 +1,8 @@
 // Order-preserving integer keys of floating-point bit patterns, for the NaN-propagating max of the NCCL
-// communicator (cuda/max_keys.hpp) and tested on the CPU. A float's bit pattern read as a sign-magnitude
-// integer is ordered like the float; flipping every bit of a negative value and setting the sign bit of a
-// non-negative one turns that into unsigned order (-inf < ... < -0 < +0 < ... < +inf). Every NaN (any sign,
-// any payload) becomes the largest key, so an unsigned max returns NaN when any input was NaN.
+// communicator (mptrain/cuda_max_keys.hpp) and tested on the CPU. A float's bit pattern read as a
+// sign-magnitude integer is ordered like the float; flipping every bit of a negative value and setting the
+// sign bit of a non-negative one turns that into unsigned order (-inf < ... < -0 < +0 < ... < +inf). Every
+// NaN (any sign, any payload) becomes the largest key, so an unsigned max returns NaN when any input was NaN.
 #pragma once
 
 #include <cstdint>

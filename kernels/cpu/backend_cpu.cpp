@@ -1,5 +1,6 @@
 // The CPU backend: 64-byte aligned host memory with byte accounting, and the CPU op templates dispatched on
 // the storage dtype.
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -29,7 +30,19 @@ void Buffer::reset() noexcept {
   num_bytes_ = 0;
 }
 
+uint64_t Backend::next_table_id() {
+  static std::atomic<uint64_t> last{0};
+  return ++last;
+}
+
 namespace {
+
+/// The elements of `table`, checked to be registered with `backend` (`op` names the caller).
+template <typename E>
+std::span<const E> host_table(const Backend* backend, const Table<E>& table, const char* op) {
+  MPT_CHECK(table.owner() == backend, "{}: the table is not registered with this backend", op);
+  return table.host();
+}
 
 class CpuBackend final : public Backend {
  public:
@@ -50,6 +63,8 @@ class CpuBackend final : public Backend {
     std::free(data);
     bytes_in_use_ -= num_bytes;
   }
+  /// The ops read the handle's own host copy: nothing to store or release.
+  void release_table(uint64_t /*id*/) noexcept override {}
   void fill_zero(void* dst, size_t num_bytes) override {
     if (num_bytes) std::memset(dst, 0, num_bytes);
   }
@@ -159,39 +174,45 @@ class CpuBackend final : public Backend {
 
   void sum_losses(double* acc, const float* losses, int64_t n) override { cpu::sum_losses(acc, losses, n); }
 
-  void grad_check(const void* grads, DType grad_dtype, std::span<const ElementRange> ranges,
+  void grad_check(const void* grads, DType grad_dtype, const Table<ElementRange>& ranges,
                   size_t block_elements, double* block_sums, common::AmpState* state,
                   bool stop_requested) override {
     MPT_CHECK(block_elements >= 1, "grad_check: block_elements must be >= 1");
+    const std::span<const ElementRange> r = host_table(this, ranges, "grad_check");
     size_t num_blocks = 0;
-    for (const ElementRange& r : ranges) num_blocks += r.num_elements / block_elements;
+    for (const ElementRange& range : r) num_blocks += range.num_elements / block_elements;
     const bool found = dispatch_float_dtype(grad_dtype, [&]<typename T>() {
-      return cpu::grad_check(static_cast<const T*>(grads), ranges, block_elements,
+      return cpu::grad_check(static_cast<const T*>(grads), r, block_elements,
                              std::span<double>(block_sums, num_blocks));
     });
     state->flags[common::kFoundInf] = found ? 1.0f : 0.0f;  // zeroed here, every step
     state->flags[common::kStopRequested] = stop_requested ? 1.0f : 0.0f;
   }
-  void amp_prepare(common::AmpState* state, const double* gathered_block_sums, std::span<const size_t> order,
+  void amp_prepare(common::AmpState* state, const double* gathered_block_sums, const Table<size_t>& order,
                    const common::OptimizerRule& rule) override {
-    cpu::amp_prepare(*state, gathered_block_sums, order, rule);
+    cpu::amp_prepare(*state, gathered_block_sums, host_table(this, order, "amp_prepare"), rule);
   }
   void adamw(float* master, float* m, float* v, const void* grads, DType grad_dtype,
-             std::span<const AdamWSegment> segments, const common::AmpState* state) override {
+             const Table<AdamWSegment>& segments, const common::AmpState* state) override {
+    const std::span<const AdamWSegment> s = host_table(this, segments, "adamw");
     if (state->flags[common::kFoundInf] != 0.0f) return;  // skipped step
     dispatch_float_dtype(grad_dtype, [&]<typename T>() {
-      cpu::adamw(master, m, v, static_cast<const T*>(grads), segments, state->step);
+      cpu::adamw(master, m, v, static_cast<const T*>(grads), s, state->step);
     });
   }
-  void cast_master(void* params, DType param_dtype, const float* master, std::span<const ElementRange> ranges,
+  void cast_master(void* params, DType param_dtype, const float* master, const Table<ElementRange>& ranges,
                    const common::AmpState* state) override {
+    const std::span<const ElementRange> r = host_table(this, ranges, "cast_master");
     if (state && state->flags[common::kFoundInf] != 0.0f) return;  // the weights did not change
     dispatch_float_dtype(param_dtype,
-                         [&]<typename T>() { cpu::cast_master(static_cast<T*>(params), master, ranges); });
+                         [&]<typename T>() { cpu::cast_master(static_cast<T*>(params), master, r); });
   }
   void amp_update(common::AmpState* state, const common::ScalerRule& rule) override {
     common::amp_update(*state, rule);
   }
+
+ protected:
+  void store_table(uint64_t /*id*/, const void* /*data*/, size_t /*num_bytes*/) override {}
 
  private:
   size_t bytes_in_use_ = 0;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "mptrain/backend.hpp"
+#include "mptrain/cpu_profile.hpp"
 
 namespace mpt::cpu {
 
@@ -107,18 +108,8 @@ template <typename S>
 void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
                const S* B, int64_t ldb, S beta, S* C, int64_t ldc);
 
-/// Profiling counters of the CPU GEMMs (blas_gemm and onednn_gemm; process-wide, relaxed atomics, a few ns
-/// per call): `outside_seconds` is the wall time of the calls made outside an OpenMP parallel region (the
-/// linear layer's GEMMs, which use all threads), `inside_thread_seconds` the summed per-thread time of the
-/// calls made inside one (attention's per-head GEMMs; divide by the thread count for wall time). Never reset:
-/// callers take differences.
-struct GemmSeconds {
-  double outside_seconds = 0;
-  double inside_thread_seconds = 0;
-};
-GemmSeconds gemm_seconds();
-
-/// Adds one GEMM call's duration to gemm_seconds() (outside or inside a parallel region, by omp_in_parallel).
+/// Adds one GEMM call's duration to gemm_seconds() (mptrain/cpu_profile.hpp) (outside or inside a parallel
+/// region, by omp_in_parallel).
 void record_gemm_nanoseconds(int64_t nanoseconds);
 
 /// FLOP/s of an n x n x n SGEMM on the current OpenMP thread count (best of `repeats`).

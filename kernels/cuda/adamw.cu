@@ -20,28 +20,11 @@ dim3 segment_grid(size_t num_segments, size_t max_segment_elements) {
 }
 }  // namespace
 
+// Every per-step constant is read from the device step state (common::amp_prepare wrote it): no host value
+// of this step enters the launch.
 template <typename T>
 __global__ void adamw_kernel(float* master, float* m, float* v, const T* grads, const AdamWSegment* segments,
-                             size_t num_segments, common::AdamWStep step, const float* found_inf,
-                             const float* loss_scale, const float* clip_factor) {
-  if (*found_inf != 0.0f) return;
-  step.grad_multiplier = *clip_factor / *loss_scale;
-  for (size_t s = blockIdx.y; s < num_segments; s += gridDim.y) {
-    const AdamWSegment seg = segments[s];
-    for (size_t i = blockIdx.x * size_t{kThreads} + threadIdx.x; i < seg.num_elements;
-         i += size_t{gridDim.x} * kThreads) {
-      const size_t k = seg.shard_offset + i;
-      common::adamw_update(master[k], m[k], v[k], load_as_float(grads, seg.flat_offset + i), seg.decay, step);
-    }
-  }
-}
-
-// The same update with every per-step constant read from the device step state (common::amp_prepare wrote
-// it): no host value of this step enters the launch.
-template <typename T>
-__global__ void adamw_state_kernel(float* master, float* m, float* v, const T* grads,
-                                   const AdamWSegment* segments, size_t num_segments,
-                                   const common::AmpState* state) {
+                             size_t num_segments, const common::AmpState* state) {
   if (state->flags[common::kFoundInf] != 0.0f) return;
   const common::AdamWStep step = state->step;
   for (size_t s = blockIdx.y; s < num_segments; s += gridDim.y) {
@@ -68,20 +51,10 @@ __global__ void cast_master_kernel(T* params, const float* master, const AdamWSe
 
 template <typename T>
 void adamw(float* master, float* m, float* v, const T* grads, const AdamWSegment* segments,
-           size_t num_segments, size_t max_segment_elements, const common::AdamWStep& step,
-           const float* found_inf, const float* loss_scale, const float* clip_factor, cudaStream_t stream) {
-  if (num_segments == 0) return;
-  adamw_kernel<T><<<segment_grid(num_segments, max_segment_elements), kThreads, 0, stream>>>(
-      master, m, v, grads, segments, num_segments, step, found_inf, loss_scale, clip_factor);
-  MPT_CUDA_LAUNCH_CHECK();
-}
-
-template <typename T>
-void adamw(float* master, float* m, float* v, const T* grads, const AdamWSegment* segments,
            size_t num_segments, size_t max_segment_elements, const common::AmpState* state,
            cudaStream_t stream) {
   if (num_segments == 0) return;
-  adamw_state_kernel<T><<<segment_grid(num_segments, max_segment_elements), kThreads, 0, stream>>>(
+  adamw_kernel<T><<<segment_grid(num_segments, max_segment_elements), kThreads, 0, stream>>>(
       master, m, v, grads, segments, num_segments, state);
   MPT_CUDA_LAUNCH_CHECK();
 }
@@ -95,12 +68,10 @@ void cast_master(T* params, const float* master, const AdamWSegment* segments, s
   MPT_CUDA_LAUNCH_CHECK();
 }
 
-#define MPT_INSTANTIATE(T)                                                                                  \
-  template void adamw<T>(float*, float*, float*, const T*, const AdamWSegment*, size_t, size_t,             \
-                         const common::AdamWStep&, const float*, const float*, const float*, cudaStream_t); \
-  template void cast_master<T>(T*, const float*, const AdamWSegment*, size_t, size_t, const float*,         \
-                               cudaStream_t);                                                               \
-  template void adamw<T>(float*, float*, float*, const T*, const AdamWSegment*, size_t, size_t,             \
+#define MPT_INSTANTIATE(T)                                                                          \
+  template void cast_master<T>(T*, const float*, const AdamWSegment*, size_t, size_t, const float*, \
+                               cudaStream_t);                                                       \
+  template void adamw<T>(float*, float*, float*, const T*, const AdamWSegment*, size_t, size_t,     \
                          const common::AmpState*, cudaStream_t);
 MPT_INSTANTIATE(float)
 MPT_INSTANTIATE(half)

@@ -21,6 +21,7 @@
 #include "cuda/attention_cudnn.cuh"
 #include "cuda/blas_context.cuh"
 #include "cuda/dtype.cuh"
+#include "cuda/warp.cuh"
 #include "mptrain/cuda_blas.hpp"
 #include "mptrain/cuda_check.hpp"
 #include "mptrain/error.hpp"
@@ -31,21 +32,10 @@ namespace {
 
 constexpr int kThreads = 256;  // elementwise kernels
 constexpr int kRowWarps = 4;   // softmax kernels: one warp per row, this many rows per block
-constexpr unsigned kFullMask = 0xffffffffu;
 
 /// Raw element of a storage type, for moves that must not convert (half/bf16 as their 16 bits).
 template <typename T>
 using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, float>;
-
-__device__ __forceinline__ float warp_max(float x) {
-  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
-  return x;
-}
 
 unsigned grid_for(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{1} << 20));

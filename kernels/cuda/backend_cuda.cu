@@ -3,9 +3,10 @@
 // include/mptrain/cuda_blas.hpp (cuBLASLt linear layers, attention) and include/mptrain/cuda_ops.hpp (the
 // optimizer-side kernels). Ops enqueue on the backend's stream and return; copy_to_host and synchronize wait.
 //
-// The host-side arrays the optimizer ops take (ranges, segments) are uploaded once and cached by content, so
-// a training step that passes the same spans every time copies nothing: the step's scalars (loss scale,
-// found_inf, clip factor, lr, Adam's t) live in device memory (common::AmpState).
+// The tables the optimizer ops take (ranges, segments, order) are uploaded once, when they are registered,
+// and the arrays the kernels derive from them (block starts, cast segments) on their first use; a training
+// step copies nothing: the step's scalars (loss scale, found_inf, clip factor, lr, Adam's t) live in device
+// memory (common::AmpState).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -100,6 +101,14 @@ class CudaBackend final : public Backend {
       if (rc != cudaSuccess) log_cuda_failure("cudaFree", rc);
     }
     bytes_in_use_ -= num_bytes;
+  }
+  void release_table(uint64_t id) noexcept override {
+    const auto it = tables_.find(id);
+    if (it == tables_.end()) return;
+    // Ops still reading the table finish first (as in release).
+    const cudaError_t rc = cudaStreamSynchronize(stream_.get());
+    if (rc != cudaSuccess) log_cuda_failure("cudaStreamSynchronize before freeing a table", rc);
+    tables_.erase(it);
   }
   void fill_zero(void* dst, size_t num_bytes) override {
     if (num_bytes) MPT_CUDA_CHECK(cudaMemsetAsync(dst, 0, num_bytes, stream_.get()));
@@ -245,13 +254,14 @@ class CudaBackend final : public Backend {
     cuda::sum_losses(acc, losses, n, stream());
   }
 
-  void grad_check(const void* grads, DType grad_dtype, std::span<const ElementRange> ranges,
+  void grad_check(const void* grads, DType grad_dtype, const Table<ElementRange>& ranges,
                   size_t block_elements, double* block_sums, common::AmpState* state,
                   bool stop_requested) override {
     MPT_CHECK(block_elements >= 1, "cuda grad_check: block_elements must be >= 1");
     MPT_CHECK(state != nullptr, "cuda grad_check: state is null");
+    DeviceTable& table = device_table(ranges, "cuda grad_check");
     size_t num_blocks = 0;
-    for (const ElementRange& r : ranges) {
+    for (const ElementRange& r : ranges.host()) {
       MPT_CHECK(r.num_elements % block_elements == 0,
                 "cuda grad_check: range at offset {} has {} elements, not a multiple of the block size {}",
                 r.offset, r.num_elements, block_elements);
@@ -259,18 +269,21 @@ class CudaBackend final : public Backend {
     }
     float* found_inf = &state->flags[common::kFoundInf];
     if (num_blocks > 0) {
-      // The block starts follow from the ranges (a few per bucket): cached by the ranges, built on a miss.
-      const auto* d_starts = static_cast<const size_t*>(upload_derived('g', ranges, block_elements, [&] {
+      // Each block's first element, derived from the ranges once per block size.
+      if (table.block_starts_for != block_elements) {
         std::vector<size_t> starts;
         starts.reserve(num_blocks);
-        for (const ElementRange& r : ranges)
+        for (const ElementRange& r : ranges.host())
           for (size_t b = 0; b < r.num_elements; b += block_elements) starts.push_back(r.offset + b);
-        return starts;
-      }));
+        if (table.block_starts.data()) synchronize();  // no op still reads the starts of the other size
+        table.block_starts = upload(std::span<const size_t>(starts));
+        table.block_starts_for = block_elements;
+      }
       // The launcher zeroes *found_inf on the stream before the pass.
       dispatch_float_dtype(grad_dtype, [&]<typename S>() {
-        cuda::grad_check(block_sums, found_inf, static_cast<const S*>(grads), d_starts, num_blocks,
-                         block_elements, stream());
+        cuda::grad_check(block_sums, found_inf, static_cast<const S*>(grads),
+                         static_cast<const size_t*>(table.block_starts.data()), num_blocks, block_elements,
+                         stream());
       });
     } else {
       cuda::write_flag(found_inf, 0.0f, stream());  // a rank with an empty shard still owns the flag
@@ -278,47 +291,50 @@ class CudaBackend final : public Backend {
     cuda::write_flag(&state->flags[common::kStopRequested], stop_requested ? 1.0f : 0.0f, stream());
   }
 
-  void amp_prepare(common::AmpState* state, const double* gathered_block_sums, std::span<const size_t> order,
+  void amp_prepare(common::AmpState* state, const double* gathered_block_sums, const Table<size_t>& order,
                    const common::OptimizerRule& rule) override {
-    const auto* d_order = static_cast<const size_t*>(upload_cached('o', order.data(), order.size()));
-    cuda::amp_prepare(state, gathered_block_sums, d_order, order.size(), rule, stream());
+    const DeviceTable& table = device_table(order, "cuda amp_prepare");
+    cuda::amp_prepare(state, gathered_block_sums, static_cast<const size_t*>(table.elements.data()),
+                      order.size(), rule, stream());
   }
 
   void adamw(float* master, float* m, float* v, const void* grads, DType grad_dtype,
-             std::span<const AdamWSegment> segments, const common::AmpState* state) override {
+             const Table<AdamWSegment>& segments, const common::AmpState* state) override {
+    const DeviceTable& table = device_table(segments, "cuda adamw");
     if (segments.empty()) return;
     size_t max_elements = 0;
-    for (const AdamWSegment& s : segments) max_elements = std::max(max_elements, s.num_elements);
-    const auto* d_segments =
-        static_cast<const AdamWSegment*>(upload_cached('a', segments.data(), segments.size()));
+    for (const AdamWSegment& s : segments.host()) max_elements = std::max(max_elements, s.num_elements);
     dispatch_float_dtype(grad_dtype, [&]<typename S>() {
-      cuda::adamw(master, m, v, static_cast<const S*>(grads), d_segments, segments.size(), max_elements,
+      cuda::adamw(master, m, v, static_cast<const S*>(grads),
+                  static_cast<const AdamWSegment*>(table.elements.data()), segments.size(), max_elements,
                   state, stream());
     });
   }
 
-  void cast_master(void* params, DType param_dtype, const float* master, std::span<const ElementRange> ranges,
+  void cast_master(void* params, DType param_dtype, const float* master, const Table<ElementRange>& ranges,
                    const common::AmpState* state) override {
+    DeviceTable& table = device_table(ranges, "cuda cast_master");
     size_t num_segments = 0, max_elements = 0;
-    for (const ElementRange& r : ranges) {
+    for (const ElementRange& r : ranges.host()) {
       num_segments += r.num_elements > 0 ? 1 : 0;
       max_elements = std::max(max_elements, r.num_elements);
     }
     if (num_segments == 0) return;
-    // Cached by the ranges (no padding bytes in the key, unlike AdamWSegment), built on a miss.
-    const auto* d_segments = static_cast<const AdamWSegment*>(upload_derived('c', ranges, 0, [&] {
+    // The kernel's segments (shard position running through the non-empty ranges), derived once.
+    if (table.cast_segments.data() == nullptr) {
       std::vector<AdamWSegment> segments;
       size_t shard_position = 0;
-      for (const ElementRange& r : ranges) {
+      for (const ElementRange& r : ranges.host()) {
         if (r.num_elements == 0) continue;
         segments.push_back({shard_position, r.offset, r.num_elements, true});
         shard_position += r.num_elements;
       }
-      return segments;
-    }));
+      table.cast_segments = upload(std::span<const AdamWSegment>(segments));
+    }
     dispatch_float_dtype(param_dtype, [&]<typename S>() {
-      cuda::cast_master(static_cast<S*>(params), master, d_segments, num_segments, max_elements,
-                        state ? &state->flags[common::kFoundInf] : nullptr, stream());
+      cuda::cast_master(static_cast<S*>(params), master,
+                        static_cast<const AdamWSegment*>(table.cast_segments.data()), num_segments,
+                        max_elements, state ? &state->flags[common::kFoundInf] : nullptr, stream());
     });
   }
 
@@ -326,10 +342,14 @@ class CudaBackend final : public Backend {
     cuda::amp_update(state, rule, stream());
   }
 
- private:
-  /// Cached uploads are dropped (all at once) beyond this many distinct arrays.
-  static constexpr size_t kMaxCachedUploads = 64;
+ protected:
+  void store_table(uint64_t id, const void* data, size_t num_bytes) override {
+    DeviceTable table;
+    table.elements = upload(std::span<const std::byte>(static_cast<const std::byte*>(data), num_bytes));
+    tables_.emplace(id, std::move(table));
+  }
 
+ private:
   cudaStream_t stream() const { return stream_.get(); }
 
   /// A device scratch area of at least `num_bytes`, grown (never shrunk) on demand. Reuse between ops is
@@ -344,47 +364,32 @@ class CudaBackend final : public Backend {
     return workspace_.data();
   }
 
-  /// Device copy of `count` elements at `data`, uploaded the first time this content (tagged by the op) is
-  /// seen and reused afterwards. Null for an empty array.
+  /// A registered table's device copy, and the arrays the ops derive from it on first use.
+  struct DeviceTable {
+    DeviceMemory elements;      // the registered elements
+    DeviceMemory block_starts;  // grad_check: each block's first element, for block size block_starts_for
+    size_t block_starts_for = 0;
+    DeviceMemory cast_segments;  // cast_master: the ranges as AdamWSegments with shard positions
+  };
+
+  /// Device copy of `values` (null for none), enqueued on the stream. From pageable memory the copy is staged
+  /// before the call returns, so `values` may go away afterwards.
   template <typename E>
-  const void* upload_cached(char tag, const E* data, size_t count) {
-    if (count == 0) return nullptr;
-    const size_t bytes = count * sizeof(E);
-    std::string key(1, tag);
-    key.append(reinterpret_cast<const char*>(data), bytes);
-    auto it = uploads_.find(key);
-    if (it != uploads_.end()) return it->second.data();
-    if (uploads_.size() >= kMaxCachedUploads) {
-      synchronize();  // no op still reads the old arrays
-      uploads_.clear();
-    }
-    DeviceMemory memory(bytes);
-    // From pageable memory: staged before the call returns, so `data` may go away afterwards.
-    MPT_CUDA_CHECK(cudaMemcpyAsync(memory.data(), data, bytes, cudaMemcpyHostToDevice, stream()));
-    return uploads_.emplace(std::move(key), std::move(memory)).first->second.data();
+  DeviceMemory upload(std::span<const E> values) {
+    DeviceMemory memory(values.size_bytes());
+    if (!values.empty())
+      MPT_CUDA_CHECK(cudaMemcpyAsync(memory.data(), values.data(), values.size_bytes(),
+                                     cudaMemcpyHostToDevice, stream()));
+    return memory;
   }
 
-  /// Device copy of the array `make()` builds from `key` (+ `extra`), cached by the key's content so the
-  /// (possibly long) derived array is built and uploaded once.
-  template <typename K, typename Make>
-  const void* upload_derived(char tag, std::span<const K> key, size_t extra, const Make& make) {
-    std::string id(1, tag);
-    id.append(reinterpret_cast<const char*>(&extra), sizeof(extra));
-    id.append(reinterpret_cast<const char*>(key.data()), key.size_bytes());
-    auto it = uploads_.find(id);
-    if (it != uploads_.end()) return it->second.data();
-    const auto values = make();
-    if (values.empty()) return nullptr;
-    if (uploads_.size() >= kMaxCachedUploads) {
-      synchronize();
-      uploads_.clear();
-    }
-    using E = typename decltype(values)::value_type;
-    DeviceMemory memory(values.size() * sizeof(E));
-    // From pageable memory: staged before the call returns, so `values` may go away afterwards.
-    MPT_CUDA_CHECK(cudaMemcpyAsync(memory.data(), values.data(), values.size() * sizeof(E),
-                                   cudaMemcpyHostToDevice, stream()));
-    return uploads_.emplace(std::move(id), std::move(memory)).first->second.data();
+  /// The device side of `table`; throws mpt::Error (naming `op`) for a table of another backend.
+  template <typename E>
+  DeviceTable& device_table(const Table<E>& table, const char* op) {
+    const auto it = tables_.find(table.id());
+    MPT_CHECK(table.owner() == this && it != tables_.end(),
+              "{}: the table is not registered with this backend", op);
+    return it->second;
   }
 
   double measure_fp16_gemm_flops() {
@@ -420,7 +425,7 @@ class CudaBackend final : public Backend {
   Stream stream_ = Stream::create();
   cuda::BlasContext blas_;
   DeviceMemory workspace_;
-  std::unordered_map<std::string, DeviceMemory> uploads_;
+  std::unordered_map<uint64_t, DeviceTable> tables_;  // registered tables by id
   size_t bytes_in_use_ = 0;
   double peak_flops_ = 0.0;
 

@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "cuda/dtype.cuh"
+#include "cuda/warp.cuh"
 #include "mptrain/cuda_check.hpp"
 #include "mptrain/cuda_kernels.hpp"
 
@@ -23,11 +24,6 @@ constexpr float kEps = 1e-5f;
 /// dweight/dbias reduction: at least this many rows per block, and at most kMaxRowBlocks blocks.
 constexpr int64_t kMinRowsPerBlock = 32;
 constexpr int64_t kMaxRowBlocks = 1024;
-
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 int64_t rows_per_block(int64_t rows) {
   return std::max(kMinRowsPerBlock, (rows + kMaxRowBlocks - 1) / kMaxRowBlocks);

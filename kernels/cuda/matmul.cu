@@ -229,9 +229,8 @@ void BlasContext::State::gemm(const GemmCall& g, cudaStream_t stream) {
     MPT_CUBLAS_CHECK(rc);
     if (found < 1 || result.state != CUBLAS_STATUS_SUCCESS)
       throw LibraryError(
-          MPT_FORMAT("cuBLASLt has no algorithm for the GEMM M = {}, N = {}, K = {}, batch = {}, trans_a = "
-                     "{}, trans_b = "
-                     "{}, lda = {}, ldb = {}, ldc = {}, types {}/{}, bias {}",
+          MPT_FORMAT("cuBLASLt has no algorithm for the GEMM M = {}, N = {}, K = {}, batch = {}, "
+                     "trans_a = {}, trans_b = {}, lda = {}, ldb = {}, ldc = {}, types {}/{}, bias {}",
                      g.M, g.N, g.K, g.batch, g.trans_a, g.trans_b, g.lda, g.ldb, g.ldc,
                      static_cast<int>(g.ab_type), static_cast<int>(g.c_type), g.bias != nullptr));
     plan.algo = result.algo;

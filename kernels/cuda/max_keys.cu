@@ -1,10 +1,10 @@
-// Order-preserving integer keys for the NaN-propagating max of the NCCL communicator (cuda/max_keys.hpp):
-// element-wise kernels over the key math of common/max_key.hpp.
+// Order-preserving integer keys for the NaN-propagating max of the NCCL communicator
+// (mptrain/cuda_max_keys.hpp): element-wise kernels over the key math of common/max_key.hpp.
 #include <cstdint>
 
 #include "common/max_key.hpp"
-#include "cuda/max_keys.hpp"
 #include "mptrain/cuda_check.hpp"
+#include "mptrain/cuda_max_keys.hpp"
 
 namespace mpt::cuda {
 

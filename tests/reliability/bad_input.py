@@ -1,4 +1,4 @@
-"""The bad-input matrix of mptrain (issue 8): one case per bad flag, config file, data file, checkpoint or
+"""The bad-input matrix of mptrain: one case per bad flag, config file, data file, checkpoint or
 rank disagreement, each run under `mpiexec -n 2` in a fresh directory.
 
 Every case asserts: the exit code (2 for a usage error, 1 for a file that cannot be used), exactly one line

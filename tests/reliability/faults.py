@@ -1,4 +1,4 @@
-"""Numerical and process faults of mptrain (issue 8), each a CTest case under `mpiexec -n 2`:
+"""Numerical and process faults of mptrain, each a CTest case under `mpiexec -n 2`:
 
   inject_overflow / inject_nan / inject_overflow_many_buckets
                                   one poisoned gradient: the step is skipped on every rank, the scale halves,
