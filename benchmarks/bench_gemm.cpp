@@ -1,4 +1,6 @@
-// Time of the CPU linear layer (kernels/cpu/matmul.cpp) per storage type and thread count.
+// Time of the CPU linear layer (kernels/cpu/matmul.cpp) per storage type and thread count, and of its three
+// GEMMs alone in each library the backend can use (OpenBLAS SGEMM, oneDNN f32 and bf16 matmul): the
+// measurement behind the choice of library (`bench_gemm --benchmark_filter=gemm/`).
 //
 // Shapes are the GPT MLP of a small model at B=16, T=128 (rows = 2048), C = 128: the expansion fc
 // (IC=128 -> OC=512) and the projection back (IC=512 -> OC=128). matmul_backward runs both transposed GEMMs
@@ -16,12 +18,14 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <benchmark/benchmark.h>
 #include <fmt/format.h>
 #include <omp.h>
 
+#include "cpu/onednn_gemm.hpp"
 #include "cpu/ops.hpp"
 #include "mptrain/dtype.hpp"
 
@@ -116,7 +120,70 @@ void register_dtype(const char* dtype) {
   }
 }
 
+// ---- The GEMM libraries alone, on the three GEMMs of the linear layer: which one the CPU backend uses ----
+
+enum class Library { openblas_f32, onednn_f32, onednn_bf16 };
+
+/// One of the linear layer's GEMMs, C = op(A) op(B): forward out = inp W^T [rows,OC]; dinp = dout W
+/// [rows,IC]; dweight = dout^T inp [OC,IC].
+struct Gemm {
+  const char* name;
+  bool trans_a, trans_b;
+  int64_t M, N, K;
+};
+
+void bench_library(benchmark::State& state, Library lib, Gemm g, int threads) {
+  set_threads(threads);
+  const int64_t lda = g.trans_a ? g.M : g.K, ldb = g.trans_b ? g.K : g.N;
+  const auto a = random_values<float>(static_cast<size_t>(g.M * g.K), 1);
+  const auto b = random_values<float>(static_cast<size_t>(g.K * g.N), 2);
+  const auto a16 = random_values<bf16>(a.size(), 1);
+  const auto b16 = random_values<bf16>(b.size(), 2);
+  std::vector<float> c(static_cast<size_t>(g.M * g.N));
+  for (auto _ : state) {
+    switch (lib) {
+      case Library::openblas_f32:
+        mpt::cpu::blas_gemm<float>(g.trans_a, g.trans_b, g.M, g.N, g.K, 1.0f, a.data(), lda, b.data(), ldb,
+                                   0.0f, c.data(), g.N);
+        break;
+      case Library::onednn_f32:
+        mpt::cpu::onednn_gemm<float>(g.trans_a, g.trans_b, g.M, g.N, g.K, a.data(), lda, b.data(), ldb, 0.0f,
+                                     c.data(), g.N);
+        break;
+      case Library::onednn_bf16:
+        mpt::cpu::onednn_gemm<bf16>(g.trans_a, g.trans_b, g.M, g.N, g.K, a16.data(), lda, b16.data(), ldb,
+                                    0.0f, c.data(), g.N);
+        break;
+    }
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * static_cast<double>(g.M * g.N * g.K) * 1e-9,
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void register_libraries() {
+  const std::pair<Library, const char*> libs[] = {{Library::openblas_f32, "openblas_f32"},
+                                                  {Library::onednn_f32, "onednn_f32"},
+                                                  {Library::onednn_bf16, "onednn_bf16"}};
+  for (const Shape& s : kShapes) {
+    const Gemm gemms[] = {{"forward", false, true, s.rows, s.OC, s.IC},
+                          {"dinp", false, false, s.rows, s.IC, s.OC},
+                          {"dweight", true, false, s.OC, s.IC, s.rows}};
+    for (const Gemm& g : gemms)
+      for (int threads : kThreadCounts)
+        for (const auto& [lib, lib_name] : libs) {
+          const std::string name = fmt::format("gemm/{}/{}/{}/{}x{}x{}/threads:{}", lib_name, s.name, g.name,
+                                               g.M, g.N, g.K, threads);
+          benchmark::RegisterBenchmark(name.c_str(), bench_library, lib, g, threads)
+              ->Unit(benchmark::kMillisecond)
+              ->UseRealTime();
+        }
+  }
+}
+
 [[maybe_unused]] const bool kRegistered = [] {
+  register_libraries();
   register_dtype<float>("f32");
   register_dtype<half>("f16");
   register_dtype<bf16>("bf16");

@@ -26,6 +26,7 @@
 #include "bench_common.hpp"
 #include "bench_stats.hpp"
 #include "mptrain/config.hpp"
+#include "mptrain/cpu_profile.hpp"
 #include "mptrain/engine.hpp"
 #include "mptrain/model.hpp"
 
@@ -113,6 +114,7 @@ int main(int argc, char** argv) {
                                             "check",   "norm_adamw", "all_gather", "step"};
     std::map<std::string, std::vector<double>> samples;
     std::vector<double> overhead_fraction;
+    std::vector<double> gemm_share;  // CPU: GEMM wall time (attention's per-thread time / threads) / step
     int64_t skipped = 0;
     double last_loss = 0;
     const double update_seconds = scale_update_seconds(engine.scaler());
@@ -120,6 +122,7 @@ int main(int argc, char** argv) {
       host_comm.barrier();
       backend->synchronize();
       const auto t0 = Clock::now();
+      const mpt::cpu::GemmSeconds gemm0 = mpt::cpu::gemm_seconds();
       double forward_seconds = 0, backward_seconds = 0;
       engine.zero_grads();
       const float factor = engine.loss_scale() / static_cast<float>(accumulation);
@@ -151,7 +154,11 @@ int main(int argc, char** argv) {
                                optimizer_seconds, r.check_seconds,        r.optimizer_seconds,
                                r.gather_seconds,  seconds_between(t0, s2)};
       host_comm.all_reduce(std::span<double>(t), mpt::ReduceOp::max);
+      const mpt::cpu::GemmSeconds gemm1 = mpt::cpu::gemm_seconds();
+      const double gemm_wall = (gemm1.outside_seconds - gemm0.outside_seconds) +
+                               (gemm1.inside_thread_seconds - gemm0.inside_thread_seconds) / threads;
       if (it < warmup) continue;
+      gemm_share.push_back(gemm_wall / seconds_between(t0, s2));
       skipped += r.skipped ? 1 : 0;
       for (size_t i = 0; i < names.size(); ++i) samples[names[i]].push_back(t[i]);
       overhead_fraction.push_back((t[4] + update_seconds) / t[7]);
@@ -217,20 +224,28 @@ int main(int argc, char** argv) {
           {"scaler_enabled", rc.precision == "fp16"},
           {"note",
            "the check pass also produces the grad-norm block sums that clipping needs in every mode"}};
+      if (backend->name() == "cpu") {
+        report["gemm_share"] = to_json(mpt::bench::stats(gemm_share));
+        report["gemm_share_definition"] =
+            "rank 0: wall time inside OpenBLAS/oneDNN GEMM calls per step / step time, per iteration "
+            "(attention's "
+            "per-head GEMMs run inside a parallel region: their summed thread time / threads)";
+      }
       report["skipped_steps"] = skipped;
       report["loss_last_step"] = last_loss;
       report["loss_scale"] = engine.loss_scale();
       const mpt::MemoryReport m = engine.memory();
       report["memory_bytes_per_rank"] = {{"state", m.state_bytes()},
                                          {"activations", model.activation_bytes()}};
-      std::fprintf(stderr,
-                   "bench_step %s %s L=%lld C=%lld T=%lld B=%lld K=%lld ranks=%d threads=%d: step %.1f ms "
-                   "(min %.1f max %.1f), %.0f tokens/s, MFU %.1f%%, loss scaling %.3f%%\n",
-                   device.c_str(), rc.precision.c_str(), static_cast<long long>(cfg.num_layers),
-                   static_cast<long long>(cfg.channels), static_cast<long long>(T), static_cast<long long>(B),
-                   static_cast<long long>(accumulation), N, threads, 1e3 * step.median, 1e3 * step.min,
-                   1e3 * step.max, tokens_per_step / step.median, 100.0 * report["mfu"].get<double>(),
-                   100.0 * overhead.median);
+      std::fprintf(
+          stderr,
+          "bench_step %s %s L=%lld C=%lld T=%lld B=%lld K=%lld ranks=%d threads=%d: step %.1f ms "
+          "(min %.1f max %.1f), %.0f tokens/s, MFU %.1f%%, loss scaling %.3f%%, GEMM %.1f%% of step\n",
+          device.c_str(), rc.precision.c_str(), static_cast<long long>(cfg.num_layers),
+          static_cast<long long>(cfg.channels), static_cast<long long>(T), static_cast<long long>(B),
+          static_cast<long long>(accumulation), N, threads, 1e3 * step.median, 1e3 * step.min, 1e3 * step.max,
+          tokens_per_step / step.median, 100.0 * report["mfu"].get<double>(), 100.0 * overhead.median,
+          gemm_share.empty() ? 0.0 : 100.0 * mpt::bench::stats(gemm_share).median);
     }
     return 0;
   });

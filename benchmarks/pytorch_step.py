@@ -10,6 +10,9 @@ multiple of 128, mean cross-entropy over the V real columns; the same initialisa
 torch.optim.AdamW with mptrain's defaults (lr 3e-3, betas 0.9/0.95, eps 1e-8, weight decay 0.1 on 2-D tensors
 only) after clipping the global grad norm to 1.0, as `mptrain train` does.
 
+AdamW is the fused kernel (fused=True) where the torch version has it (CPU: 2.4 and later), else the default;
+--compile runs the model through torch.compile (inductor), the warm-up steps absorbing the compilation.
+
 Precisions: fp32; bf16 = torch.autocast(bfloat16) on CPU or CUDA; fp16amp (CUDA only: PyTorch has no CPU
 FP16 GEMM) = torch.autocast(float16) + GradScaler (torch.amp, or torch.cuda.amp on older versions).
 Attention uses F.scaled_dot_product_attention(is_causal=True) where the torch version has it (2.x), else the
@@ -145,6 +148,9 @@ def main():
     ap.add_argument("--iters", type=int, default=10, help="timed steps")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="peak FLOP/s for MFU in TFLOP/s; 0 = measured FP32 matmul (CPU) or 989 (CUDA bf16 dense)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+    ap.add_argument("--no-fused-adamw", dest="fused_adamw", action="store_false",
+                    help="plain AdamW instead of the fused kernel (the default where torch has it)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--json", help="also write the JSON report to this file")
     a = ap.parse_args()
@@ -167,8 +173,18 @@ def main():
     model = GPT(a.vocab, a.seq_len, a.layers, a.channels, a.heads).to(dev)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    adamw_kind = "plain"
+    opt = None
+    if a.fused_adamw:
+        try:  # fused=True on the CPU since torch 2.4; older versions raise
+            opt = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
+            adamw_kind = "fused"
+        except (TypeError, RuntimeError, ValueError):
+            opt = None
+    if opt is None:
+        opt = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    step_model = torch.compile(model) if a.compile else model
     scaler = make_grad_scaler() if a.precision == "fp16amp" else None
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16amp": torch.float16}[a.precision]
     g = torch.Generator().manual_seed(a.seed)
@@ -190,10 +206,10 @@ def main():
             sync()
             f0 = time.perf_counter()
             if amp_dtype is None:
-                loss = model(tokens, targets)
+                loss = step_model(tokens, targets)
             else:
                 with torch.autocast(device_type=a.device, dtype=amp_dtype):
-                    loss = model(tokens, targets)
+                    loss = step_model(tokens, targets)
             loss = loss / a.accumulation
             sync()
             f1 = time.perf_counter()
@@ -246,6 +262,7 @@ def main():
                    "heads": a.heads, "seq_len": a.seq_len, "vocab": a.vocab, "micro_batch": a.micro_batch,
                    "accumulation": a.accumulation, "threads": a.threads, "warmup": a.warmup, "iters": a.iters,
                    "attention": "scaled_dot_product_attention" if HAS_SDPA else "masked softmax",
+                   "adamw_kind": adamw_kind, "compile": a.compile, "torch_threads": torch.get_num_threads(),
                    "adamw": {"lr": 3e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
                              "grad_clip": 1.0}},
         "machine": {"host": platform.node(), "cpu_model": cpu_model(), "logical_cores": os.cpu_count(),
@@ -269,7 +286,7 @@ def main():
     }
     text = json.dumps(report, indent=2)
     print(text)
-    print(f"pytorch_step {a.device} {a.precision} threads={a.threads}: step {1e3 * step['median']:.1f} ms "
+    print(f"pytorch_step {a.device} {a.precision}{' compiled' if a.compile else ''} threads={a.threads}: step {1e3 * step['median']:.1f} ms "
           f"(min {1e3 * step['min']:.1f} max {1e3 * step['max']:.1f}), "
           f"{report['tokens_per_second']['median']:.0f} tokens/s", file=sys.stderr)
     if a.json:

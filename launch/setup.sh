@@ -13,6 +13,7 @@ packages=(
   build-essential cmake ccache pkg-config git python3
   openmpi-bin libopenmpi-dev
   libopenblas-openmp-dev
+  libsleef-dev libdnnl-dev  # vector tanh/exp (GELU, softmax); oneDNN BF16/F32 matmul (CPU backend)
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev nlohmann-json3-dev libfmt-dev
   clang-format

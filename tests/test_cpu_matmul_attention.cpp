@@ -7,11 +7,14 @@
 // with a tolerance of one unit in the last place of the storage type plus a small absolute term. Buffers sit
 // one element past their allocation start, and sizes are odd, so no path relies on alignment or on multiples
 // of a vector width. The FP16 overflow rule (|x| >= 65520 -> inf, as on a GPU) is checked on exact GEMMs.
+#include <omp.h>
+
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -22,6 +25,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include "cpu/onednn_gemm.hpp"
 #include "cpu/ops.hpp"
 #include "mptrain/dtype.hpp"
 #include "mptrain/error.hpp"
@@ -587,6 +591,167 @@ TEST(MatmulHalf, AccumulatedGradientRoundsOnceAndOverflows) {
   };
   EXPECT_EQ(accumulate(60000, 5504), 65504.0);                                   // exact: still finite
   EXPECT_EQ(accumulate(60000, 10000), std::numeric_limits<double>::infinity());  // 70000
+}
+
+// ---- attention at the GEMM tiles' edges: T not a multiple of the 64-row tile, head sizes 1 and 24 -------
+
+/// Gradient of naive_attention_forward: dqkv += d(sum dout . out)/dqkv, in double, loop by loop.
+void naive_attention_backward(std::vector<double>& dqkv, const std::vector<double>& dout,
+                              const std::vector<double>& qkv, size_t B, size_t T, size_t C, size_t NH) {
+  const size_t hs = C / NH;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+  for (size_t b = 0; b < B; ++b)
+    for (size_t h = 0; h < NH; ++h)
+      for (size_t t = 0; t < T; ++t) {
+        const size_t qo = (b * T + t) * 3 * C + h * hs;
+        std::vector<double> p(t + 1), dp(t + 1);
+        double total = 0, max_score = -1e300;
+        for (size_t s = 0; s <= t; ++s) {
+          double score = 0;
+          for (size_t i = 0; i < hs; ++i) score += qkv[qo + i] * qkv[(b * T + s) * 3 * C + C + h * hs + i];
+          p[s] = score * scale;
+          max_score = std::max(max_score, p[s]);
+        }
+        for (size_t s = 0; s <= t; ++s) total += (p[s] = std::exp(p[s] - max_score));
+        double p_dp = 0;
+        for (size_t s = 0; s <= t; ++s) {
+          p[s] /= total;
+          dp[s] = 0;
+          for (size_t i = 0; i < hs; ++i)
+            dp[s] += dout[(b * T + t) * C + h * hs + i] * qkv[(b * T + s) * 3 * C + 2 * C + h * hs + i];
+          p_dp += p[s] * dp[s];
+        }
+        for (size_t s = 0; s <= t; ++s) {
+          const double ds = p[s] * (dp[s] - p_dp) * scale;
+          const size_t ko = (b * T + s) * 3 * C + C + h * hs, vo = ko + C;
+          for (size_t i = 0; i < hs; ++i) {
+            dqkv[qo + i] += ds * qkv[ko + i];
+            dqkv[ko + i] += ds * qkv[qo + i];
+            dqkv[vo + i] += p[s] * dout[(b * T + t) * C + h * hs + i];
+          }
+        }
+      }
+}
+
+struct AttentionShape {
+  size_t B, T, C, NH;
+};
+// Head size 1 and 24; T below one tile, one past a tile, and over two tiles with a partial last one.
+constexpr AttentionShape kTileEdgeShapes[] = {{2, 67, 3, 3}, {1, 130, 48, 2}, {3, 65, 24, 1}, {1, 5, 48, 2}};
+
+TEST(AttentionDouble, MatchesNaiveForwardAndBackwardAtTileEdges) {
+  for (const AttentionShape& s : kTileEdgeShapes) {
+    std::mt19937 rng(kSeed + 20 + static_cast<unsigned>(s.T));
+    const std::vector<double> qkv = random_normal(s.B * s.T * 3 * s.C, rng, 1.5);
+    const std::vector<double> dout = random_normal(s.B * s.T * s.C, rng);
+    const std::vector<double> dqkv0 = random_normal(qkv.size(), rng);
+    std::vector<double> out(s.B * s.T * s.C), att(s.B * s.NH * s.T * s.T), dqkv = dqkv0, workspace;
+    cpu::attention_forward<double>(out.data(), att.data(), qkv.data(), s.B, s.T, s.C, s.NH);
+    cpu::attention_backward<double>(dqkv.data(), dout.data(), qkv.data(), att.data(), s.B, s.T, s.C, s.NH,
+                                    workspace);
+    std::vector<double> want_out, want_dqkv = dqkv0;
+    naive_attention_forward(want_out, qkv, s.B, s.T, s.C, s.NH);
+    naive_attention_backward(want_dqkv, dout, qkv, s.B, s.T, s.C, s.NH);
+    const std::string at = fmt::format(" T={} hs={}", s.T, s.C / s.NH);
+    EXPECT_TRUE(all_close("out" + at, out, want_out, 1e-12, 1e-12));
+    EXPECT_TRUE(all_close("dqkv" + at, dqkv, want_dqkv, 1e-12, 1e-12));
+    expect_causal_probabilities(att.data(), s.B, s.NH, s.T, 1e-12);
+  }
+}
+
+TEST(AttentionFloat, MatchesNaiveDoubleWithinFp32RoundingAtTileEdges) {
+  for (const AttentionShape& s : kTileEdgeShapes) {
+    std::mt19937 rng(kSeed + 40 + static_cast<unsigned>(s.T));
+    const auto qkv = to_storage<float>(random_normal(s.B * s.T * 3 * s.C, rng, 1.5));
+    const auto dout = to_storage<float>(random_normal(s.B * s.T * s.C, rng));
+    const auto dqkv0 = to_storage<float>(random_normal(qkv.size(), rng));
+    Misaligned<float> m_qkv(qkv), m_dout(dout), out(s.B * s.T * s.C), att(s.B * s.NH * s.T * s.T);
+    Misaligned<float> dqkv(dqkv0);
+    std::vector<float> workspace;
+    cpu::attention_forward<float>(out.data(), att.data(), m_qkv.data(), s.B, s.T, s.C, s.NH);
+    cpu::attention_backward<float>(dqkv.data(), m_dout.data(), m_qkv.data(), att.data(), s.B, s.T, s.C, s.NH,
+                                   workspace);
+    const auto d = [](const std::vector<float>& x) { return to_double(x.data(), x.size()); };
+    std::vector<double> want_out, want_dqkv = d(dqkv0);
+    naive_attention_forward(want_out, d(qkv), s.B, s.T, s.C, s.NH);
+    naive_attention_backward(want_dqkv, d(dout), d(qkv), s.B, s.T, s.C, s.NH);
+    const std::string at = fmt::format(" T={} hs={}", s.T, s.C / s.NH);
+    // FP32 sums of up to T products of O(1) terms and an FP32 exp: a few 1e-6, relative and absolute.
+    EXPECT_TRUE(all_close("out" + at, d(out.values()), want_out, 2e-5, 2e-5));
+    EXPECT_TRUE(all_close("dqkv" + at, d(dqkv.values()), want_dqkv, 5e-5, 2e-5));
+    expect_causal_probabilities(att.data(), s.B, s.NH, s.T, 1e-5);
+  }
+}
+
+template <typename T>
+void check_attention_thread_independent() {
+  constexpr size_t B = 2, T_ = 130, C = 72, NH = 3;  // hs 24, three row tiles, 6 (batch, head) pairs
+  std::mt19937 rng(kSeed + 60);
+  const auto qkv = to_storage<T>(random_normal(B * T_ * 3 * C, rng));
+  const auto dout = to_storage<T>(random_normal(B * T_ * C, rng));
+  const auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    std::vector<T> out(B * T_ * C), att(B * NH * T_ * T_), dqkv(qkv.size());
+    std::vector<mpt::cpu::opmath_t<T>> workspace;
+    cpu::attention_forward<T>(out.data(), att.data(), qkv.data(), B, T_, C, NH);
+    cpu::attention_backward<T>(dqkv.data(), dout.data(), qkv.data(), att.data(), B, T_, C, NH, workspace);
+    std::vector<T> all = out;
+    all.insert(all.end(), att.begin(), att.end());
+    all.insert(all.end(), dqkv.begin(), dqkv.end());
+    return all;
+  };
+  const int saved = omp_get_max_threads();
+  const std::vector<T> one = run(1);
+  for (int threads : {2, 3}) {
+    const std::vector<T> many = run(threads);
+    EXPECT_EQ(std::memcmp(one.data(), many.data(), one.size() * sizeof(T)), 0)
+        << sizeof(T) << "-byte attention results differ on " << threads << " threads";
+  }
+  omp_set_num_threads(saved);
+}
+
+TEST(AttentionDeterminism, SameBitsForAnyThreadCount) {
+  check_attention_thread_independent<float>();
+  check_attention_thread_independent<half>();
+  check_attention_thread_independent<bf16>();
+}
+
+/// The linear layer forward and backward (FP32 weights as storage T) at odd sizes on 1, 2 and 3 threads:
+/// bitwise the same. For bf16 on a CPU with AVX512_BF16/AMX this is oneDNN's native matmul.
+template <typename T>
+void check_matmul_thread_independent() {
+  constexpr size_t rows = 257, IC = 67, OC = 201;
+  std::mt19937 rng(kSeed + 70);
+  const auto inp = to_storage<T>(random_normal(rows * IC, rng));
+  const auto weight = to_storage<T>(random_normal(OC * IC, rng));
+  const auto bias = to_storage<T>(random_normal(OC, rng));
+  const auto dout = to_storage<T>(random_normal(rows * OC, rng));
+  const auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    std::vector<T> out(rows * OC), dinp(rows * IC), dweight(OC * IC), dbias(OC);
+    std::vector<float> workspace;
+    cpu::matmul_forward<T>(out.data(), inp.data(), weight.data(), bias.data(), rows, IC, OC, workspace);
+    cpu::matmul_backward<T>(dinp.data(), dweight.data(), dbias.data(), dout.data(), inp.data(), weight.data(),
+                            rows, IC, OC, workspace);
+    for (const auto* part : {&dinp, &dweight, &dbias}) out.insert(out.end(), part->begin(), part->end());
+    return out;
+  };
+  const int saved = omp_get_max_threads();
+  const std::vector<T> one = run(1);
+  for (int threads : {2, 3}) {
+    const std::vector<T> many = run(threads);
+    EXPECT_EQ(std::memcmp(one.data(), many.data(), one.size() * sizeof(T)), 0)
+        << sizeof(T) << "-byte matmul results differ on " << threads << " threads";
+  }
+  omp_set_num_threads(saved);
+}
+
+TEST(MatmulDeterminism, SameBitsForAnyThreadCount) {
+  std::printf("[ info     ] bf16 GEMM: %s\n",
+              mpt::cpu::onednn_native_bf16() ? "oneDNN native" : "FP32 copies + OpenBLAS SGEMM");
+  check_matmul_thread_independent<float>();
+  check_matmul_thread_independent<half>();
+  check_matmul_thread_independent<bf16>();
 }
 
 }  // namespace

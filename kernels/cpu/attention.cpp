@@ -1,10 +1,20 @@
 // CPU causal multi-head self-attention (GPT-2, as in llm.c): softmax(q k^T / sqrt(hs)) v per head, with the
-// softmax probabilities saved for the backward pass.
+// softmax probabilities saved for the backward pass, computed as GEMMs.
 //
 // Work is split over (batch, head) pairs; each pair's q, k, v (and dout) are first gathered into contiguous
-// [T, hs] opmath arrays so that every inner loop runs over hs contiguous elements. A pair writes only its own
-// rows of att and its own channel range of out/dqkv, so the results do not depend on the thread count. Sums
-// run in opmath_t<T> (FP32, FP64 for double) and each stored result is rounded once.
+// [T, hs] opmath arrays. The products then run through OpenBLAS (SGEMM, DGEMM for double) on row tiles of
+// kTile queries, each tile multiplying only the key columns at or left of its last row, so the masked upper
+// triangle is skipped except inside the diagonal tiles:
+//   forward:  S = scale q k^T (tile x keys), causal softmax per row (the exponential through SLEEF's vector
+//             exp, kernels/cpu/vecmath.hpp, for FP32), out = P v;
+//   backward: dv = P^T dout and dk = dS^T q (column tiles, rows at or below the tile), dP = dout v^T,
+//             dS = P (dP - rowsum(P dP)) scale, dq = dS k (row tiles).
+// A pair is computed by one thread (BLAS inside the parallel region runs on the calling thread), writes only
+// its own rows of att and its own channel range of out/dqkv, and the tiles are fixed by T, so the results do
+// not depend on the thread count. Sums run in opmath_t<T> (FP32, FP64 for double) and each stored result is
+// rounded once. Why GEMMs and not a fused flash-style kernel: the saved probabilities are part of the Backend
+// contract (att), so the T x T matrix is written anyway, and at the model's head sizes (32) BLAS's kernels
+// reach several times the FLOP rate of hand-vectorised dot/axpy loops.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -14,6 +24,7 @@
 #include <omp.h>
 
 #include "cpu/ops.hpp"
+#include "cpu/vecmath.hpp"
 #include "mptrain/error.hpp"
 
 namespace mpt::cpu {
@@ -23,32 +34,45 @@ namespace {
 /// Below this many multiply-adds (B * NH * T^2 * hs) the op stays on the calling thread: waking the OpenMP
 /// team would cost more than the work.
 constexpr int64_t kParallelMinWork = int64_t{1} << 16;
-
-/// Dot product. `omp simd` lets the compiler split the sum into vector lanes; the lane order is fixed at
-/// compile time, so the result is the same on every run.
-template <typename A>
-inline A dot(const A* x, const A* y, int64_t n) {
-  A sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += x[i] * y[i];
-  return sum;
-}
-
-/// y[n] += a * x[n].
-template <typename A>
-inline void axpy(A* y, A a, const A* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
+/// Query rows per tile (and key columns per tile in the backward's column passes).
+constexpr int64_t kTile = 64;
 
 void check_shape(const char* op, int64_t B, int64_t T_, int64_t C, int64_t NH) {
   MPT_CHECK(B >= 0 && T_ >= 0 && C >= 0, "{}: negative size (B = {}, T = {}, C = {})", op, B, T_, C);
   MPT_CHECK(NH >= 1 && C % NH == 0, "{}: C = {} is not a multiple of NH = {}", op, C, NH);
+  MPT_CHECK(T_ <= std::numeric_limits<int>::max() / std::max<int64_t>(T_, 1),
+            "{}: T = {} is too long (T * T must fit BLAS's int)", op, T_);
+}
+
+/// row[0..n) = exp(row[i] - max) / sum, the softmax of n >= 1 scores; FP32 through SLEEF's vector exp.
+template <typename A>
+void softmax_row(A* row, int64_t n) {
+  A max_score = -std::numeric_limits<A>::infinity();
+  for (int64_t i = 0; i < n; ++i) max_score = std::max(max_score, row[i]);
+  A sum = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    sum = exp_shifted_sum_f32(row, max_score, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      row[i] = std::exp(row[i] - max_score);
+      sum += row[i];
+    }
+  }
+  const A inv_sum = A(1) / sum;
+  for (int64_t i = 0; i < n; ++i) row[i] *= inv_sum;
 }
 
 }  // namespace
 
 template <typename T>
 void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int64_t C, int64_t NH) {
+  std::vector<opmath_t<T>> workspace;
+  attention_forward(out, att, qkv, B, T_, C, NH, workspace);
+}
+
+template <typename T>
+void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int64_t C, int64_t NH,
+                       std::vector<opmath_t<T>>& workspace) {
   using A = opmath_t<T>;
   check_shape("attention_forward", B, T_, C, NH);
   if (B == 0 || T_ == 0 || C == 0) return;
@@ -60,18 +84,19 @@ void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int6
   const A scale = A(1) / std::sqrt(static_cast<A>(hs));
   const int64_t pairs = B * NH;
 
-  // Per thread: q, k, v [T, hs], one probability row [T], one output row [hs]. Allocated before the
-  // parallel region so an allocation failure throws here rather than terminating inside it.
-  const int64_t per_thread = 3 * T_ * hs + T_ + hs;
-  std::vector<A> scratch(static_cast<size_t>(per_thread * omp_get_max_threads()));
+  // Per thread: q, k, v, o [T, hs] and the probabilities P [T, T]. Grown before the parallel region so an
+  // allocation failure throws here rather than terminating inside it.
+  const int64_t per_thread = 4 * T_ * hs + T_ * T_;
+  const auto needed = static_cast<size_t>(per_thread * omp_get_max_threads());
+  if (workspace.size() < needed) workspace.resize(needed);
 
 #pragma omp parallel if (pairs > 1 && pairs * T_ * T_ * hs >= kParallelMinWork)
   {
-    A* const q = scratch.data() + per_thread * omp_get_thread_num();
+    A* const q = workspace.data() + per_thread * omp_get_thread_num();
     A* const k = q + T_ * hs;
     A* const v = k + T_ * hs;
-    A* const p = v + T_ * hs;
-    A* const o = p + T_;
+    A* const o = v + T_ * hs;
+    A* const p = o + T_ * hs;
 #pragma omp for schedule(static)
     for (int64_t pair = 0; pair < pairs; ++pair) {
       const int64_t b = pair / NH;
@@ -83,28 +108,21 @@ void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int6
         load_n(src + t * C3 + 2 * C, v + t * hs, hs);
       }
       T* att_bh = att + pair * T_ * T_;
-      for (int64_t t = 0; t < T_; ++t) {
-        const A* qt = q + t * hs;
-        A max_score = -std::numeric_limits<A>::infinity();
-        for (int64_t t2 = 0; t2 <= t; ++t2) {
-          p[t2] = dot(qt, k + t2 * hs, hs) * scale;
-          max_score = std::max(max_score, p[t2]);
+      for (int64_t r0 = 0; r0 < T_; r0 += kTile) {
+        const int64_t r1 = std::min(T_, r0 + kTile);  // rows [r0, r1) see keys [0, r1)
+        blas_gemm<A>(false, true, r1 - r0, r1, hs, scale, q + r0 * hs, hs, k, hs, A(0), p + r0 * T_, T_);
+        for (int64_t t = r0; t < r1; ++t) {
+          A* row = p + t * T_;
+          softmax_row(row, t + 1);
+          std::fill(row + t + 1, row + r1, A(0));  // masked: the P v product below reads up to r1
+          T* att_row = att_bh + t * T_;
+          store_n(row, att_row, t + 1);
+          std::fill(att_row + t + 1, att_row + T_, store<T>(A(0)));
         }
-        A sum = 0;
-        for (int64_t t2 = 0; t2 <= t; ++t2) {
-          p[t2] = std::exp(p[t2] - max_score);
-          sum += p[t2];
-        }
-        const A inv_sum = A(1) / sum;
-        for (int64_t t2 = 0; t2 <= t; ++t2) p[t2] *= inv_sum;
-        T* att_row = att_bh + t * T_;
-        store_n(p, att_row, t + 1);
-        std::fill(att_row + t + 1, att_row + T_, store<T>(A(0)));
         // The output uses the opmath probabilities; att is rounded only for storage.
-        std::fill(o, o + hs, A(0));
-        for (int64_t t2 = 0; t2 <= t; ++t2) axpy(o, p[t2], v + t2 * hs, hs);
-        store_n(o, out + (b * T_ + t) * C + h * hs, hs);
+        blas_gemm<A>(false, false, r1 - r0, hs, r1, A(1), p + r0 * T_, T_, v, hs, A(0), o + r0 * hs, hs);
       }
+      for (int64_t t = 0; t < T_; ++t) store_n(o + t * hs, out + (b * T_ + t) * C + h * hs, hs);
     }
   }
 }
@@ -124,8 +142,8 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int6
   const A scale = A(1) / std::sqrt(static_cast<A>(hs));
   const int64_t pairs = B * NH;
 
-  // Per thread: q, k, v, dout, dq, dk, dv [T, hs]; one att row and one datt row [T].
-  const int64_t per_thread = 7 * T_ * hs + 2 * T_;
+  // Per thread: q, k, v, dout, dq, dk, dv [T, hs]; P and dP, then dS in place of dP [T, T].
+  const int64_t per_thread = 7 * T_ * hs + 2 * T_ * T_;
   const auto needed = static_cast<size_t>(per_thread * omp_get_max_threads());
   if (workspace.size() < needed) workspace.resize(needed);
 
@@ -138,8 +156,8 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int6
     A* const dq = dy + T_ * hs;
     A* const dk = dq + T_ * hs;
     A* const dv = dk + T_ * hs;
-    A* const a = dv + T_ * hs;
-    A* const datt = a + T_;
+    A* const p = dv + T_ * hs;
+    A* const ds = p + T_ * T_;
 #pragma omp for schedule(static)
     for (int64_t pair = 0; pair < pairs; ++pair) {
       const int64_t b = pair / NH;
@@ -152,26 +170,35 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int6
         load_n(src + t * C3 + 2 * C, v + t * hs, hs);
         load_n(dsrc + t * C, dy + t * hs, hs);
       }
-      std::fill(dq, dq + 3 * T_ * hs, A(0));  // dq, dk, dv are adjacent
       const T* att_bh = att + pair * T_ * T_;
       for (int64_t t = 0; t < T_; ++t) {
-        load_n(att_bh + t * T_, a, t + 1);
-        const A* dyt = dy + t * hs;
-        // out[t] = sum_t2 a[t2] v[t2]: datt[t2] = dout[t] . v[t2] and dv[t2] += a[t2] dout[t].
-        A sum_a_datt = 0;
-        for (int64_t t2 = 0; t2 <= t; ++t2) {
-          datt[t2] = dot(dyt, v + t2 * hs, hs);
-          sum_a_datt += a[t2] * datt[t2];
-          axpy(dv + t2 * hs, a[t2], dyt, hs);
+        load_n(att_bh + t * T_, p + t * T_, t + 1);
+        std::fill(p + t * T_ + t + 1, p + (t + 1) * T_, A(0));
+      }
+      for (int64_t r0 = 0; r0 < T_; r0 += kTile) {
+        const int64_t r1 = std::min(T_, r0 + kTile);
+        // dP = dout v^T on the tile's rows and the keys they see; then, per row, the softmax backward in
+        // closed form dS = P (dP - P . dP) scale, zero above the diagonal.
+        blas_gemm<A>(false, true, r1 - r0, r1, hs, A(1), dy + r0 * hs, hs, v, hs, A(0), ds + r0 * T_, T_);
+        for (int64_t t = r0; t < r1; ++t) {
+          const A* pr = p + t * T_;
+          A* dr = ds + t * T_;
+          A sum_p_dp = 0;
+          for (int64_t j = 0; j <= t; ++j) sum_p_dp += pr[j] * dr[j];
+          for (int64_t j = 0; j <= t; ++j) dr[j] = pr[j] * (dr[j] - sum_p_dp) * scale;
+          std::fill(dr + t + 1, dr + T_, A(0));
         }
-        // Softmax backward in closed form, dpreatt = a * (datt - a . datt), then through the scaled q k^T.
-        const A* qt = q + t * hs;
-        A* dqt = dq + t * hs;
-        for (int64_t t2 = 0; t2 <= t; ++t2) {
-          const A dscore = a[t2] * (datt[t2] - sum_a_datt) * scale;
-          axpy(dqt, dscore, k + t2 * hs, hs);
-          axpy(dk + t2 * hs, dscore, qt, hs);
-        }
+        // dq[rows] = dS[rows, keys] k[keys].
+        blas_gemm<A>(false, false, r1 - r0, hs, r1, A(1), ds + r0 * T_, T_, k, hs, A(0), dq + r0 * hs, hs);
+      }
+      // Column tiles: key j is seen by queries t >= j, so dv[c0:c1] = P[c0:, c0:c1]^T dout[c0:] and
+      // dk[c0:c1] = dS[c0:, c0:c1]^T q[c0:].
+      for (int64_t c0 = 0; c0 < T_; c0 += kTile) {
+        const int64_t c1 = std::min(T_, c0 + kTile);
+        blas_gemm<A>(true, false, c1 - c0, hs, T_ - c0, A(1), p + c0 * T_ + c0, T_, dy + c0 * hs, hs, A(0),
+                     dv + c0 * hs, hs);
+        blas_gemm<A>(true, false, c1 - c0, hs, T_ - c0, A(1), ds + c0 * T_ + c0, T_, q + c0 * hs, hs, A(0),
+                     dk + c0 * hs, hs);
       }
       // One rounding per gradient element: dqkv = round(dqkv + opmath result).
       T* dst = dqkv + b * T_ * C3 + h * hs;
@@ -188,6 +215,8 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int6
 
 #define MPT_INSTANTIATE_ATTENTION(T)                                                                        \
   template void attention_forward<T>(T*, T*, const T*, int64_t, int64_t, int64_t, int64_t);                 \
+  template void attention_forward<T>(T*, T*, const T*, int64_t, int64_t, int64_t, int64_t,                  \
+                                     std::vector<opmath_t<T>>&);                                            \
   template void attention_backward<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, \
                                       std::vector<opmath_t<T>>&);
 MPT_INSTANTIATE_ATTENTION(float)

@@ -131,7 +131,7 @@ class CpuBackend final : public Backend {
                          DType dtype) override {
     dispatch_float_dtype(dtype, [&]<typename S>() {
       cpu::attention_forward(static_cast<S*>(out), static_cast<S*>(att), static_cast<const S*>(qkv), B, T, C,
-                             NH);
+                             NH, workspace_);
     });
   }
   void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* att, const void* /*out*/,

@@ -1,8 +1,12 @@
 // CPU elementwise ops of the GPT-2 block: tanh-GELU forward/backward (element math in
 // kernels/common/gelu.hpp), the residual add and gradient accumulation.
 //
-// Every op walks its n elements in fixed chunks split across OpenMP threads; a chunk is widened to opmath
-// with the SIMD bulk converters, computed, and rounded once on store. No element depends on another, so
+// float/half/bf16 compute GELU in FP32 through the vectorised SLEEF loops of kernels/cpu/vecmath.hpp (within
+// a few ulp of the tanh-GELU of kernels/common/gelu.hpp); double keeps the scalar formula.
+//
+// Every op walks its n elements in fixed chunks split across OpenMP threads; a chunk of half/bf16 is widened
+// to opmath with the SIMD bulk converters, computed, and rounded once on store (float and double storage is
+// computed in place, without the copies). No element depends on another, so
 // results do not depend on the thread count. Each chunk is read completely before it is written, so an output
 // may alias an input (in-place gelu_forward, or residual_forward into a or b).
 #include <algorithm>
@@ -10,6 +14,7 @@
 
 #include "common/gelu.hpp"
 #include "cpu/ops.hpp"
+#include "cpu/vecmath.hpp"
 #include "mptrain/error.hpp"
 
 namespace mpt::cpu {
@@ -37,10 +42,18 @@ void gelu_forward(T* out, const T* inp, int64_t n) {
   MPT_CHECK(out != nullptr, "gelu_forward: out is null");
   MPT_CHECK(inp != nullptr, "gelu_forward: inp is null");
   using F = opmath_t<T>;
+  if constexpr (std::is_same_v<T, float>) {  // no widening: straight from inp to out
+    for_each_chunk(n,
+                   [&](int64_t begin, int64_t count) { gelu_forward_f32(out + begin, inp + begin, count); });
+    return;
+  }
   for_each_chunk(n, [&](int64_t begin, int64_t count) {
     F x[kChunk];
     load_n(inp + begin, x, count);
-    for (int64_t i = 0; i < count; ++i) x[i] = common::gelu_tanh(x[i]);
+    if constexpr (std::is_same_v<F, float>)
+      gelu_forward_f32(x, x, count);  // SLEEF tanh, vectorised
+    else
+      for (int64_t i = 0; i < count; ++i) x[i] = common::gelu_tanh(x[i]);
     store_n<T>(x, out + begin, count);
   });
 }
@@ -52,6 +65,12 @@ void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
   MPT_CHECK(inp != nullptr, "gelu_backward: inp is null");
   MPT_CHECK(dout != nullptr, "gelu_backward: dout is null");
   using F = opmath_t<T>;
+  if constexpr (std::is_same_v<T, float>) {
+    for_each_chunk(n, [&](int64_t begin, int64_t count) {
+      gelu_backward_f32(dinp + begin, inp + begin, dout + begin, count);
+    });
+    return;
+  }
   for_each_chunk(n, [&](int64_t begin, int64_t count) {
     F x[kChunk];
     F dy[kChunk];
@@ -59,7 +78,10 @@ void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
     load_n(inp + begin, x, count);
     load_n(dout + begin, dy, count);
     load_n(dinp + begin, acc, count);
-    for (int64_t i = 0; i < count; ++i) acc[i] += dy[i] * common::gelu_tanh_derivative(x[i]);
+    if constexpr (std::is_same_v<F, float>)
+      gelu_backward_f32(acc, x, dy, count);  // SLEEF tanh, vectorised
+    else
+      for (int64_t i = 0; i < count; ++i) acc[i] += dy[i] * common::gelu_tanh_derivative(x[i]);
     store_n<T>(acc, dinp + begin, count);
   });
 }
@@ -71,6 +93,12 @@ void residual_forward(T* out, const T* a, const T* b, int64_t n) {
   MPT_CHECK(a != nullptr, "residual_forward: a is null");
   MPT_CHECK(b != nullptr, "residual_forward: b is null");
   using F = opmath_t<T>;
+  if constexpr (std::is_same_v<T, F>) {
+    for_each_chunk(n, [&](int64_t begin, int64_t count) {
+      for (int64_t i = begin; i < begin + count; ++i) out[i] = a[i] + b[i];
+    });
+    return;
+  }
   for_each_chunk(n, [&](int64_t begin, int64_t count) {
     F x[kChunk];
     F y[kChunk];
@@ -87,6 +115,12 @@ void accumulate(T* acc, const T* x, int64_t n) {
   MPT_CHECK(acc != nullptr, "accumulate: acc is null");
   MPT_CHECK(x != nullptr, "accumulate: x is null");
   using F = opmath_t<T>;
+  if constexpr (std::is_same_v<T, F>) {
+    for_each_chunk(n, [&](int64_t begin, int64_t count) {
+      for (int64_t i = begin; i < begin + count; ++i) acc[i] += x[i];
+    });
+    return;
+  }
   for_each_chunk(n, [&](int64_t begin, int64_t count) {
     F sum[kChunk];
     F y[kChunk];

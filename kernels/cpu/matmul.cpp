@@ -1,4 +1,6 @@
-// CPU linear layer (torch.nn.Linear): out = inp @ weight^T + bias and its backward, on OpenBLAS.
+// CPU linear layer (torch.nn.Linear): out = inp @ weight^T + bias and its backward, on OpenBLAS, and for BF16
+// on oneDNN's native BF16 matmul where the CPU has AVX512_BF16 or AMX (kernels/cpu/onednn_gemm.hpp: FP32
+// accumulation, results into FP32 scratch, then the same bias add and single rounding as the FP32-copy path).
 //
 // float and double call SGEMM/DGEMM on the operands directly. FP16/BF16 follow the numerics contract
 // (DESIGN.md): the operands are widened to FP32 in the caller's grow-only workspace with the SIMD bulk
@@ -6,7 +8,10 @@
 // g = round(g + result), so FP16 results with |x| >= 65520 become inf exactly as on a GPU). The bias gradient
 // is a column sum in FP32 (FP64 for double) over fixed column chunks, each summed in row order, so it does
 // not depend on the thread count.
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstring>
@@ -14,6 +19,7 @@
 
 #include <cblas.h>
 
+#include "cpu/onednn_gemm.hpp"
 #include "cpu/ops.hpp"
 #include "mptrain/error.hpp"
 
@@ -55,23 +61,10 @@ void accumulate_rounded(T* g, const float* r, int64_t n) {
   }
 }
 
-/// Row-major C[M,N] = op(A) @ op(B) + beta * C in the precision of S (SGEMM for float, DGEMM for double).
-/// K == 0 is handled here (BLAS rejects a leading dimension of 0).
 template <typename S>
 void gemm(CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int64_t M, int64_t N, int64_t K, const S* A,
           int64_t lda, const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (beta == S(0)) std::fill(C, C + M * N, S(0));  // ldc == N for every call in this file
-    return;
-  }
-  const auto i = [](int64_t x) { return static_cast<int>(x); };
-  if constexpr (std::is_same_v<S, float>)
-    cblas_sgemm(CblasRowMajor, trans_a, trans_b, i(M), i(N), i(K), 1.0f, A, i(lda), B, i(ldb), beta, C,
-                i(ldc));
-  else
-    cblas_dgemm(CblasRowMajor, trans_a, trans_b, i(M), i(N), i(K), 1.0, A, i(lda), B, i(ldb), beta, C,
-                i(ldc));
+  blas_gemm<S>(trans_a == CblasTrans, trans_b == CblasTrans, M, N, K, S(1), A, lda, B, ldb, beta, C, ldc);
 }
 
 /// dbias[j] = round(dbias[j] + sum over rows of x[r, j]), summed in opmath. Each task owns a fixed chunk of
@@ -104,13 +97,101 @@ void check_sizes(const char* op, int64_t rows, int64_t IC, int64_t OC) {
 template <typename T>
 constexpr bool kNativeBlas = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
+/// BF16 operands go straight to oneDNN's native BF16 matmul where the CPU has it (and K > 0, which oneDNN
+/// requires); elsewhere they take the FP32-copy path.
+template <typename T>
+bool use_native_bf16(int64_t K) {
+  if constexpr (std::is_same_v<T, bf16>)
+    return K > 0 && onednn_native_bf16();
+  else
+    return false;
+}
+
 /// Grows `workspace` to at least n floats (never shrinks) and returns its data.
 float* workspace_for(std::vector<float>& workspace, int64_t n) {
   if (workspace.size() < static_cast<size_t>(n)) workspace.resize(static_cast<size_t>(n));
   return workspace.data();
 }
 
+/// matmul_forward for BF16 storage on oneDNN's native BF16 matmul: FP32 result in the workspace, bias added
+/// in FP32, one rounding per output.
+void matmul_forward_native_bf16(bf16* out, const bf16* inp, const bf16* weight, const bf16* bias,
+                                int64_t rows, int64_t IC, int64_t OC, std::vector<float>& workspace) {
+  float* out32 = workspace_for(workspace, rows * OC + OC);
+  float* bias32 = out32 + rows * OC;
+  if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
+  onednn_gemm<bf16>(false, true, rows, OC, IC, inp, IC, weight, IC, 0.0f, out32, OC);
+#pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = out32 + r * OC;
+    if (bias != nullptr)
+      for (int64_t j = 0; j < OC; ++j) o[j] += bias32[j];
+    convert(o, out + r * OC, static_cast<size_t>(OC));
+  }
+}
+
+/// matmul_backward for BF16 storage on oneDNN's native BF16 matmul: FP32 results in the workspace, then one
+/// rounding per gradient element.
+void matmul_backward_native_bf16(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp,
+                                 const bf16* weight, int64_t rows, int64_t IC, int64_t OC,
+                                 std::vector<float>& workspace) {
+  // dweight32 [OC,IC] | dinp32 [rows,IC] | dout32 [rows,OC] (the bias gradient's column sums only).
+  float* dweight32 = workspace_for(workspace, OC * IC + rows * IC + (dbias != nullptr ? rows * OC : 0));
+  float* dinp32 = dweight32 + OC * IC;
+  if (dinp != nullptr) {
+    onednn_gemm<bf16>(false, false, rows, IC, OC, dout, OC, weight, IC, 0.0f, dinp32, IC);
+    accumulate_rounded(dinp, dinp32, rows * IC);
+  }
+  onednn_gemm<bf16>(true, false, OC, IC, rows, dout, OC, inp, IC, 0.0f, dweight32, IC);
+  accumulate_rounded(dweight, dweight32, OC * IC);
+  if (dbias != nullptr) {
+    float* dout32 = dinp32 + rows * IC;
+    widen(dout, dout32, rows * OC);
+    add_column_sums(dbias, dout32, rows, OC);
+  }
+}
+
 }  // namespace
+
+namespace {
+std::atomic<int64_t> g_gemm_outside_ns{0};
+std::atomic<int64_t> g_gemm_inside_ns{0};
+}  // namespace
+
+GemmSeconds gemm_seconds() {
+  return {1e-9 * static_cast<double>(g_gemm_outside_ns.load(std::memory_order_relaxed)),
+          1e-9 * static_cast<double>(g_gemm_inside_ns.load(std::memory_order_relaxed))};
+}
+
+void record_gemm_nanoseconds(int64_t nanoseconds) {
+  (omp_in_parallel() ? g_gemm_inside_ns : g_gemm_outside_ns)
+      .fetch_add(nanoseconds, std::memory_order_relaxed);
+}
+
+template <typename S>
+void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
+               const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const auto t0 = std::chrono::steady_clock::now();
+  if (K == 0) {
+    if (beta == S(0))
+      for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, S(0));
+    return;
+  }
+  const auto i = [](int64_t x) { return static_cast<int>(x); };
+  const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans;
+  const CBLAS_TRANSPOSE tb = trans_b ? CblasTrans : CblasNoTrans;
+  if constexpr (std::is_same_v<S, float>)
+    cblas_sgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
+  else
+    cblas_dgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
+  record_gemm_nanoseconds(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+}
+template void blas_gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                               const float*, int64_t, float, float*, int64_t);
+template void blas_gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
+                                const double*, int64_t, double, double*, int64_t);
 
 template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int64_t rows, int64_t IC,
@@ -130,6 +211,9 @@ void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int64_
         for (int64_t j = 0; j < OC; ++j) o[j] += bias[j];
       }
     }
+  } else if (use_native_bf16<T>(IC)) {
+    if constexpr (std::is_same_v<T, bf16>)
+      matmul_forward_native_bf16(out, inp, weight, bias, rows, IC, OC, workspace);
   } else {
     float* inp32 = workspace_for(workspace, rows * IC + OC * IC + rows * OC + OC);
     float* weight32 = inp32 + rows * IC;
@@ -166,6 +250,9 @@ void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
       gemm<T>(CblasNoTrans, CblasNoTrans, rows, IC, OC, dout, OC, weight, IC, T(1), dinp, IC);
     gemm<T>(CblasTrans, CblasNoTrans, OC, IC, rows, dout, OC, inp, IC, T(1), dweight, IC);
     if (dbias != nullptr) add_column_sums(dbias, dout, rows, OC);
+  } else if (use_native_bf16<T>(IC)) {
+    if constexpr (std::is_same_v<T, bf16>)
+      matmul_backward_native_bf16(dinp, dweight, dbias, dout, inp, weight, rows, IC, OC, workspace);
   } else {
     // dout32 [rows,OC] | weight32 [OC,IC], reused for the FP32 dweight | scratch [rows,IC]: the FP32 dinp,
     // then the FP32 inp.

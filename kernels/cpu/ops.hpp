@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "mptrain/backend.hpp"
+#include "mptrain/cpu_profile.hpp"
 
 namespace mpt::cpu {
 
@@ -100,9 +101,25 @@ template <typename T>
 void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
                      int64_t rows, int64_t IC, int64_t OC, std::vector<float>& workspace);
 
+/// Row-major C[M,N] = alpha op(A) op(B) + beta C through OpenBLAS (SGEMM for float, DGEMM for double), op =
+/// transpose when trans_*; sizes must fit int. K == 0 sets C to 0 when beta == 0 (BLAS rejects it). Called
+/// inside an OpenMP parallel region it runs on the calling thread (OpenBLAS's OpenMP build).
+template <typename S>
+void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
+               const S* B, int64_t ldb, S beta, S* C, int64_t ldc);
+
+/// Adds one GEMM call's duration to gemm_seconds() (mptrain/cpu_profile.hpp) (outside or inside a parallel
+/// region, by omp_in_parallel).
+void record_gemm_nanoseconds(int64_t nanoseconds);
+
 /// FLOP/s of an n x n x n SGEMM on the current OpenMP thread count (best of `repeats`).
 double measure_sgemm_flops(int n, int repeats);
 
+/// `workspace` (grow-only) holds the per-thread [T, hs] operands and the [T, T] probabilities; the overload
+/// without it allocates its own.
+template <typename T>
+void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int64_t C, int64_t NH,
+                       std::vector<opmath_t<T>>& workspace);
 template <typename T>
 void attention_forward(T* out, T* att, const T* qkv, int64_t B, int64_t T_, int64_t C, int64_t NH);
 template <typename T>

@@ -1,0 +1,76 @@
+// oneDNN matmul behind kernels/cpu/onednn_gemm.hpp. Each call builds the primitive descriptor for its shape
+// and takes the primitive from oneDNN's own primitive cache (built once per shape and thread count), then
+// runs it on a stream over the caller's memory (no copies).
+#include "cpu/onednn_gemm.hpp"
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include "cpu/ops.hpp"
+#include "mptrain/error.hpp"
+
+namespace mpt::cpu {
+
+namespace {
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+}  // namespace
+
+bool onednn_native_bf16() {
+  static const bool native = [] {
+    const char* env = std::getenv("MPTRAIN_ONEDNN_BF16");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    const dnnl::cpu_isa isa = dnnl::get_effective_cpu_isa();
+    return isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;
+  }();
+  return native;
+}
+
+template <typename S>
+void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
+                 const S* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  using dnnl::memory;
+  MPT_CHECK(M > 0 && N > 0 && K > 0, "onednn_gemm: sizes must be positive (M = {}, N = {}, K = {})", M, N, K);
+  MPT_CHECK(beta == 0.0f || beta == 1.0f, "onednn_gemm: beta must be 0 or 1, got {}", beta);
+  constexpr memory::data_type dt =
+      std::is_same_v<S, float> ? memory::data_type::f32 : memory::data_type::bf16;
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    dnnl::engine& engine = cpu_engine();
+    const memory::desc a_md({M, K}, dt, trans_a ? memory::dims{1, lda} : memory::dims{lda, 1});
+    const memory::desc b_md({K, N}, dt, trans_b ? memory::dims{1, ldb} : memory::dims{ldb, 1});
+    const memory::desc c_md({M, N}, memory::data_type::f32, memory::dims{ldc, 1});
+    dnnl::primitive_attr attr;
+    if (beta != 0.0f) {
+      dnnl::post_ops ops;
+      ops.append_sum(beta);
+      attr.set_post_ops(ops);
+    }
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, engine);
+    const dnnl::matmul prim(pd);  // from oneDNN's primitive cache after the first call with this shape
+    dnnl::stream stream(engine);
+    prim.execute(stream, {{DNNL_ARG_SRC, memory(a_md, engine, const_cast<S*>(A))},
+                          {DNNL_ARG_WEIGHTS, memory(b_md, engine, const_cast<S*>(B))},
+                          {DNNL_ARG_DST, memory(c_md, engine, C)}});
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    MPT_CHECK(false, "onednn_gemm: oneDNN failed for M = {}, N = {}, K = {}: {}", M, N, K, e.what());
+  }
+  record_gemm_nanoseconds(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+}
+
+template void onednn_gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
+                                 int64_t, float, float*, int64_t);
+template void onednn_gemm<bf16>(bool, bool, int64_t, int64_t, int64_t, const bf16*, int64_t, const bf16*,
+                                int64_t, float, float*, int64_t);
+
+}  // namespace mpt::cpu

@@ -1,0 +1,30 @@
+// oneDNN matmul for the CPU linear layer (internal): the native BF16 GEMM on CPUs with AVX512_BF16 or AMX,
+// where OpenBLAS (Debian's 0.3.21 has no cblas_sbgemm) would need FP32 copies of every operand.
+//
+// Numerics: products of BF16 operands are exact in FP32 and accumulated in FP32 (oneDNN's brgemm kernels,
+// VDPBF16PS / AMX tiles). Unlike the FP32-copy path these instructions treat BF16 subnormal inputs (|x| <
+// 2^-126) as zero, as PyTorch's CPU BF16 matmul does; results are otherwise the FP32-accumulated products in
+// a blocked summation order that depends on the shape and the oneDNN version, and not on the thread count
+// (tests/test_cpu_matmul_attention.cpp checks 1, 2 and 3 threads bitwise).
+#pragma once
+
+#include <cstdint>
+
+#include "mptrain/dtype.hpp"
+
+namespace mpt::cpu {
+
+/// True when oneDNN runs BF16 matmul natively on this CPU (its effective ISA is avx512_core_bf16 or one
+/// with AMX), checked once. False also when MPTRAIN_ONEDNN_BF16=0 is set in the environment (the FP32-copy
+/// path, for comparison).
+bool onednn_native_bf16();
+
+/// Row-major C[M,N] (FP32) = op(A) op(B) + beta C through a oneDNN matmul, op(X) = X^T when trans_x; A is
+/// [M,K] (or [K,M] transposed) with leading dimension lda, B is [K,N] (or [N,K]) with ldb; S is float or
+/// bf16; beta is 0 or 1. Runs on omp_get_max_threads() threads; must not be called inside a parallel region.
+/// Sizes must be positive. Throws mpt::Error when oneDNN rejects the call.
+template <typename S>
+void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
+                 const S* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+}  // namespace mpt::cpu

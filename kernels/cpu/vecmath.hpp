@@ -1,0 +1,33 @@
+// Vectorised FP32 transcendental loops of the CPU backend (internal): tanh-GELU forward and backward and the
+// softmax exponential, on SLEEF (the vector math library PyTorch's CPU kernels use) with run-time dispatch
+// AVX-512 / AVX2 / scalar, the same levels and cpuid check as the bulk converters (src/convert.cpp).
+//
+// Accuracy: SLEEF's *_u10 functions are within 1.0 ulp of the correctly rounded tanh/exp (SLEEF's
+// documentation of the u10 variants); the GELU arithmetic around tanh adds a few float roundings, so GELU and
+// its derivative are within 4 eps * |x| + 2 eps * |GELU(x)| of the exact tanh-GELU
+// (tests/test_cpu_vecmath.cpp checks this against a long double reference). Every element of one level is
+// computed by the same instruction sequence whatever its position (tails go through the vector code on a
+// padded copy), so the results do not depend on how a caller splits the array, hence not on the thread count.
+// Different levels may differ in the last bit.
+#pragma once
+
+#include <cstdint>
+
+#include "mptrain/dtype.hpp"
+
+namespace mpt::cpu {
+
+/// out[i] = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) for x = inp[i], i < n (kernels/common/gelu.hpp's
+/// formula). out may alias inp. `level` must be <= detected_simd_level(); throws mpt::Error otherwise.
+void gelu_forward_f32(float* out, const float* inp, int64_t n, SimdLevel level = detected_simd_level());
+
+/// acc[i] += dout[i] * GELU'(inp[i]) for i < n (the factored derivative of kernels/common/gelu.hpp).
+void gelu_backward_f32(float* acc, const float* inp, const float* dout, int64_t n,
+                       SimdLevel level = detected_simd_level());
+
+/// x[i] = exp(x[i] - shift) for i < n, and returns their sum, added lane-wise in a fixed order (so the same
+/// for the same inputs on every run). The softmax's exponential: shift is the row maximum. x[i] = -inf gives
+/// 0. Returns 0 for n == 0.
+float exp_shifted_sum_f32(float* x, float shift, int64_t n, SimdLevel level = detected_simd_level());
+
+}  // namespace mpt::cpu
