@@ -76,6 +76,36 @@ class RoundTrip(unittest.TestCase):
         val = self.check_round_trip("from_ckpt", self.ckpt, self.original_weights())
         self.assertEqual(val, [self.eval_loss])
 
+    def test_padded_vocabulary_round_trip(self):
+        # Shards of a 300-token vocabulary: the model pads wte to 384 rows, the export drops them, --init-from
+        # pads again with zeros.
+        import random
+        import struct
+
+        rng = random.Random(5)
+        tokens = [rng.randrange(300) for _ in range(6000)]
+        header = [20240520, 1, len(tokens), 300] + [0] * 252
+        shard = os.path.join(self.dir, "v300.bin")
+        with open(shard, "wb") as f:
+            f.write(struct.pack("<256i", *header) + struct.pack(f"<{len(tokens)}H", *tokens))
+        cwd = os.path.join(self.dir, "v300")
+        mptrain(ARGS, 2, "train", "--data", shard, "--run-name", "v300", "--steps", "2", *TINY, cwd=cwd)
+        ckpt = os.path.join(cwd, "runs", "v300", "checkpoints", "ckpt_00000002.safetensors")
+        out = os.path.join(self.dir, "hf300")
+        mptrain(ARGS, 1, "export", "--checkpoint", ckpt, "--out", out, cwd=self.dir)
+        exported, _ = read_safetensors(os.path.join(out, "model.safetensors"))
+        self.assertEqual(list(exported["transformer.wte.weight"].shape), [300, 32])
+        self.assertFalse(os.path.exists(os.path.join(out, "tokenizer.json")))  # no tokenizer was given
+        original, _ = read_safetensors(ckpt)
+        self.assertEqual(list(original["master.wte.weight"].shape), [384, 32])
+        cwd2 = os.path.join(self.dir, "v300_back")
+        mptrain(ARGS, 2, "train", "--data", shard, "--run-name", "back", "--steps", "0", "--init-from", out, *TINY,
+                cwd=cwd2)
+        back, _ = read_safetensors(os.path.join(cwd2, "runs", "back", "checkpoints", "ckpt_00000000.safetensors"))
+        for key, want in original.items():
+            if key.startswith("master."):
+                self.assertTrue(torch.equal(back[key].view(torch.int32), want.view(torch.int32)), key)
+
     def test_fp16_export_gives_the_fp16_rounding(self):
         hf16 = os.path.join(self.dir, "hf16")
         mptrain(ARGS, 1, "export", "--checkpoint", self.ckpt, "--out", hf16, "--dtype", "fp16", cwd=self.dir)
