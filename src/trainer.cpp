@@ -842,10 +842,19 @@ int run_export(const RunConfig& config_in, Communicator& comm) {
                         spec.name);
         weights.push_back(t.as<float>("master." + spec.name));
       }
-      if (!s.config.tokenizer.empty()) {
-        (void)open_tokenizer(s.config, "", model.vocab_size);  // a byte-level tokenizer of the model's size
-        std::ifstream in(s.config.tokenizer, std::ios::binary);
+      // --tokenizer, else the tokenizer.json beside the shards the checkpoint was trained on.
+      RunConfig with = s.config;
+      if (with.tokenizer.empty() && model.vocab_size != Dataset::kTextVocabSize)
+        with.tokenizer = tokenizer_beside(trained_on(ckpt));
+      if (!with.tokenizer.empty()) {
+        (void)open_tokenizer(with, "", model.vocab_size);  // a byte-level tokenizer of the model's size
+        std::ifstream in(with.tokenizer, std::ios::binary);
         tokenizer_json.assign(std::istreambuf_iterator<char>(in), {});
+        MPT_INPUT_CHECK(
+            tokenizer_json.find_first_not_of(" \t\r\n") != std::string::npos &&
+                tokenizer_json[tokenizer_json.find_first_not_of(" \t\r\n")] == '{',
+            "--tokenizer {}: export copies a tokenizer.json (transformers does not read llm.c's .bin)",
+            with.tokenizer);
       } else if (model.vocab_size == Dataset::kTextVocabSize) {
         tokenizer_json = byte_level_tokenizer_json();
       }

@@ -169,6 +169,23 @@ class PrepareData(unittest.TestCase):
         # The decoded sample is what tokenizers decodes from the same ids.
         self.assertGreater(len(p.stdout.strip()), len("In the beginning"))
 
+        # The export carries the tokenizer.json beside the training shards: transformers reads model and
+        # tokenizer from the one directory, and its logits equal mptrain's.
+        from transformers import AutoTokenizer, GPT2LMHeadModel
+
+        hf = os.path.join(self.dir, "hf_bpe")
+        mptrain(ARGS, 1, "export", "--checkpoint", ckpt, "--out", hf, cwd=self.dir)
+        hf_tok = AutoTokenizer.from_pretrained(hf)
+        self.assertEqual(hf_tok("In the beginning")["input_ids"], prompt)
+        model = GPT2LMHeadModel.from_pretrained(hf).eval()
+        ids = torch.tensor([tokens[:32], tokens[1000:1032]], dtype=torch.int32)
+        write_safetensors(os.path.join(self.dir, "bpe_tokens.safetensors"), {"tokens": ids})
+        run([ARGS.logits, ckpt, os.path.join(self.dir, "bpe_tokens.safetensors"),
+             os.path.join(self.dir, "bpe_logits.safetensors")], cwd=self.dir)
+        ours = read_safetensors(os.path.join(self.dir, "bpe_logits.safetensors"))[0]["logits"]
+        with torch.no_grad():
+            self.assertLess((model(ids.long()).logits - ours).abs().max().item(), 1e-4)
+
         # A token the header's vocabulary does not hold is a clear error.
         header, t = self.read_shard(os.path.join(out, shards[0]))
         t[5] = 300
