@@ -21,6 +21,7 @@ packages=(
   clang libclang-rt-14-dev libomp-14-dev  # libFuzzer targets (tests/fuzz, .ci/run)
   util-linux  # setpriv: the bad-input test that drops root's privileges
   python3-torch
+  python3-venv  # launch/hf_venv.sh: transformers/tokenizers (PyPI) over Debian's torch for the interop tests
   bible-kjv gnuplot-nox  # default corpus (launch/corpus.sh), plots (benchmarks/plot.py)
 )
 

@@ -102,7 +102,8 @@ void RunConfig::validate() const {
   MPT_INPUT_CHECK(global_batch >= 1, "--global-batch must be >= 1, got {}", global_batch);
   MPT_INPUT_CHECK(micro_batch >= 1, "--micro-batch must be >= 1, got {}", micro_batch);
   MPT_INPUT_CHECK(seq_len >= 1, "--seq-len must be >= 1, got {}", seq_len);
-  MPT_INPUT_CHECK(steps >= 1, "--steps must be >= 1, got {}", steps);
+  MPT_INPUT_CHECK(steps >= 0, "--steps must be >= 0 (0: evaluate and checkpoint the initial weights), got {}",
+                  steps);
   MPT_INPUT_CHECK(min_lr_ratio >= 0.0f && min_lr_ratio <= 1.0f, "--min-lr-ratio must be in [0, 1], got {}",
                   min_lr_ratio);
   MPT_INPUT_CHECK(val_fraction >= 0.0 && val_fraction < 1.0, "--val-fraction must be in [0, 1), got {}",
@@ -132,6 +133,7 @@ void RunConfig::validate() const {
   MPT_INPUT_CHECK(command != "eval" || eval_batches >= 1, "--eval-batches must be >= 1 for eval, got {}",
                   eval_batches);
   MPT_INPUT_CHECK(command == "train" || !checkpoint.empty(), "{}: --checkpoint is required", command);
+  MPT_INPUT_CHECK(command != "export" || !out.empty(), "export: --out is required");
   // The model and engine validate their own fields with messages naming them.
   if (command == "train") {
     // The model's own checks name its fields; these name the flags first. The bounds are GPTConfig's.
@@ -248,6 +250,7 @@ nlohmann::json RunConfig::to_json() const {
           {"checkpoint-interval", checkpoint_interval},
           {"keep-checkpoints", keep_checkpoints},
           {"resume", resume},
+          {"init-from", init_from},
           {"seed", seed},
           {"log-interval", log_interval},
           {"run-name", run_name},
@@ -260,7 +263,10 @@ nlohmann::json RunConfig::to_json() const {
           {"checkpoint", checkpoint},
           {"prompt", prompt},
           {"temperature", shortest(temperature)},
-          {"tokenizer", tokenizer}};
+          {"tokenizer", tokenizer},
+          {"out", out},
+          {"format", format},
+          {"dtype", export_dtype}};
 }
 
 namespace {
@@ -353,6 +359,14 @@ void add_train(CLI::App* app, RunConfig& c) {
   app->add_option("--keep-checkpoints", c.keep_checkpoints, "newest checkpoints kept")->capture_default_str();
   app->add_option("--resume", c.resume, "auto (newest valid checkpoint, if any), none, or a checkpoint file")
       ->capture_default_str();
+  app->add_option(
+      "--init-from", c.init_from,
+      "initial weights of a fresh run: a Hugging Face GPT-2 directory (config.json + "
+      "model.safetensors) or .safetensors file, or an mptrain checkpoint (weights only, no optimizer "
+      "state); a resumable checkpoint in the run's directory takes precedence");
+  app->add_option("--tokenizer", c.tokenizer,
+                  "tokenizer.json or llm.c tokenizer .bin of shard data (default: tokenizer.json beside the "
+                  "shards): text samples and validation loss per byte");
   app->add_option("--log-interval", c.log_interval, "steps between log lines")->capture_default_str();
   app->add_option("--run-name", c.run_name, "name of the run: outputs go to runs/<run-name>/")
       ->capture_default_str();
@@ -497,19 +511,37 @@ bool parse_command_line(int argc, char** argv, RunConfig& c) {
       app.add_subcommand("train", "train a GPT on --data (resumes from checkpoints with --resume)");
   CLI::App* eval = app.add_subcommand("eval", "validation loss of a checkpoint on --data");
   CLI::App* sample = app.add_subcommand("sample", "generate text from a checkpoint");
-  for (CLI::App* sub : {train, eval, sample})
+  CLI::App* export_ =
+      app.add_subcommand("export", "write a checkpoint's weights for Hugging Face transformers");
+  for (CLI::App* sub : {train, eval, sample, export_})
     sub->add_option("--config", config_file,
                     "JSON file of flag values (keys are flag names; flags override it)");
   add_train(train, c);
   add_common(eval, c);
   add_data(eval, c);
   eval->add_option("--checkpoint", c.checkpoint, "checkpoint file to evaluate")->required();
+  eval->add_option("--tokenizer", c.tokenizer,
+                   "tokenizer.json or llm.c tokenizer .bin of shard data (default: tokenizer.json beside the "
+                   "shards): validation loss per byte");
+  export_->add_option("--checkpoint", c.checkpoint, "mptrain checkpoint to export")->required();
+  export_->add_option("--out", c.out, "output directory (config.json, model.safetensors, tokenizer)")
+      ->required();
+  export_->add_option("--format", c.format, "hf: transformers' GPT2LMHeadModel")
+      ->check(CLI::IsMember({"hf"}))
+      ->capture_default_str();
+  export_->add_option("--dtype", c.export_dtype, "storage dtype of the exported weights")
+      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}))
+      ->capture_default_str();
+  export_->add_option("--tokenizer", c.tokenizer,
+                      "tokenizer.json to copy beside the weights (byte-level models get theirs written)");
   add_common(sample, c);
   sample->add_option("--checkpoint", c.checkpoint, "checkpoint file to sample from")->required();
   sample->add_option("--prompt", c.prompt, "start of the text (token ids separated by spaces for shards)");
   sample->add_option("--sample-tokens", c.sample_tokens, "tokens to generate")->capture_default_str();
   sample->add_option("--temperature", c.temperature, "softmax temperature")->capture_default_str();
-  sample->add_option("--tokenizer", c.tokenizer, "llm.c tokenizer .bin to print shard tokens as text");
+  sample->add_option("--tokenizer", c.tokenizer,
+                     "tokenizer.json or llm.c tokenizer .bin to print shard tokens as text (default: the "
+                     "tokenizer.json beside the checkpoint's training shards, when there is one)");
 
   std::vector<std::string> args(argv + 1, argv + argc);
   // Find the subcommand and --config before parsing, so the file's values can go in front of the flags.
@@ -517,6 +549,7 @@ bool parse_command_line(int argc, char** argv, RunConfig& c) {
     CLI::App* sub = args[0] == "train"    ? train
                     : args[0] == "eval"   ? eval
                     : args[0] == "sample" ? sample
+                    : args[0] == "export" ? export_
                                           : nullptr;
     for (size_t i = 1; sub && i < args.size(); ++i) {
       std::string file;
@@ -542,10 +575,10 @@ bool parse_command_line(int argc, char** argv, RunConfig& c) {
   } catch (const CLI::ParseError& e) {
     std::string what = e.what();
     const std::string sub = argc > 1 ? argv[1] : "";
-    const bool known = sub == "train" || sub == "eval" || sub == "sample";
+    const bool known = sub == "train" || sub == "eval" || sub == "sample" || sub == "export";
     throw InputError(fmt::format("{} (see 'mptrain {}--help')", what, known ? sub + " " : ""));
   }
-  for (CLI::App* sub : {train, eval, sample})
+  for (CLI::App* sub : {train, eval, sample, export_})
     if (sub->parsed()) c.command = sub->get_name();
   return true;
 }

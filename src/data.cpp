@@ -107,6 +107,7 @@ std::vector<std::string> expand_glob(const std::string& pattern) {
 struct ShardInfo {
   std::string path;
   int64_t num_tokens = 0;
+  int64_t vocab_size = Dataset::kShardVocabSize;
 };
 
 /// Validates the header and the size of one shard.
@@ -132,7 +133,11 @@ ShardInfo inspect_shard(const std::string& path) {
     file_error(path, fmt::format("file size {} bytes disagrees with the header's token count {} (expected "
                                  "1024 + 2*{} = {} bytes)",
                                  num_bytes, count, count, static_cast<int64_t>(expected)));
-  return {path, count};
+  const int32_t vocab = header[Dataset::kShardVocabSlot];
+  if (vocab < 0 || vocab > 65536)
+    file_error(path, fmt::format("vocabulary size {} in header slot {} is outside [1, 65536] (0: GPT-2's {})",
+                                 vocab, Dataset::kShardVocabSlot, Dataset::kShardVocabSize));
+  return {path, count, vocab == 0 ? Dataset::kShardVocabSize : vocab};
 }
 
 /// Reads every shard's tokens into `out` (sized once) and checks them against the vocabulary.
@@ -152,12 +157,13 @@ void read_shards(const std::vector<ShardInfo>& shards, std::vector<uint16_t>* ou
     read_exactly(f.get(), dst, 2 * static_cast<uint64_t>(s.num_tokens), s.path);
     uint16_t max_token = 0;
     for (int64_t i = 0; i < s.num_tokens; ++i) max_token = std::max(max_token, dst[i]);
-    if (max_token >= Dataset::kShardVocabSize) {
+    if (max_token >= s.vocab_size) {
       const int64_t bad =
-          std::find_if(dst, dst + s.num_tokens, [](uint16_t t) { return t >= Dataset::kShardVocabSize; }) -
-          dst;
-      file_error(s.path, fmt::format("token {} at index {} is outside the GPT-2 vocabulary (must be < {})",
-                                     dst[bad], bad, Dataset::kShardVocabSize));
+          std::find_if(dst, dst + s.num_tokens, [&](uint16_t t) { return t >= s.vocab_size; }) - dst;
+      file_error(s.path, fmt::format("token {} at index {} is outside the shard's vocabulary of {} (header "
+                                     "slot {}; 0 there means GPT-2's {})",
+                                     dst[bad], bad, s.vocab_size, Dataset::kShardVocabSlot,
+                                     Dataset::kShardVocabSize));
     }
     at += s.num_tokens;
   }
@@ -205,6 +211,12 @@ Dataset Dataset::load(const std::string& path_or_glob, double val_fraction) {
     std::vector<ShardInfo> shards;
     shards.reserve(d.files_.size());
     for (const std::string& f : d.files_) shards.push_back(inspect_shard(f));
+    d.shard_vocab_ = shards.front().vocab_size;
+    for (const ShardInfo& s : shards)
+      if (s.vocab_size != d.shard_vocab_)
+        file_error(s.path,
+                   fmt::format("vocabulary size {} differs from {}'s {} (shards of one tokenizer only)",
+                               s.vocab_size, printable(shards.front().path), d.shard_vocab_));
     read_shards(shards, &d.shard_);
     if (d.shard_.empty())
       throw InputError(fmt::format("data '{}': the shards hold no tokens", printable(path_or_glob)));

@@ -36,6 +36,7 @@ int main(int argc, char** argv) {
     comm.set_timeout_seconds(config.collective_timeout);
     if (config.command == "eval") return mpt::run_eval(config, comm);
     if (config.command == "sample") return mpt::run_sample(config, comm);
+    if (config.command == "export") return mpt::run_export(config, comm);
     return mpt::run_train(config, comm);
   } catch (const mpt::AgreedExit& e) {
     return e.code;

@@ -21,9 +21,11 @@
 #include "mptrain/data.hpp"
 #include "mptrain/error.hpp"
 #include "mptrain/hash.hpp"
+#include "mptrain/hf.hpp"
 #include "mptrain/model.hpp"
 #include "mptrain/run_lock.hpp"
 #include "mptrain/runtime.hpp"
+#include "mptrain/tokenizer.hpp"
 
 namespace mpt {
 
@@ -131,28 +133,30 @@ void write_text_file(const std::string& path, const std::string& text) {
   std::filesystem::rename(tmp, path);
 }
 
-/// An llm.c tokenizer file: 256 x uint32 header {magic 20240328, version 1 or 2, vocab size, ...}, then per
-/// token a uint8 length and that many bytes. Returns the byte string of every token id.
-std::vector<std::string> load_llmc_tokenizer(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  MPT_INPUT_CHECK(static_cast<bool>(in), "--tokenizer {}: cannot open", path);
-  uint32_t header[256] = {};
-  in.read(reinterpret_cast<char*>(header), sizeof(header));
-  MPT_INPUT_CHECK(static_cast<bool>(in), "--tokenizer {}: truncated header", path);
-  MPT_INPUT_CHECK(header[0] == 20240328u, "--tokenizer {}: wrong magic {} (expected 20240328)", path,
-                  header[0]);
-  MPT_INPUT_CHECK(header[1] == 1u || header[1] == 2u, "--tokenizer {}: unsupported version {}", path,
-                  header[1]);
-  std::vector<std::string> vocab(header[2]);
-  for (auto& token : vocab) {
-    unsigned char length = 0;
-    in.read(reinterpret_cast<char*>(&length), 1);
-    token.resize(length);
-    in.read(token.data(), length);
-    MPT_INPUT_CHECK(static_cast<bool>(in), "--tokenizer {}: truncated after {} tokens", path,
-                    &token - vocab.data());
-  }
-  return vocab;
+/// The tokenizer.json beside token shards `data` (a path or a glob in one directory), or "" when there is
+/// none (or the data is text).
+std::string tokenizer_beside(const std::string& data) {
+  if (!(data.ends_with(".bin") || data.find_first_of("*?[") != std::string::npos)) return "";
+  const std::filesystem::path candidate = std::filesystem::path(data).parent_path() / "tokenizer.json";
+  std::error_code ec;
+  return std::filesystem::is_regular_file(candidate, ec) ? candidate.string() : "";
+}
+
+/// The tokenizer of a model with `vocab_size` tokens trained on `data`: bytes for 256-token text models,
+/// else --tokenizer or the tokenizer.json beside the shards (null when neither is there). Throws
+/// mpt::InputError naming the file when its vocabulary differs from the model's.
+std::unique_ptr<Tokenizer> open_tokenizer(const RunConfig& c, const std::string& data, int64_t vocab_size) {
+  const bool text = !(data.ends_with(".bin") || data.find_first_of("*?[") != std::string::npos);
+  if (text && vocab_size == Dataset::kTextVocabSize && c.tokenizer.empty())
+    return std::make_unique<Tokenizer>(Tokenizer::bytes());
+  const std::string path = c.tokenizer.empty() ? tokenizer_beside(data) : c.tokenizer;
+  if (path.empty()) return nullptr;
+  auto t = std::make_unique<Tokenizer>(about_files([&] { return Tokenizer::load(path); }));
+  if (t->vocab_size() != vocab_size)
+    throw FileInputError(
+        fmt::format("tokenizer {}: {} tokens, the model's vocabulary is {} (another tokenizer?)", path,
+                    t->vocab_size(), vocab_size));
+  return t;
 }
 
 /// The model shape and precision a checkpoint was trained with.
@@ -162,6 +166,14 @@ RunConfig config_of_checkpoint(const SafetensorsFile& ckpt, RunConfig c) {
   c.channels = checkpoint_int(ckpt, "channels");
   c.seq_len = checkpoint_int(ckpt, "seq_len");
   return c;
+}
+
+/// The --data a checkpoint was trained on (from its config metadata; "" when absent).
+std::string trained_on(const SafetensorsFile& ckpt) {
+  const auto it = ckpt.metadata.find("config");
+  if (it == ckpt.metadata.end()) return "";
+  const auto j = nlohmann::json::parse(it->second, nullptr, false);
+  return j.is_object() && j.contains("data") && j["data"].is_string() ? j["data"].get<std::string>() : "";
 }
 
 /// Everything a run holds: data, engine, model.
@@ -174,6 +186,7 @@ struct Session {
   GPTConfig model_config;
   std::unique_ptr<MixedPrecisionEngine> engine;
   std::unique_ptr<GPT> model;
+  std::unique_ptr<Tokenizer> tokenizer;  // null: shard data without one (ids printed, no loss per byte)
   std::vector<int32_t> tokens, targets;
 
   Session(const RunConfig& c, Communicator& comm_) : config(c), comm(comm_) {}
@@ -220,11 +233,16 @@ struct Session {
     model = std::make_unique<GPT>(model_config, engine->layout(), *backend, config.dtype());
   }
 
-  /// Mean validation loss over eval_batches batches of global_batch sequences, averaged over all ranks.
-  double evaluate() {
+  /// Validation loss over eval_batches batches of global_batch sequences, averaged over all ranks: per token
+  /// (the mean over sequences of each sequence's mean), and in nats per byte of the targets' text (the loss
+  /// summed over positions / the bytes the target tokens stand for; NaN without a tokenizer).
+  struct Evaluation {
+    double loss = 0, loss_per_byte = 0;
+  };
+  Evaluation evaluate() {
     const int64_t G = config.global_batch, T = config.seq_len, mb = config.micro_batch;
     const int64_t per_rank = G / comm.size();
-    double sum[2] = {0.0, 0.0};  // loss x sequences, sequences
+    double sum[3] = {0.0, 0.0, 0.0};  // loss x sequences, sequences, target bytes
     tokens.resize(static_cast<size_t>(mb * T));
     targets.resize(tokens.size());
     for (int64_t k = 0; k < config.eval_batches; ++k)
@@ -235,9 +253,22 @@ struct Session {
             static_cast<double>(model->forward(engine->params(), tokens.data(), targets.data(), count, T)) *
             static_cast<double>(count);
         sum[1] += static_cast<double>(count);
+        if (tokenizer)
+          for (int64_t i = 0; i < count * T; ++i)
+            sum[2] += static_cast<double>(tokenizer->text_bytes(targets[static_cast<size_t>(i)]));
       }
-    comm.all_reduce(std::span<double>(sum, 2), ReduceOp::sum);
-    return sum[0] / sum[1];
+    comm.all_reduce(std::span<double>(sum, 3), ReduceOp::sum);
+    const double loss = sum[0] / sum[1];
+    return {loss, tokenizer ? loss * sum[1] * static_cast<double>(T) / sum[2]
+                            : std::numeric_limits<double>::quiet_NaN()};
+  }
+
+  /// `n` generated tokens as text: the tokenizer's bytes (printable ASCII, \n and \t kept, other bytes as
+  /// \xNN for byte-level text data), else the ids separated by spaces.
+  std::string printable_text(const std::vector<int32_t>& out) const {
+    if ((data && data->is_text()) || !tokenizer)
+      return data ? data->decode(out.data(), static_cast<int64_t>(out.size())) : "";
+    return tokenizer->decode(out.data(), static_cast<int64_t>(out.size()));
   }
 
   /// Generates `n` tokens after `prompt` (rank-local, no communication): a window of seq_len tokens, the
@@ -400,6 +431,7 @@ void load_run(TrainingRun& run) {
       s.data->check_sequence_length(c.seq_len, c.eval_batches > 0);
     });
     s.build(s.data->vocab_size());
+    s.tokenizer = open_tokenizer(c, c.data, s.data->vocab_size());
     s.engine->set_parameters(gpt_init(s.model_config, c.seed));
     if (c.resume == "auto")
       run.resumed_from = about_files([&] { return find_latest_checkpoint(c.checkpoint_dir, run.root); });
@@ -420,6 +452,9 @@ void load_run(TrainingRun& run) {
       });
       MPT_INPUT_CHECK(run.start_step <= c.steps, "--steps {}: checkpoint {} is already at step {}", c.steps,
                       run.resumed_from, run.start_step);
+    } else if (!c.init_from.empty()) {
+      // A fresh run from given weights; a resumed one continues from its own checkpoint instead.
+      s.engine->set_parameters(about_files([&] { return load_init_weights(c.init_from, s.model_config); }));
     }
   });
 }
@@ -567,6 +602,11 @@ void print_run_header(const TrainingRun& run) {
   if (!run.resumed_from.empty())
     std::printf("resumed from %s at step %lld\n", run.resumed_from.c_str(),
                 static_cast<long long>(run.start_step));
+  else if (!c.init_from.empty())
+    std::printf("initial weights from %s (no optimizer state)\n", c.init_from.c_str());
+  if (s.tokenizer && !s.tokenizer->path().empty())
+    std::printf("tokenizer: %s (%lld tokens)\n", s.tokenizer->path().c_str(),
+                static_cast<long long>(s.tokenizer->vocab_size()));
   std::fflush(stdout);
 }
 
@@ -665,13 +705,18 @@ void log_step(TrainingRun& run, int64_t step, const StepResult& r) {
   run.window_tokens = 0;
 }
 
-/// The validation loss after step `step` (collective), printed and logged.
+/// The validation loss after step `step` (collective; -1: of the initial weights), printed and logged, per
+/// token and, with a tokenizer, in nats per byte.
 void log_evaluation(TrainingRun& run, int64_t step) {
-  const double val = run.s.evaluate();
+  const Session::Evaluation val = run.s.evaluate();
+  const bool per_byte = std::isfinite(val.loss_per_byte);
   if (run.root)
-    std::printf("step %6lld/%lld | val loss %.4f\n", static_cast<long long>(step + 1),
-                static_cast<long long>(run.c.steps), val);
-  run.log_metrics({{"step", step + 1}, {"val_loss", val}});
+    std::printf("step %6lld/%lld | val loss %.4f%s\n", static_cast<long long>(step + 1),
+                static_cast<long long>(run.c.steps), val.loss,
+                per_byte ? fmt::format(" | {:.4f} nats/byte", val.loss_per_byte).c_str() : "");
+  nlohmann::json line = {{"step", step + 1}, {"val_loss", val.loss}};
+  if (per_byte) line["val_loss_per_byte"] = val.loss_per_byte;
+  run.log_metrics(line);
   std::fflush(stdout);
 }
 
@@ -706,7 +751,7 @@ void print_run_summary(TrainingRun& run) {
   if (c.sample_tokens > 0) {
     std::mt19937_64 rng(c.seed);
     const auto text = run.s.generate({}, c.sample_tokens, 1.0f, rng);
-    std::printf("sample:\n%s\n", run.s.data->decode(text.data(), static_cast<int64_t>(text.size())).c_str());
+    std::printf("sample:\n%s\n", run.s.printable_text(text).c_str());
   }
   std::fflush(stdout);
 }
@@ -718,6 +763,13 @@ int run_train(const RunConfig& config, Communicator& comm) {
   set_up_training(run);
   open_run_files(run);
   print_run_header(run);
+  if (run.c.steps == 0 && run.start_step == 0) {
+    // --steps 0: the initial weights (random, or --init-from) evaluated and written as the step-0 checkpoint.
+    if (run.c.eval_batches > 0) log_evaluation(run, -1);
+    checkpoint(run, -1, StepResult{});
+    comm.barrier();
+    return 0;
+  }
   for (int64_t step = run.start_step; step < run.c.steps; ++step) {
     const auto t0 = Clock::now();
     if (run.logs_at(step)) run.s.model->take_loss_sum();  // the logged loss is this step's alone
@@ -756,19 +808,69 @@ int run_eval(const RunConfig& config_in, Communicator& comm) {
                       checkpoint_int(ckpt, "vocab_size"), s.config.data, s.data->vocab_size());
     });
     s.build(s.data->vocab_size());
+    s.tokenizer = open_tokenizer(s.config, s.config.data, s.data->vocab_size());
     about_files([&] { restore_checkpoint(*s.engine, ckpt); });
   });
-  const double val = s.evaluate();
+  const Session::Evaluation val = s.evaluate();
   if (comm.rank() == 0) {
-    std::printf("val_loss %.9g\n", val);
-    std::printf("%s\n", nlohmann::json({{"checkpoint", s.config.checkpoint},
-                                        {"val_loss", val},
-                                        {"eval_batches", s.config.eval_batches},
-                                        {"global_batch", s.config.global_batch},
-                                        {"precision", s.config.precision}})
-                            .dump()
-                            .c_str());
+    std::printf("val_loss %.9g\n", val.loss);
+    nlohmann::json j = {{"checkpoint", s.config.checkpoint},
+                        {"val_loss", val.loss},
+                        {"eval_batches", s.config.eval_batches},
+                        {"global_batch", s.config.global_batch},
+                        {"precision", s.config.precision}};
+    if (std::isfinite(val.loss_per_byte)) j["val_loss_per_byte"] = val.loss_per_byte;
+    std::printf("%s\n", j.dump().c_str());
   }
+  return 0;
+}
+
+int run_export(const RunConfig& config_in, Communicator& comm) {
+  Session s(config_in, comm);
+  SafetensorsFile ckpt;
+  std::vector<std::vector<float>> weights;
+  GPTConfig model;
+  std::string tokenizer_json;
+  agree_on_setup(comm, [&] {
+    ckpt = s.open_checkpoint();
+    about_files([&] {
+      model = s.config.model_config(checkpoint_int(ckpt, "vocab_size"));
+      for (const TensorSpec& spec : gpt_tensors(model)) {
+        const LoadedTensor& t = ckpt.at("master." + spec.name);
+        MPT_INPUT_CHECK(t.shape == spec.shape,
+                        "checkpoint {}: tensor 'master.{}' has another shape than its model", ckpt.path,
+                        spec.name);
+        weights.push_back(t.as<float>("master." + spec.name));
+      }
+      // --tokenizer, else the tokenizer.json beside the shards the checkpoint was trained on.
+      RunConfig with = s.config;
+      if (with.tokenizer.empty() && model.vocab_size != Dataset::kTextVocabSize)
+        with.tokenizer = tokenizer_beside(trained_on(ckpt));
+      if (!with.tokenizer.empty()) {
+        (void)open_tokenizer(with, "", model.vocab_size);  // a byte-level tokenizer of the model's size
+        std::ifstream in(with.tokenizer, std::ios::binary);
+        tokenizer_json.assign(std::istreambuf_iterator<char>(in), {});
+        MPT_INPUT_CHECK(
+            tokenizer_json.find_first_not_of(" \t\r\n") != std::string::npos &&
+                tokenizer_json[tokenizer_json.find_first_not_of(" \t\r\n")] == '{',
+            "--tokenizer {}: export copies a tokenizer.json (transformers does not read llm.c's .bin)",
+            with.tokenizer);
+      } else if (model.vocab_size == Dataset::kTextVocabSize) {
+        tokenizer_json = byte_level_tokenizer_json();
+      }
+    });
+  });
+  if (comm.rank() == 0) {
+    export_hf(model, weights, s.config.out,
+              s.config.export_dtype == "fp16"   ? DType::f16
+              : s.config.export_dtype == "bf16" ? DType::bf16
+                                                : DType::f32,
+              tokenizer_json);
+    std::printf("exported %s -> %s (config.json, model.safetensors%s; %s)\n", ckpt.path.c_str(),
+                s.config.out.c_str(), tokenizer_json.empty() ? "" : ", tokenizer.json",
+                s.config.export_dtype.c_str());
+  }
+  comm.barrier();
   return 0;
 }
 
@@ -780,6 +882,8 @@ int run_sample(const RunConfig& config_in, Communicator& comm) {
     ckpt = s.open_checkpoint();
     s.build(about_files([&] { return checkpoint_int(ckpt, "vocab_size"); }));
     about_files([&] { restore_checkpoint(*s.engine, ckpt); });
+    if (s.model_config.vocab_size != Dataset::kTextVocabSize)
+      s.tokenizer = open_tokenizer(s.config, trained_on(ckpt), s.model_config.vocab_size);
   });
   if (comm.rank() != 0) return 0;
   const bool text = s.model_config.vocab_size == 256;
@@ -805,14 +909,9 @@ int run_sample(const RunConfig& config_in, Communicator& comm) {
   if (text) {
     printed.assign(s.config.prompt);
     for (int32_t t : out) printed.push_back(static_cast<char>(t));
-  } else if (!s.config.tokenizer.empty()) {
-    const auto vocab = about_files([&] { return load_llmc_tokenizer(s.config.tokenizer); });
-    for (int32_t t : out) {
-      MPT_INPUT_CHECK(static_cast<size_t>(t) < vocab.size(),
-                      "--tokenizer {}: has {} tokens, the model produced {}", s.config.tokenizer,
-                      vocab.size(), t);
-      printed += vocab[static_cast<size_t>(t)];
-    }
+  } else if (s.tokenizer) {
+    printed = s.tokenizer->decode(prompt.data(), static_cast<int64_t>(prompt.size())) +
+              s.tokenizer->decode(out.data(), static_cast<int64_t>(out.size()));
   } else {
     for (int32_t t : out) printed += fmt::format("{} ", t);
   }

@@ -26,7 +26,13 @@ struct ShardHeader {
   int32_t magic = Dataset::kShardMagic;
   int32_t version = Dataset::kShardVersion;
   std::optional<int64_t> count;  // default: the number of tokens written
+  int32_t vocab = 0;             // header slot 3; 0: GPT-2's 50257
 };
+ShardHeader with_vocab(int32_t vocab) {
+  ShardHeader h;
+  h.vocab = vocab;
+  return h;
+}
 ShardHeader with_magic(int32_t magic) {
   ShardHeader h;
   h.magic = magic;
@@ -68,6 +74,7 @@ class Data : public ::testing::Test {
     header[0] = h.magic;
     header[1] = h.version;
     header[2] = static_cast<int32_t>(h.count.value_or(static_cast<int64_t>(tokens.size())));
+    header[Dataset::kShardVocabSlot] = h.vocab;
     const std::string p = path(name);
     std::ofstream out(p, std::ios::binary);
     out.write(reinterpret_cast<const char*>(header.data()), 1024);
@@ -477,6 +484,34 @@ TEST_F(Data, LargeShardsLoadQuickly) {
   EXPECT_EQ(d.token((int64_t{2} << 22) - 1), 50256);
   EXPECT_EQ(d.token((int64_t{1} << 22) - 1),
             static_cast<int32_t>((((size_t{1} << 22) - 1) * 2654435761u) % 50257));
+}
+
+TEST_F(Data, ShardHeaderCarriesTheVocabulary) {
+  write_shard("v_0.bin", {0, 999, 5, 7}, with_vocab(1000));
+  write_shard("v_1.bin", {1, 2, 3, 998}, with_vocab(1000));
+  const Dataset d = Dataset::load(path("v_*.bin"), 0.25);
+  EXPECT_EQ(d.vocab_size(), 1000);
+  EXPECT_EQ(d.token(1), 999);
+  // The hash covers the vocabulary: the same tokens under another vocabulary are other data.
+  write_shard("w_0.bin", {0, 999, 5, 7}, with_vocab(1001));
+  write_shard("w_1.bin", {1, 2, 3, 998}, with_vocab(1001));
+  EXPECT_NE(Dataset::load(path("w_*.bin"), 0.25).hash(), d.hash());
+  // 65536: every uint16 is a token.
+  write_shard("full.bin", {65535, 0}, with_vocab(65536));
+  EXPECT_EQ(Dataset::load(path("full.bin"), 0.5).vocab_size(), 65536);
+}
+
+TEST_F(Data, TokenOutsideTheHeaderVocabularyAndBadVocabularies) {
+  const std::string bad = write_shard("small.bin", {4, 5, 999, 1000, 3}, with_vocab(1000));
+  expect_input_error([&] { Dataset::load(bad, 0.1); },
+                     {bad, "token 1000 at index 3", "outside the shard's vocabulary of 1000"});
+  const std::string huge = write_shard("huge.bin", {1, 2}, with_vocab(65537));
+  expect_input_error([&] { Dataset::load(huge, 0.1); }, {huge, "vocabulary size 65537", "slot 3"});
+  const std::string negative = write_shard("negative.bin", {1, 2}, with_vocab(-1));
+  expect_input_error([&] { Dataset::load(negative, 0.1); }, {negative, "vocabulary size -1"});
+  write_shard("m_0.bin", {1, 2}, with_vocab(1000));
+  const std::string other = write_shard("m_1.bin", {1, 2}, with_vocab(2000));
+  expect_input_error([&] { Dataset::load(path("m_*.bin"), 0.1); }, {other, "2000 differs from", "m_0.bin"});
 }
 
 }  // namespace

@@ -15,7 +15,7 @@ namespace mpt {
 
 /// Everything a run needs; defaults are the default run of launch/train.sh (byte-level KJV, 2 CPU ranks).
 struct RunConfig {
-  std::string command;  ///< "train", "eval" or "sample"
+  std::string command;  ///< "train", "eval", "sample" or "export"
 
   // Model (vocab comes from the data: 256 for text, 50257 for token shards).
   int64_t layers = 4, heads = 4, channels = 128;
@@ -54,6 +54,9 @@ struct RunConfig {
   std::string checkpoint_dir;  ///< default runs/<run_name>/checkpoints
   int64_t checkpoint_interval = 200, keep_checkpoints = 2;
   std::string resume = "auto";  ///< "auto", "none" or a checkpoint path
+  /// Initial weights of a fresh run (not of a resumed one): a Hugging Face GPT-2 directory or
+  /// model.safetensors, or an mptrain checkpoint (weights only); "" = random initialisation.
+  std::string init_from;
 
   // Run.
   uint64_t seed = 1337;
@@ -75,7 +78,14 @@ struct RunConfig {
   std::string checkpoint;  ///< checkpoint to read (eval, sample)
   std::string prompt;      ///< sample: text prompt (text data) or space-separated token ids
   float temperature = 1.0f;
-  std::string tokenizer;  ///< sample on token shards: llm.c tokenizer .bin file
+  /// tokenizer.json (byte-level BPE) or llm.c tokenizer .bin of token-shard data: sample prints text and
+  /// evaluation reports nats per byte with it. "" = the tokenizer.json beside the shards, when there is one.
+  std::string tokenizer;
+
+  // export.
+  std::string out;                    ///< output directory
+  std::string format = "hf";          ///< only "hf" (transformers' GPT-2)
+  std::string export_dtype = "fp32";  ///< fp32, fp16 or bf16 storage of the exported weights
 
   /// The engine settings these flags describe.
   EngineConfig engine_config() const;
@@ -109,9 +119,9 @@ struct InjectOverflow {
 /// expected form for anything else.
 InjectOverflow parse_inject_overflow(const std::string& text);
 
-/// Parses argv (`mptrain <train|eval|sample> [--config FILE] [flags]`). Returns false after printing --help
-/// (the caller exits 0). Throws mpt::InputError with one line for an unknown flag or key, a bad value, a
-/// config file that does not parse (with line and column) or holds a key of the wrong type.
+/// Parses argv (`mptrain <train|eval|sample|export> [--config FILE] [flags]`). Returns false after printing
+/// --help (the caller exits 0). Throws mpt::InputError with one line for an unknown flag or key, a bad value,
+/// a config file that does not parse (with line and column) or holds a key of the wrong type.
 bool parse_command_line(int argc, char** argv, RunConfig& config);
 
 }  // namespace mpt

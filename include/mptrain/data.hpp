@@ -1,7 +1,8 @@
 // Training and validation data: a text file read as bytes (vocab 256), or llm.c token shards (".bin": a
-// 256 x int32 header {magic 20240520, version 1, token count, ...} then uint16 tokens; vocab 50257) given as
-// one path or a glob. Tokens are held once, compactly (uint8 for text, uint16 for shards); batches are
-// materialised as int32 on demand.
+// 256 x int32 header {magic 20240520, version 1, token count, vocabulary size, 0...} then uint16 tokens)
+// given as one path or a glob. The vocabulary size is mptrain's addition in the header's unused slot 3
+// (launch/prepare_data.py writes it); llm.c leaves it 0, which means GPT-2's 50257. Tokens are held once,
+// compactly (uint8 for text, uint16 for shards); batches are materialised as int32 on demand.
 //
 // Sampling: sequence j of optimizer step s starts at an offset drawn from a SplitMix64 hash of (seed, s, j),
 // reduced to the valid range without modulo bias. It never depends on the number of ranks, so rank r of N
@@ -22,20 +23,23 @@ class Dataset {
   /// Vocabulary sizes of the two formats.
   static constexpr int64_t kTextVocabSize = 256;
   static constexpr int64_t kShardVocabSize = 50257;
-  /// llm.c shard header: 256 int32, of which [0] magic, [1] version, [2] token count.
+  /// llm.c shard header: 256 int32, of which [0] magic, [1] version, [2] token count, [3] vocabulary size
+  /// (1..65536; 0 = kShardVocabSize, as in llm.c's own shards).
   static constexpr int32_t kShardMagic = 20240520;
+  static constexpr int kShardVocabSlot = 3;
   static constexpr int32_t kShardVersion = 1;
   static constexpr int64_t kShardHeaderBytes = 256 * 4;
 
   /// Loads and validates; the last `val_fraction` (in [0, 1)) of the tokens is the validation split (the
   /// split point is floor((1 - val_fraction) * n)). Throws mpt::InputError with one line naming the path and
   /// what is wrong for: a missing file, a directory, no read permission, an empty file, a glob matching
-  /// nothing, wrong magic, wrong version, a file size disagreeing with the header's token count, a token
-  /// >= 50257 in a shard (file, token index in that file, value), val_fraction outside [0, 1).
+  /// nothing, wrong magic, wrong version, a file size disagreeing with the header's token count, a header
+  /// vocabulary size outside [0, 65536] or differing between shards, a token >= the vocabulary size in a
+  /// shard (file, token index in that file, value), val_fraction outside [0, 1).
   static Dataset load(const std::string& path_or_glob, double val_fraction);
 
-  /// 256 for text, 50257 for shards.
-  int64_t vocab_size() const { return is_text_ ? kTextVocabSize : kShardVocabSize; }
+  /// 256 for text; for shards the size in their headers (50257 where it is 0).
+  int64_t vocab_size() const { return is_text_ ? kTextVocabSize : shard_vocab_; }
   bool is_text() const { return is_text_; }
   /// Token counts of the two splits; train is the first part of the data, val the rest.
   int64_t train_tokens() const { return split_; }
@@ -100,6 +104,7 @@ class Dataset {
   std::vector<uint16_t> shard_;  // shard tokens
   int64_t split_ = 0;            // first validation token index
   uint64_t hash_ = 0;
+  int64_t shard_vocab_ = kShardVocabSize;
 };
 
 }  // namespace mpt

@@ -61,6 +61,12 @@ int run_train(const RunConfig& config, Communicator& comm);
 /// sequences), printed by rank 0 as "val_loss <value>" and as JSON. Collective over `comm`.
 int run_eval(const RunConfig& config, Communicator& comm);
 
+/// `mptrain export`: --checkpoint's FP32 master weights as a transformers GPT-2 directory --out
+/// (export_hf: config.json, model.safetensors in --dtype; tokenizer.json: --tokenizer copied, or the
+/// byte-level one for a 256-token model). Rank 0 writes. Throws mpt::InputError (agreed by every rank) for
+/// an unusable checkpoint or tokenizer.
+int run_export(const RunConfig& config, Communicator& comm);
+
 /// `mptrain sample`: --sample-tokens tokens from --checkpoint after --prompt (rank 0 computes and prints).
 int run_sample(const RunConfig& config, Communicator& comm);
 

@@ -328,6 +328,44 @@ def _(c):
     return c.train("--resume", "ckpt.safetensors", "--steps", "4", data="tokens.bin")
 
 
+@case("shard_token_outside_header_vocabulary", BAD_FILE, "small.bin",
+      "token 1000 at index 9 is outside the shard's vocabulary of 1000")
+def _(c):
+    tokens = [t % 1000 for t in shard_tokens(4000)]
+    tokens[9] = 1000
+    write_shard(os.path.join(c.dir, "small.bin"), tokens, vocab=1000)
+    return c.train(data="small.bin")
+
+
+@case("shard_header_vocabulary_out_of_range", BAD_FILE, "big.bin", "vocabulary size 70000 in header slot 3")
+def _(c):
+    write_shard(os.path.join(c.dir, "big.bin"), shard_tokens(4000), vocab=70000)
+    return c.train(data="big.bin")
+
+
+@case("shards_with_different_vocabularies", BAD_FILE, "b.bin", "differs from", "a.bin")
+def _(c):
+    write_shard(os.path.join(c.dir, "a.bin"), [t % 1000 for t in shard_tokens(4000)], vocab=1000)
+    write_shard(os.path.join(c.dir, "b.bin"), [t % 1000 for t in shard_tokens(4000)], vocab=2000)
+    return c.train(data=os.path.join(c.dir, "*.bin"))
+
+
+@case("init_from_other_model_shape", BAD_FILE, "ckpt.safetensors", "metadata channels is 32, --channels is 64")
+def _(c):
+    c.checkpoint("ckpt.safetensors")
+    return c.train("--init-from", "ckpt.safetensors", "--channels", "64")
+
+
+@case("init_from_missing", BAD_FILE, "--init-from", "nowhere", "no such")
+def _(c):
+    return c.train("--init-from", "nowhere")
+
+
+@case("init_from_not_safetensors", BAD_FILE, "--init-from", "corpus.txt")
+def _(c):
+    return c.train("--init-from", "corpus.txt")
+
+
 @case("eval_checkpoint_truncated", BAD_FILE, "checkpoint cut.safetensors", "truncated")
 def _(c):
     path = c.checkpoint("cut.safetensors")

@@ -29,10 +29,11 @@ def env(extra=None):
     return e
 
 
-def write_shard(path, tokens, magic=SHARD_MAGIC, version=SHARD_VERSION, count=None):
-    """An llm.c token shard: 256 int32 header {magic, version, token count}, then uint16 tokens."""
+def write_shard(path, tokens, magic=SHARD_MAGIC, version=SHARD_VERSION, count=None, vocab=0):
+    """An llm.c token shard: 256 int32 header {magic, version, token count, vocabulary (0: GPT-2's)}, then
+    uint16 tokens."""
     header = [0] * SHARD_HEADER_INTS
-    header[0], header[1], header[2] = magic, version, len(tokens) if count is None else count
+    header[0], header[1], header[2], header[3] = magic, version, len(tokens) if count is None else count, vocab
     with open(path, "wb") as f:
         f.write(struct.pack("<256i", *header))
         f.write(struct.pack(f"<{len(tokens)}H", *tokens))
