@@ -68,11 +68,17 @@ gpu_test_pattern='^(test_cuda_[A-Za-z0-9_]+|test_comm_nccl)$'
 
 # ---------------------------------------------------------------------------------------------- build
 if [ "$do_build" = 1 ]; then
+  # The fused attention (cuDNN SDPA) is part of what the GPU run must check: without the frontend headers
+  # (git-ignored, fetched once) CMake would quietly build attention unfused only.
+  [ -f third_party/cudnn-frontend/include/cudnn_frontend.h ] || bash launch/cudnn_frontend.sh ||
+    die "could not fetch the cuDNN frontend (launch/cudnn_frontend.sh): the build would have no cuDNN SDPA"
   log "configuring $build_dir (Release, CUDA architecture 90, tests and benchmarks)"
   mkdir -p "$build_dir"
   cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DMPTRAIN_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DMPTRAIN_BUILD_TESTS=ON -DMPTRAIN_BUILD_BENCHMARKS=ON >"$build_dir/prepare-configure.log" 2>&1 ||
     { tail -n 30 "$build_dir/prepare-configure.log" >&2; die "cmake failed ($build_dir/prepare-configure.log)"; }
+  grep -q 'fused attention via cuDNN SDPA on' "$build_dir/prepare-configure.log" ||
+    { grep 'fused attention' "$build_dir/prepare-configure.log" >&2; die "configured without cuDNN SDPA"; }
 fi
 [ -f "$build_dir/CMakeCache.txt" ] || die "$build_dir is not a configured build tree"
 grep -Eq '^MPTRAIN_WITH_CUDA:[A-Z]+=ON$' "$build_dir/CMakeCache.txt" || die "$build_dir was configured without CUDA"
@@ -321,4 +327,6 @@ log "$(awk -v t="$tree_bytes" -v b="$bundle_bytes" \
   'BEGIN { printf "unpacked %.1f MiB, bundle %.1f MiB (limit 64 MiB for what travels)", t / 1048576, b / 1048576 }')"
 log "CUDA libraries the binaries need (found on the GPU machine, not shipped): ${cuda_list:-none}"
 [ "$bundle_bytes" -le "$limit_bytes" ] || die "bundle is over 64 MiB"
-log "done: carry .gpu-build/bundle.tar.xz and run: bash benchmarks/gpu/run_suite.sh --out \"\$OUT\""
+log "done: carry .gpu-build/bundle.tar.xz and run, one command each:" \
+  "bash benchmarks/gpu/run_suite.sh --part correctness --out \"\$OUT\";" \
+  "bash benchmarks/gpu/run_suite.sh --part speed --out \"\$OUT\""

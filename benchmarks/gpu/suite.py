@@ -441,7 +441,10 @@ def cmd_summarize(out_dir, results, quiet=False):
         overall = "incomplete"
     else:
         overall = "passed"
-    summary.update({"overall": overall, "failed_steps": failed, "missing_or_skipped_steps": incomplete,
+    if quiet and overall == "passed":  # written while the suite runs: what ran passed, the rest has not run
+        overall = "running"
+    summary.update({"overall": overall, "finished": not quiet, "failed_steps": failed,
+                    "missing_or_skipped_steps": incomplete,
                     "gpu_tests_with_skips": gpu_skips,
                     "counts": {st: statuses.count(st) for st in sorted(set(statuses))}})
     write_json(os.path.join(out_dir, "summary.json"), summary)
