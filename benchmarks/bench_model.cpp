@@ -1,9 +1,13 @@
 // bench_model: forward + backward time of the GPT model on the CPU backend, per storage dtype and thread
 // count, with tokens/s and achieved FLOP/s (6N + 12 L C T per token, PaLM appendix B). Thread counts are set
 // explicitly (omp_set_num_threads) for every configuration; the report gives median, min and max over
-// iterations as JSON.
+// iterations as JSON. --init-only times gpt_init (the initial weights, drawn in parallel) per thread count
+// instead.
 //
 //   build/benchmarks/bench_model --layers 4 --channels 128 --heads 4 --seq 128 --batch 16 --threads 1,2
+//   build/benchmarks/bench_model --init-only --vocab 50304 --layers 24 --channels 2048 --heads 16 --seq 1024
+//   \
+//     --threads 1,2 --iters 1 --warmup 0
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -35,6 +39,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> dtypes = {"fp32", "fp16", "bf16"};
   int warmup = 1, iters = 5;
   std::string json_path;
+  bool init_only = false;
   app.add_option("--vocab", cfg.vocab_size, "vocabulary size V")->capture_default_str();
   app.add_option("--layers", cfg.num_layers, "transformer blocks L")->capture_default_str();
   app.add_option("--channels", cfg.channels, "channels C")->capture_default_str();
@@ -49,6 +54,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   mpt::bench::add_timing_flags(app, warmup, iters, "iterations per configuration");
   app.add_option("--json", json_path, "also write the JSON report to this file");
+  app.add_flag("--init-only", init_only,
+               "time gpt_init (the initial weights) per thread count, nothing else");
   CLI11_PARSE(app, argc, argv);
   cfg.max_seq_len = T;
   try {
@@ -59,6 +66,30 @@ int main(int argc, char** argv) {
   }
 
   nlohmann::json report;
+  if (init_only) {
+    report["benchmark"] = "gpt_init";
+    report["model"] = {
+        {"V", cfg.vocab_size}, {"L", cfg.num_layers}, {"C", cfg.channels}, {"NH", cfg.num_heads}};
+    for (int nt : threads) {
+      omp_set_num_threads(nt);
+      std::vector<double> seconds;
+      size_t n = 0;
+      for (int it = 0; it < warmup + iters; ++it) {
+        const auto t0 = std::chrono::steady_clock::now();
+        const std::vector<float> values = mpt::gpt_init(cfg, 1);
+        const auto t1 = std::chrono::steady_clock::now();
+        n = values.size();
+        if (it >= warmup) seconds.push_back(std::chrono::duration<double>(t1 - t0).count());
+      }
+      const Stats st = stats(seconds);
+      std::fprintf(stderr, "gpt_init %zu parameters, threads %d: %.3f s median (min %.3f, max %.3f)\n", n, nt,
+                   st.median, st.min, st.max);
+      report["runs"].push_back({{"threads", nt},
+                                {"parameters", n},
+                                {"seconds", {{"median", st.median}, {"min", st.min}, {"max", st.max}}}});
+    }
+    return mpt::bench::emit_json(report, json_path, "bench_model") ? 0 : 1;
+  }
   report["benchmark"] = "gpt_forward_backward";
   report["backend"] = "cpu";
   report["model"] = {{"V", cfg.vocab_size},

@@ -169,10 +169,7 @@ class NcclRequest final : public CommRequest {
     waited_ = true;
   }
   bool test() override {
-    const cudaError_t rc = cudaEventQuery(done_->get());
-    if (rc == cudaErrorNotReady) return false;
-    MPT_CUDA_CHECK(rc);
-    return true;
+    return cuda::query_completed(cudaEventQuery(done_->get()), "cudaEventQuery(collective done)");
   }
 
  private:
@@ -318,7 +315,9 @@ struct NcclCommunicator::State {
           pending.pop_front();
           continue;
         }
-        if (rc != cudaErrorNotReady)
+        if (rc == cudaErrorNotReady)
+          (void)cudaGetLastError();  // not an error: keep it out of this thread's last error
+        else
           failure = MPT_FORMAT("CUDA error in NCCL {}: {}", pending.front().what, cudaGetErrorString(rc));
         break;
       }

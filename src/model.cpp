@@ -3,11 +3,13 @@
 // branch adds into (Backend backward ops accumulate).
 #include "mptrain/model.hpp"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <numbers>
-#include <random>
 
 #include "mptrain/error.hpp"
+#include "mptrain/random.hpp"
 
 namespace mpt {
 
@@ -76,32 +78,60 @@ std::vector<TensorSpec> gpt_tensors(const GPTConfig& c) {
   return t;
 }
 
+namespace {
+
+/// out[i] = N(0, stddev) for i < n_random, 0 for n_random <= i < n. Element i takes Philox block i/4 of the
+/// stream (seed, tensor), counter {i/4 low, i/4 high, tensor, 0}: the four 32-bit words are two pairs of
+/// uniforms in (0, 1), (w + 1/2) 2^-32, and Box-Muller turns pair p into elements 4(i/4) + 2p (r cos) and
+/// 4(i/4) + 2p + 1 (r sin). So a value depends only on (seed, tensor, i), never on the thread count.
+void fill_normal(float* out, size_t n, size_t n_random, double stddev, uint64_t seed, uint32_t tensor) {
+  const std::array<uint32_t, 2> key = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+  const size_t blocks = (n_random + 3) / 4;
+#pragma omp parallel for schedule(static)
+  for (size_t b = 0; b < blocks; ++b) {
+    const std::array<uint32_t, 4> w =
+        philox4x32_10({static_cast<uint32_t>(b), static_cast<uint32_t>(uint64_t{b} >> 32), tensor, 0}, key);
+    float z[4];
+    for (int p = 0; p < 2; ++p) {
+      const double u1 = (static_cast<double>(w[2 * p]) + 0.5) * 0x1.0p-32;
+      const double u2 = (static_cast<double>(w[2 * p + 1]) + 0.5) * 0x1.0p-32;
+      const double r = stddev * std::sqrt(-2.0 * std::log(u1));
+      const double theta = 2.0 * std::numbers::pi * u2;
+      z[2 * p] = static_cast<float>(r * std::cos(theta));
+      z[2 * p + 1] = static_cast<float>(r * std::sin(theta));
+    }
+    const size_t first = 4 * b;
+    for (size_t k = 0; k < 4 && first + k < n_random; ++k) out[first + k] = z[k];
+  }
+  std::fill(out + n_random, out + n, 0.0f);
+}
+
+}  // namespace
+
 std::vector<float> gpt_init(const GPTConfig& c, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  // Box-Muller on 53-bit uniforms: the same numbers with any C++ standard library.
-  auto uniform = [&] { return (static_cast<double>(rng() >> 11) + 0.5) * 0x1.0p-53; };
-  auto normal = [&](double stddev) {
-    const double r = std::sqrt(-2.0 * std::log(uniform()));
-    return static_cast<float>(stddev * r * std::cos(2.0 * std::numbers::pi * uniform()));
-  };
+  const std::vector<TensorSpec> specs = gpt_tensors(c);
+  size_t total = 0;
+  for (const TensorSpec& t : specs) total += t.num_elements();
+  std::vector<float> values(total);
   const double residual_std = 0.02 / std::sqrt(2.0 * static_cast<double>(c.num_layers));
-  std::vector<float> values;
-  for (const TensorSpec& t : gpt_tensors(c)) {
+  size_t at = 0;
+  for (size_t k = 0; k < specs.size(); ++k) {
+    const TensorSpec& t = specs[k];
     const size_t n = t.num_elements();
-    const bool is_bias = t.name.ends_with(".bias");
+    float* out = values.data() + at;
+    at += n;
     const bool is_ln_weight =
         t.name.ends_with("ln_1.weight") || t.name.ends_with("ln_2.weight") || t.name == "ln_f.weight";
     const bool is_residual_proj =
         t.name.ends_with("attn.c_proj.weight") || t.name.ends_with("mlp.c_proj.weight");
-    for (size_t i = 0; i < n; ++i) {
-      if (is_bias)
-        values.push_back(0.0f);
-      else if (is_ln_weight)
-        values.push_back(1.0f);
-      else if (t.name == "wte.weight" && i >= static_cast<size_t>(c.vocab_size * c.channels))
-        values.push_back(0.0f);
-      else
-        values.push_back(normal(is_residual_proj ? residual_std : 0.02));
+    if (t.name.ends_with(".bias")) {
+      std::fill(out, out + n, 0.0f);
+    } else if (is_ln_weight) {
+      std::fill(out, out + n, 1.0f);
+    } else {
+      // wte's padding rows [V, Vp) are 0.
+      const size_t n_random = t.name == "wte.weight" ? static_cast<size_t>(c.vocab_size * c.channels) : n;
+      fill_normal(out, n, n_random, is_residual_proj ? residual_std : 0.02, seed, static_cast<uint32_t>(k));
     }
   }
   return values;
@@ -177,7 +207,7 @@ void GPT::ensure_activations(int64_t B, int64_t T) {
     a->ln1_rstd.push_back(alloc(BT * sizeof(float)));
     a->qkv.push_back(alloc(BT * 3 * C * es));
     a->atty.push_back(alloc(BT * C * es));
-    a->att.push_back(alloc(backend_.attention_saved_bytes(B, T, NH, dtype_)));
+    a->att.push_back(alloc(backend_.attention_saved_bytes(B, T, C, NH, dtype_)));
     a->attproj.push_back(alloc(BT * C * es));
     a->residual2.push_back(alloc(BT * C * es));
     a->ln2.push_back(alloc(BT * C * es));

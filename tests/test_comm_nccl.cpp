@@ -3,12 +3,10 @@
 // bounded in units of the dtype's epsilon), plus the stream ordering, select_local_device and the watchdog,
 // which is checked in a child job (a collective that never completes must end the job within the timeout plus
 // a few seconds, with one line on stderr). Without a GPU everything skips ("no CUDA device") except the
-// select_local_device checks, whose error on such a machine is part of the contract.
+// select_local_device checks, whose error on such a machine is part of the contract, and the child job of
+// child_job_tests.cpp, which proves the watchdog tests can start theirs.
 #include <cuda_runtime.h>
 #include <mpi.h>
-#include <poll.h>
-#include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -25,13 +23,12 @@
 
 #include <gtest/gtest.h>
 
+#include "child_job.hpp"
 #include "comm_test_support.hpp"
 #include "mptrain/comm_nccl.hpp"
 #include "mptrain/cuda_check.hpp"
 #include "mptrain/cuda_ops.hpp"
 #include "mptrain/runtime.hpp"
-
-extern char** environ;
 
 namespace mpt {
 namespace {
@@ -542,108 +539,28 @@ struct ChildRun {
   int status = 0;
 };
 
-bool keep_in_child_env(const std::string& entry) {
-  static const char* const kept[] = {
-      "OMPI_ALLOW_RUN_AS_ROOT=", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=",
-      "OMPI_MCA_btl_vader_single_copy_mechanism=", "OMPI_MCA_rmaps_base_oversubscribe="};
-  for (const char* k : kept)
-    if (entry.rfind(k, 0) == 0) return true;
-  // Everything else the enclosing mpiexec set describes this job: a fresh mpiexec must not see it.
-  for (const char* prefix : {"OMPI_", "PMIX_", "ORTE_", "OPAL_", "PRTE_", "MPT_NCCL_WATCHDOG_CHILD="})
-    if (entry.rfind(prefix, 0) == 0) return false;
-  return true;
-}
-
-/// Starts `ranks` ranks of this executable (only the child test) in `mode` under a fresh mpiexec, reads
-/// their merged output with timestamps, and kills the job if it outlives 90 s.
-ChildRun run_child(const std::string& mode, int ranks) {
-  ChildRun run;
-  char self[4096] = {};
-  const ssize_t len = readlink("/proc/self/exe", self, sizeof(self) - 1);
-  if (len <= 0) throw Error("cannot read /proc/self/exe");
-  std::vector<std::string> args = {MPT_MPIEXEC,
-                                   "-n",
-                                   std::to_string(ranks),
-                                   "--oversubscribe",
-                                   "--bind-to",
-                                   "none",
-                                   self,
-                                   "--gtest_filter=NcclWatchdogChild.*"};
-  std::vector<std::string> env;
-  for (char** e = environ; *e; ++e)
-    if (keep_in_child_env(*e)) env.emplace_back(*e);
-  env.push_back("MPT_NCCL_WATCHDOG_CHILD=" + mode);
-  std::vector<char*> argv, envp;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  for (auto& e : env) envp.push_back(e.data());
-  envp.push_back(nullptr);
-
-  int fds[2];
-  if (pipe(fds) != 0) throw Error("pipe failed");
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
-  posix_spawn_file_actions_adddup2(&actions, fds[1], 2);
-  posix_spawn_file_actions_addclose(&actions, fds[0]);
-  posix_spawn_file_actions_addclose(&actions, fds[1]);
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
-  posix_spawnattr_setpgroup(&attr, 0);
-  pid_t pid = 0;
-  const int rc = posix_spawn(&pid, argv[0], &actions, &attr, argv.data(), envp.data());
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  close(fds[1]);
-  if (rc != 0) {
-    close(fds[0]);
-    throw Error(std::string("posix_spawn of mpiexec failed: ") + std::strerror(rc));
-  }
-
+/// Starts `ranks` ranks of this executable (only the child test) in `mode` under a fresh job of the launcher
+/// found at run time (tests/child_job.hpp), reads their merged output with timestamps, and kills the job if
+/// it outlives 90 s.
+ChildRun run_child(const std::string& launcher, const std::string& mode, int ranks) {
   using Clock = std::chrono::steady_clock;
-  const auto start = Clock::now();
   std::optional<Clock::time_point> issued, line_seen;
-  auto seconds_since = [](Clock::time_point a) {
-    return std::chrono::duration<double>(Clock::now() - a).count();
-  };
-  size_t scanned = 0;
-  bool eof = false;
-  while (!eof && seconds_since(start) < 90) {
-    pollfd p{fds[0], POLLIN, 0};
-    if (poll(&p, 1, 100) <= 0) continue;
-    char chunk[4096];
-    const ssize_t got = read(fds[0], chunk, sizeof(chunk));
-    if (got <= 0) {
-      eof = true;
-      break;
-    }
-    run.output.append(chunk, static_cast<size_t>(got));
-    for (size_t nl; (nl = run.output.find('\n', scanned)) != std::string::npos; scanned = nl + 1) {
-      const std::string line = run.output.substr(scanned, nl - scanned);
-      if (!issued && line.find("watchdog child: rank 0 issuing") != std::string::npos) issued = Clock::now();
-      if (!line_seen && line.find("did not complete within") != std::string::npos) line_seen = Clock::now();
-    }
-  }
-  close(fds[0]);
-  // The pipe closes when the last process of the job exits; give mpiexec itself a few seconds more.
-  int status = 0;
-  while (seconds_since(start) < 100) {
-    const pid_t w = waitpid(pid, &status, WNOHANG);
-    if (w == pid) {
-      run.exited = true;
-      run.status = status;
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  if (!run.exited) {
-    kill(-pid, SIGKILL);
-    waitpid(pid, &status, 0);
-  }
+  const test::ChildJobResult job =
+      test::run_child_job(launcher, ranks, "NcclWatchdogChild.*", "MPT_NCCL_WATCHDOG_CHILD=" + mode, 90,
+                          [&](const std::string& line) {
+                            if (!issued && line.find("watchdog child: rank 0 issuing") != std::string::npos)
+                              issued = Clock::now();
+                            if (!line_seen && line.find("did not complete within") != std::string::npos)
+                              line_seen = Clock::now();
+                          });
+  ChildRun run;
+  run.output = job.output;
+  run.exited = job.exited;
+  run.status = job.status;
   if (issued && line_seen)
     run.issue_to_line_seconds = std::chrono::duration<double>(*line_seen - *issued).count();
-  if (issued && run.exited) run.issue_to_exit_seconds = seconds_since(*issued);
+  if (issued && run.exited)
+    run.issue_to_exit_seconds = std::chrono::duration<double>(Clock::now() - *issued).count();
   return run;
 }
 
@@ -670,14 +587,20 @@ void expect_watchdog_abort(const ChildRun& run) {
 TEST(NcclWatchdog, AbortsACollectiveStalledBehindTheComputeStream) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   if (world_size() != 1) GTEST_SKIP() << "starts its own job; runs under mpiexec -n 1";
-  expect_watchdog_abort(run_child("stalled-stream", 1));
+  std::string why_not;
+  const std::string launcher = test::child_launcher(&why_not);
+  if (launcher.empty()) GTEST_SKIP() << why_not;
+  expect_watchdog_abort(run_child(launcher, "stalled-stream", 1));
 }
 
 TEST(NcclWatchdog, AbortsWhenOneRankNeverJoins) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   if (cuda::device_count() < 2) GTEST_SKIP() << "needs 2 CUDA devices";
   if (world_size() != 1) GTEST_SKIP() << "starts its own job; runs under mpiexec -n 1";
-  expect_watchdog_abort(run_child("silent-peer", 2));
+  std::string why_not;
+  const std::string launcher = test::child_launcher(&why_not);
+  if (launcher.empty()) GTEST_SKIP() << why_not;
+  expect_watchdog_abort(run_child(launcher, "silent-peer", 2));
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <random>
 #include <set>
+#include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -15,6 +16,8 @@
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/engine.hpp"
 #include "mptrain/error.hpp"
+#include "mptrain/model.hpp"
+#include "step_compare.hpp"
 
 namespace mpt {
 namespace {
@@ -694,6 +697,45 @@ TEST_F(EngineMpi, TablesBelongToTheirBackend) {
       backend->grad_check(grads.data(), DType::f32, Table<ElementRange>(), 4, sums.data(), &state, false),
       Error);
 }
+
+// The rounding bounds that tests/test_cuda_step.cpp compares two backends with, checked where they can be on
+// a CPU: a 16-bit step against the FP32 step, both on the CPU backend, from the same weights and batch. FP32
+// stands in for exact arithmetic (its own bound is added), so the 16-bit run must be within its bound.
+class StepRoundingBound : public testing::TestWithParam<DType> {};
+
+TEST_P(StepRoundingBound, SixteenBitStepAgainstFp32) {
+  const GPTConfig config{
+      .vocab_size = 61, .max_seq_len = 32, .num_layers = 2, .num_heads = 4, .channels = 64};
+  const int64_t B = 3, T = 32;
+  // One rank per engine (the update then follows this rank's gradients); every rank checks its own batch.
+  int world_rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  MpiCommunicator comm(MPI_COMM_SELF);
+  std::mt19937 rng(7 + static_cast<unsigned>(world_rank));
+  std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(config.vocab_size) - 1);
+  std::vector<int32_t> tokens(static_cast<size_t>(B * T)), targets(tokens.size());
+  for (auto& t : tokens) t = token(rng);
+  for (auto& t : targets) t = token(rng);
+  std::vector<test::StepRecord> records;
+  for (DType dt : {GetParam(), DType::f32}) {
+    EngineConfig ec;
+    ec.dtype = dt;
+    ec.bucket_bytes = 16 << 10;
+    ec.grad_clip = 1.0f;
+    ec.adamw.lr = 1e-3f;
+    auto backend = make_cpu_backend();
+    MixedPrecisionEngine engine(gpt_tensors(config), ec, comm, *backend);
+    GPT model(config, engine.layout(), *backend, dt);
+    engine.set_parameters(gpt_init(config, 1234));
+    records.push_back(test::record_step(*backend, engine, model, tokens, targets, B, T));
+  }
+  const test::StepBounds bound =
+      test::step_bounds(GetParam(), config, T) + test::step_bounds(DType::f32, config, T);
+  test::expect_first_step_agrees(records[0], records[1], bound, 1e-3, gpt_tensors(config));
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, StepRoundingBound, testing::Values(DType::f16, DType::bf16),
+                         [](const auto& p) { return std::string(dtype_name(p.param)); });
 
 }  // namespace
 }  // namespace mpt

@@ -7,9 +7,11 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include "mptrain/error.hpp"
 #include "mptrain/model.hpp"
+#include "mptrain/random.hpp"
 
 namespace mpt {
 namespace {
@@ -137,6 +139,43 @@ TEST(GptInit, FollowsTheDesign) {
     }
     at += n;
   }
+}
+
+// Random123's known-answer vectors for Philox4x32-10 (kat_vectors: counter, key -> output).
+TEST(Philox, MatchesTheKnownAnswers) {
+  using W4 = std::array<uint32_t, 4>;
+  EXPECT_EQ(philox4x32_10({0, 0, 0, 0}, {0, 0}), (W4{0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}));
+  EXPECT_EQ(philox4x32_10({~0u, ~0u, ~0u, ~0u}, {~0u, ~0u}),
+            (W4{0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}));
+  EXPECT_EQ(philox4x32_10({0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}, {0xa4093822u, 0x299f31d0u}),
+            (W4{0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}));
+}
+
+TEST(GptInit, SameValuesAtAnyThreadCount) {
+  GPTConfig c = tiny();
+  c.channels = 64;
+  c.num_heads = 4;
+  c.num_layers = 2;
+  c.vocab_size = 301;  // padding rows and a tensor size that is not a multiple of 4
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const auto one = gpt_init(c, 11);
+  for (int n : {2, 3, 7}) {
+    omp_set_num_threads(n);
+    EXPECT_EQ(gpt_init(c, 11), one) << n << " threads";
+  }
+  omp_set_num_threads(threads);
+}
+
+TEST(GptInit, AValueDependsOnlyOnSeedTensorAndIndex) {
+  // Two models that share a tensor name but not its position or size: wte's first rows are equal only when
+  // the stream (seed, tensor 0) and the index agree, whatever the vocabulary size.
+  GPTConfig a = tiny(), b = tiny();
+  b.vocab_size = a.vocab_size + 5;
+  const auto va = gpt_init(a, 3), vb = gpt_init(b, 3);
+  const size_t first_rows = static_cast<size_t>(a.vocab_size * a.channels);
+  for (size_t i = 0; i < first_rows; ++i) ASSERT_EQ(va[i], vb[i]) << i;
+  EXPECT_NE(gpt_init(a, 4)[0], va[0]);
 }
 
 TEST(GptForward, RejectsBadInput) {

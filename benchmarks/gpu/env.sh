@@ -39,4 +39,7 @@ mpt_gpu_env() {
   export OMPI_MCA_rmaps_base_oversubscribe=1
   # hwloc's optional plugins are not shipped; it works without them.
   export HWLOC_PLUGINS_PATH=$bundle/lib/hwloc
+  # The launcher of the tests that start a child job (tests/child_job.hpp): the bundle's own mpiexec, which the
+  # OPAL_*/PMIX_* variables above let find its relocated prefix (the GPU machine has no Open MPI).
+  export MPT_TEST_MPIEXEC=$bundle/bin/mpiexec
 }

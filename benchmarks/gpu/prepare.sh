@@ -22,8 +22,12 @@
 # MCA components that need network stacks absent on the GPU machine (UCX, libfabric, PSM, verbs, netlink) are
 # left out, so Open MPI never warns that it cannot load them.
 #
-# After assembling, the shipped binaries are run here with ONLY the shipped libraries and the system's glibc
-# (env -i, LD_LIBRARY_PATH=.gpu-build/lib): test_dtype (no MPI) and test_comm_mpi as an MPI singleton.
+# After assembling, the shipped test binaries are run here with ONLY the shipped libraries and the system's
+# glibc (env -i, LD_LIBRARY_PATH=.gpu-build/lib; the GPU tests also get this machine's CUDA libraries, found as
+# the suite finds them on the GPU machine): test_dtype (no MPI), test_comm_mpi as an MPI singleton and under
+# the shipped mpiexec -n 1, and every GPU test binary, whose GPU tests skip here ("no CUDA device") while the
+# child-job test starts a 2-rank job with the shipped mpiexec (MPT_TEST_MPIEXEC, set by env.sh), as the NCCL
+# watchdog test does on the GPU machine.
 #
 #   bash benchmarks/gpu/prepare.sh [--build-dir DIR] [--jobs N] [--no-build]
 #
@@ -64,11 +68,17 @@ gpu_test_pattern='^(test_cuda_[A-Za-z0-9_]+|test_comm_nccl)$'
 
 # ---------------------------------------------------------------------------------------------- build
 if [ "$do_build" = 1 ]; then
+  # The fused attention (cuDNN SDPA) is part of what the GPU run must check: without the frontend headers
+  # (git-ignored, fetched once) CMake would quietly build attention unfused only.
+  [ -f third_party/cudnn-frontend/include/cudnn_frontend.h ] || bash launch/cudnn_frontend.sh ||
+    die "could not fetch the cuDNN frontend (launch/cudnn_frontend.sh): the build would have no cuDNN SDPA"
   log "configuring $build_dir (Release, CUDA architecture 90, tests and benchmarks)"
   mkdir -p "$build_dir"
   cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DMPTRAIN_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DMPTRAIN_BUILD_TESTS=ON -DMPTRAIN_BUILD_BENCHMARKS=ON >"$build_dir/prepare-configure.log" 2>&1 ||
     { tail -n 30 "$build_dir/prepare-configure.log" >&2; die "cmake failed ($build_dir/prepare-configure.log)"; }
+  grep -q 'fused attention via cuDNN SDPA on' "$build_dir/prepare-configure.log" ||
+    { grep 'fused attention' "$build_dir/prepare-configure.log" >&2; die "configured without cuDNN SDPA"; }
 fi
 [ -f "$build_dir/CMakeCache.txt" ] || die "$build_dir is not a configured build tree"
 grep -Eq '^MPTRAIN_WITH_CUDA:[A-Z]+=ON$' "$build_dir/CMakeCache.txt" || die "$build_dir was configured without CUDA"
@@ -251,6 +261,16 @@ PY
 # shellcheck disable=SC2016 # expanded by the inner bash, inside the clean environment
 check_env=(env -i PATH=/usr/bin:/bin HOME="${TMPDIR:-/tmp}" MPT_GPU_BUNDLE="$stage_dir" MPT_GPU_ENV="$root/benchmarks/gpu/env.sh" bash -c
   'source "$MPT_GPU_ENV" && mpt_gpu_env "$MPT_GPU_BUNDLE" "$MPT_GPU_BUNDLE/lib/cxx" && exec "$@"' check)
+# skip_reasons LOG: each distinct reason a gtest log gives for its skipped tests, with a count.
+skip_reasons() {
+  grep -A1 -E ': Skipped$' "$1" | grep -vE ': Skipped$|^--$' | sort | uniq -c | sed 's/^ */    skipped: /' || true
+}
+# require_child_job NAME LOG: the binaries with the child-job test must have run it (not skipped it).
+require_child_job() {
+  case $1 in test_comm_mpi | test_comm_nccl) ;; *) return 0 ;; esac
+  grep -E '^\[ +OK +\] ChildJob\.TheLauncherStartsAJobFromInsideThisOne' "$2" | sed 's/^/  /' ||
+    { cat "$2" >&2; die "$1: the child-job test did not run and pass with the shipped mpiexec"; }
+}
 for t in "${host_checks[@]}"; do
   [ -x "$stage_dir/bin/$t" ] || continue
   # Anything still resolved outside .gpu-build/lib (other than glibc and CUDA) means the closure is incomplete.
@@ -259,9 +279,32 @@ for t in "${host_checks[@]}"; do
   [ -z "$leaks" ] || die "$t resolves libraries outside $stage_dir/lib: $leaks"
   log "check: $t with only the shipped libraries"
   check_log=$build_dir/prepare-check-$t.log
-  (cd "${TMPDIR:-/tmp}" && "${check_env[@]}" "$stage_dir/bin/$t" --gtest_brief=1) >"$check_log" 2>&1 ||
+  (cd "${TMPDIR:-/tmp}" && "${check_env[@]}" "$stage_dir/bin/$t") >"$check_log" 2>&1 ||
     { cat "$check_log" >&2; die "$t failed with only the shipped libraries"; }
-  tail -n 3 "$check_log" | sed 's/^/  /'
+  grep -E '^\[  (PASSED|SKIPPED|FAILED) +\] [0-9]+ test' "$check_log" | sed 's/^/  /'
+  skip_reasons "$check_log"
+  require_child_job "$t" "$check_log"
+  rm -f "$check_log"
+done
+# The GPU test binaries: this machine's CUDA libraries (not shipped) as on the GPU machine, the rest shipped.
+mapfile -t cuda_dirs < <(python3 benchmarks/gpu/suite.py find-libs "$stage_dir/manifest.json" \
+  "$build_dir/prepare-libs.json" 2>/dev/null)
+# shellcheck disable=SC2016 # expanded by the inner bash, inside the clean environment
+gpu_check_env=(env -i PATH=/usr/bin:/bin HOME="${TMPDIR:-/tmp}" MPT_GPU_BUNDLE="$stage_dir" MPT_GPU_ENV="$root/benchmarks/gpu/env.sh"
+  MPT_CUDA_DIRS="$(IFS=:; echo "${cuda_dirs[*]}")" bash -c
+  'IFS=: read -r -a d <<<"$MPT_CUDA_DIRS"; unset MPT_CUDA_DIRS
+   source "$MPT_GPU_ENV" && mpt_gpu_env "$MPT_GPU_BUNDLE" "${d[@]}" "$MPT_GPU_BUNDLE/lib/cxx" && exec "$@"' check)
+for b in "$stage_dir"/bin/test_cuda_* "$stage_dir"/bin/test_comm_nccl; do
+  [ -x "$b" ] || continue
+  t=$(basename "$b")
+  log "check: $t with only the shipped libraries (and this machine's CUDA libraries)"
+  check_log=$build_dir/prepare-check-$t.log
+  (cd "${TMPDIR:-/tmp}" && timeout 300 "${gpu_check_env[@]}" "$b") >"$check_log" 2>&1 ||
+    { tail -n 60 "$check_log" >&2; die "$t failed with only the shipped libraries"; }
+  # What ran, what skipped and why (without a GPU the device tests skip with "no CUDA device").
+  grep -E '^\[  (PASSED|SKIPPED|FAILED) +\] [0-9]+ test' "$check_log" | sed 's/^/  /'
+  skip_reasons "$check_log"
+  require_child_job "$t" "$check_log"
   rm -f "$check_log"
 done
 if [ -x "$stage_dir/bin/test_comm_mpi" ]; then
@@ -284,4 +327,6 @@ log "$(awk -v t="$tree_bytes" -v b="$bundle_bytes" \
   'BEGIN { printf "unpacked %.1f MiB, bundle %.1f MiB (limit 64 MiB for what travels)", t / 1048576, b / 1048576 }')"
 log "CUDA libraries the binaries need (found on the GPU machine, not shipped): ${cuda_list:-none}"
 [ "$bundle_bytes" -le "$limit_bytes" ] || die "bundle is over 64 MiB"
-log "done: carry .gpu-build/bundle.tar.xz and run: bash benchmarks/gpu/run_suite.sh --out \"\$OUT\""
+log "done: carry .gpu-build/bundle.tar.xz and run, one command each:" \
+  "bash benchmarks/gpu/run_suite.sh --part correctness --out \"\$OUT\";" \
+  "bash benchmarks/gpu/run_suite.sh --part speed --out \"\$OUT\""

@@ -7,9 +7,11 @@
   suite.py ldd BUNDLE OUT_JSON [VAR=VALUE...]  with the shipped binaries' environment, list what each
                                             of them cannot resolve
   suite.py machine OUT_JSON [--no-gpu]      nvidia-smi, driver, toolkit, PyTorch and system versions
-  suite.py summarize OUT_DIR RESULTS_DIR    read steps.tsv and the per-step files, write OUT_DIR/summary.json,
-                                            print the summary table; exit 1 if a step failed, 3 if none
-                                            failed but something was missing or skipped, else 0
+  suite.py summarize OUT_DIR RESULTS_DIR [--quiet]
+                                            read steps.tsv and the per-step files, write OUT_DIR/summary.json
+                                            (atomically), print the summary table (not with --quiet: the
+                                            suite's rewrite after every step); exit 1 if a step failed, 3 if
+                                            none failed but something was missing or skipped, else 0
 
 Each subcommand writes what it found even when it finds problems, and says so on stdout.
 """
@@ -347,11 +349,12 @@ def read_steps(results):
             continue
         steps.append({"name": f[0], "kind": f[1], "status": f[2], "exit_code": int(f[3]) if f[3] else None,
                       "seconds": float(f[4]) if f[4] else None, "timeout_seconds": int(f[5]) if f[5] else None,
-                      "log": f[6] or None, "json": f[7] or None, "command": f[8]})
+                      "log": f[6] or None, "json": f[7] or None, "command": f[8],
+                      "note": (f[9] if len(f) > 9 else "") or None})
     return steps
 
 
-def cmd_summarize(out_dir, results):
+def cmd_summarize(out_dir, results, quiet=False):
     steps = read_steps(results)
     summary = {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "steps": steps}
     meta = read_json(os.path.join(results, "suite_meta.json")) or {}
@@ -427,7 +430,7 @@ def cmd_summarize(out_dir, results):
     tried = {".".join(s["name"].split(".")[:3]) for s in steps if s["kind"] == "bench" and s["status"] == "oom"}
     failed += sorted(t + " (out of memory at every micro-batch)" for t in tried
                      if not bench.get(t.split(".")[1], {}).get(t.split(".")[2]))
-    incomplete = [s["name"] for s in steps if s["status"] in ("missing", "skipped-budget")]
+    incomplete = [s["name"] for s in steps if s["status"] in ("missing", "skipped-budget", "skipped")]
     # A GPU test that skipped on the GPU machine means the device was not used: count it as a problem.
     gpu_skips = [n for n, t in tests.items() if t.get("skipped_no_cuda_device") and not meta.get("dry_run")]
     if meta.get("dry_run"):
@@ -438,15 +441,20 @@ def cmd_summarize(out_dir, results):
         overall = "incomplete"
     else:
         overall = "passed"
-    summary.update({"overall": overall, "failed_steps": failed, "missing_or_skipped_steps": incomplete,
+    if quiet and overall == "passed":  # written while the suite runs: what ran passed, the rest has not run
+        overall = "running"
+    summary.update({"overall": overall, "finished": not quiet, "failed_steps": failed,
+                    "missing_or_skipped_steps": incomplete,
                     "gpu_tests_with_skips": gpu_skips,
                     "counts": {st: statuses.count(st) for st in sorted(set(statuses))}})
     write_json(os.path.join(out_dir, "summary.json"), summary)
+    if quiet:  # the suite rewrites the summary after every step; the table is printed once, at the end
+        return 0
 
     print("\n=== mptrain GPU suite summary ===")
     for s in steps:
         secs = f"{s['seconds']:.1f}s" if s["seconds"] is not None else "-"
-        print(f"  {s['status']:<14} {secs:>7}  {s['name']}")
+        print(f"  {s['status']:<14} {secs:>7}  {s['name']}" + (f"  ({s['note']})" if s.get("note") else ""))
     for name, t in tests.items():
         if "tests" in t:
             print(f"  tests {name}: {t['tests']} run, {t['failed']} failed, {t['skipped']} skipped")
@@ -493,8 +501,8 @@ def main(argv):
         return cmd_ldd(args[0], args[1], args[2:])
     if cmd == "machine" and len(args) in (1, 2):
         return cmd_machine(args[0], no_gpu=args[1:] == ["--no-gpu"])
-    if cmd == "summarize" and len(args) == 2:
-        return cmd_summarize(*args)
+    if cmd == "summarize" and len(args) in (2, 3) and args[2:] in ([], ["--quiet"]):
+        return cmd_summarize(args[0], args[1], quiet=args[2:] == ["--quiet"])
     print(__doc__, file=sys.stderr)
     return 2
 

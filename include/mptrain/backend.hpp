@@ -173,9 +173,12 @@ class Backend {
   virtual void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* att,
                                   const void* out, int64_t B, int64_t T, int64_t C, int64_t NH,
                                   DType dtype) = 0;
-  /// Bytes attention_forward saves in `att` for this shape: B*NH*T*T elements of dtype for the probabilities
-  /// (CPU, unfused CUDA), or less where a fused kernel keeps only softmax statistics (cuDNN SDPA).
-  virtual size_t attention_saved_bytes(int64_t B, int64_t T, int64_t NH, DType dtype) const {
+  /// Bytes attention_forward saves in `att` for this shape on this backend, sized for the implementation the
+  /// shape takes: B*NH*T*T elements of dtype for the probabilities (CPU, unfused CUDA), or only the softmax
+  /// statistics where a fused kernel recomputes the rest (cuDNN SDPA: B*NH*T FP32). C = channels (hs = C/NH
+  /// decides whether a fused kernel applies). May build and cache the fused kernel's plan for the shape.
+  virtual size_t attention_saved_bytes(int64_t B, int64_t T, [[maybe_unused]] int64_t C, int64_t NH,
+                                       DType dtype) {
     return static_cast<size_t>(B) * static_cast<size_t>(NH) * static_cast<size_t>(T) *
            static_cast<size_t>(T) * dtype_size(dtype);
   }

@@ -58,7 +58,7 @@ void matmul_backward(BlasContext& ctx, void* dinp, void* dweight, void* dbias, c
                      cudaStream_t stream);
 
 /// Bytes that attention_forward saves in `att` for `impl`: B*NH*T*T elements of dtype (unfused) or the
-/// softmax statistics B*NH*T FP32 (cudnn). The model allocates max of the two.
+/// softmax statistics B*NH*T FP32 (cudnn).
 size_t attention_saved_bytes(AttentionImpl impl, int64_t B, int64_t T, int64_t NH, DType dtype);
 
 /// True when `impl` can run this shape and dtype on the context's device. unfused: any storage dtype.

@@ -48,3 +48,23 @@
       throw ::mpt::LibraryError(::mpt::detail::library_error_message(                    \
           "cuDNN frontend", __FILE__, __LINE__, #call, mpt_cudnn_fe_rc_.get_message())); \
   } while (0)
+
+namespace mpt::cuda {
+
+/// The answer of a completion query, `rc` from cudaEventQuery or cudaStreamQuery on this thread: true for
+/// cudaSuccess; false for cudaErrorNotReady, which the runtime also leaves as this thread's last error, so it
+/// is cleared here (cudaGetLastError, as PyTorch's stream and event queries do) and the next
+/// MPT_CUDA_LAUNCH_CHECK does not report "device not ready" for a launch that went well. Throws
+/// mpt::LibraryError naming `call` for any other code.
+inline bool query_completed(cudaError_t rc, const char* call) {
+  if (rc == cudaErrorNotReady) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (rc != cudaSuccess)
+    throw LibraryError(
+        detail::library_error_message("CUDA", __FILE__, __LINE__, call, cudaGetErrorString(rc)));
+  return true;
+}
+
+}  // namespace mpt::cuda

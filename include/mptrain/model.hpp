@@ -37,7 +37,8 @@ std::vector<TensorSpec> gpt_tensors(const GPTConfig& config);
 
 /// Initial FP32 values in registration order (DESIGN.md): N(0, 0.02); attn.c_proj and mlp.c_proj weights
 /// N(0, 0.02/sqrt(2L)); biases 0; LayerNorm weight 1 and bias 0; wte's padding rows [V, Vp) 0. Deterministic
-/// in `seed` (mt19937_64 + Box-Muller, independent of the C++ library's distributions).
+/// in `seed`: each value depends only on (seed, tensor, index) (Philox4x32-10 counter blocks + Box-Muller,
+/// include/mptrain/random.hpp), so the result is the same at any OpenMP thread count; filled in parallel.
 std::vector<float> gpt_init(const GPTConfig& config, uint64_t seed);
 
 /// FLOPs per token of one training step (forward + backward): 6N + 12 L C T, N = all parameters (PaLM

@@ -205,12 +205,10 @@ class CudaBackend final : public Backend {
     cuda::attention_backward(blas_, attention_impl(B, T, C, NH, dtype), dqkv, dout, qkv, att, out, B, T, C,
                              NH, dtype, stream());
   }
-  /// The most either path may save (the model sizes `att` before knowing which one a shape takes).
-  size_t attention_saved_bytes(int64_t B, int64_t T, int64_t NH, DType dtype) const override {
-    size_t bytes = cuda::attention_saved_bytes(cuda::AttentionImpl::unfused, B, T, NH, dtype);
-    if (!force_unfused_)
-      bytes = std::max(bytes, cuda::attention_saved_bytes(cuda::AttentionImpl::cudnn, B, T, NH, dtype));
-    return bytes;
+  /// What the path this shape takes saves (the same choice as forward and backward): only the softmax
+  /// statistics on the cuDNN path, the probabilities on the unfused one.
+  size_t attention_saved_bytes(int64_t B, int64_t T, int64_t C, int64_t NH, DType dtype) override {
+    return cuda::attention_saved_bytes(attention_impl(B, T, C, NH, dtype), B, T, NH, dtype);
   }
   void gelu_forward(void* out, const void* inp, int64_t n, DType dtype) override {
     dispatch_float_dtype(dtype, [&]<typename S>() {
