@@ -79,6 +79,7 @@ std::string save_checkpoint(MixedPrecisionEngine& engine, const std::string& dir
     }
   std::map<std::string, std::string> meta = metadata;
   for (const auto& [key, value] : engine.scaler().serialize()) meta[key] = value;
+  for (const auto& [key, value] : engine.noise_metadata()) meta[key] = value;
   meta["format"] = kFormat;
   meta["step"] = std::to_string(step);
   meta["applied_steps"] = std::to_string(engine.applied_steps());

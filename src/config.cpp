@@ -26,7 +26,11 @@ EngineConfig RunConfig::engine_config() const {
   e.dtype = dtype();
   e.grad_sync = grad_sync == "all-reduce" ? GradSync::all_reduce : GradSync::reduce_scatter;
   e.bucket_bytes = static_cast<size_t>(bucket_mib * 1024.0 * 1024.0);
-  e.adamw = {lr, beta1, beta2, eps, weight_decay};
+  e.optimizer = optimizer == "lamb" ? OptimizerKind::lamb : OptimizerKind::adamw;
+  if (e.optimizer == OptimizerKind::lamb)
+    e.adamw = {lr, beta1, beta2, lamb_eps, lamb_weight_decay};
+  else
+    e.adamw = {lr, beta1, beta2, eps, weight_decay};
   e.schedule.warmup_steps = warmup_steps;
   e.schedule.decay_steps = steps > warmup_steps ? steps : 0;
   e.schedule.min_lr = lr * min_lr_ratio;
@@ -143,6 +147,11 @@ void RunConfig::validate() const {
                     "--seq-len {} is longer than the model's maximum sequence length 1048576 (2^20)",
                     seq_len);
     MPT_INPUT_CHECK(lr > 0.0f && std::isfinite(lr), "--lr must be a finite number > 0, got {}", lr);
+    (void)parse_optimizer(optimizer, "--optimizer");
+    MPT_INPUT_CHECK(std::isfinite(lamb_eps) && lamb_eps > 0.0f, "--lamb-eps must be finite and > 0, got {}",
+                    lamb_eps);
+    MPT_INPUT_CHECK(std::isfinite(lamb_weight_decay) && lamb_weight_decay >= 0.0f,
+                    "--lamb-weight-decay must be finite and >= 0, got {}", lamb_weight_decay);
     // The engine, optimizer and loss scaler name their fields; say which flag set each.
     try {
       model_config(256).validate();
@@ -227,6 +236,9 @@ nlohmann::json RunConfig::to_json() const {
           {"warmup-steps", warmup_steps},
           {"min-lr-ratio", shortest(min_lr_ratio)},
           {"grad-clip", shortest(grad_clip)},
+          {"optimizer", optimizer},
+          {"lamb-eps", shortest(lamb_eps)},
+          {"lamb-weight-decay", shortest(lamb_weight_decay)},
           {"precision", precision},
           {"loss-scale-init", shortest(loss_scale_init)},
           {"loss-scale-growth", shortest(loss_scale_growth)},
@@ -308,6 +320,16 @@ void add_train(CLI::App* app, RunConfig& c) {
   app->add_option("--beta2", c.beta2, "AdamW beta2")->capture_default_str();
   app->add_option("--eps", c.eps, "AdamW epsilon")->capture_default_str();
   app->add_option("--weight-decay", c.weight_decay, "AdamW decoupled weight decay (matrices and embeddings)")
+      ->capture_default_str();
+  app->add_option("--optimizer", c.optimizer,
+                  "update rule: adamw, or lamb (layer-wise trust ratios ||w|| / ||r|| per tensor; biases and "
+                  "LayerNorm get no decay and trust 1)")
+      ->check(CLI::IsMember({"adamw", "lamb"}))
+      ->capture_default_str();
+  app->add_option("--lamb-eps", c.lamb_eps, "LAMB epsilon (with --optimizer lamb; --eps is AdamW's)")
+      ->capture_default_str();
+  app->add_option("--lamb-weight-decay", c.lamb_weight_decay,
+                  "LAMB decoupled weight decay inside the update direction (with --optimizer lamb)")
       ->capture_default_str();
   app->add_option("--warmup-steps", c.warmup_steps, "linear warm-up steps, then cosine decay")
       ->capture_default_str();

@@ -1,4 +1,4 @@
-// AdamW hyper-parameter validation and the warm-up + cosine learning-rate schedule.
+// Optimizer names, AdamW/LAMB hyper-parameter validation and the warm-up + cosine learning-rate schedule.
 #include "mptrain/optimizer.hpp"
 
 #include <cmath>
@@ -7,6 +7,16 @@
 #include "mptrain/error.hpp"
 
 namespace mpt {
+
+const char* optimizer_name(OptimizerKind kind) {
+  return kind == OptimizerKind::lamb ? "lamb" : "adamw";
+}
+
+OptimizerKind parse_optimizer(const std::string& text, const char* flag) {
+  if (text == "adamw") return OptimizerKind::adamw;
+  if (text == "lamb") return OptimizerKind::lamb;
+  throw InputError(fmt::format("{}: '{}' is not one of adamw, lamb", flag, text));
+}
 
 void AdamWConfig::validate() const {
   MPT_INPUT_CHECK(std::isfinite(lr) && lr > 0.0f, "adamw: lr must be finite and > 0, got {}", lr);

@@ -31,6 +31,10 @@ struct RunConfig {
   int64_t warmup_steps = 100;
   float min_lr_ratio = 0.1f;  ///< cosine decays to lr * min_lr_ratio at the last step
   float grad_clip = 1.0f;
+  std::string optimizer = "adamw";  ///< "adamw" or "lamb" (same lr, betas, schedule and clipping)
+  /// LAMB's epsilon and weight decay, which default differently from AdamW's (the TF reference's 1e-6 and
+  /// You et al.'s 0.01); --eps and --weight-decay stay AdamW's.
+  float lamb_eps = 1e-6f, lamb_weight_decay = 0.01f;
 
   // Mixed precision.
   std::string precision = "fp16";

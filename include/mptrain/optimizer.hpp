@@ -3,8 +3,20 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace mpt {
+
+/// The update rule of phase 6.
+enum class OptimizerKind : uint8_t {
+  adamw,  ///< torch.optim.AdamW
+  lamb,   ///< LAMB (You et al. 2019, Algorithm 2) with whole-tensor trust ratios (kernels/common/lamb.hpp)
+};
+
+/// "adamw" / "lamb".
+const char* optimizer_name(OptimizerKind kind);
+/// Parses "adamw" or "lamb"; throws mpt::InputError naming `flag` otherwise.
+OptimizerKind parse_optimizer(const std::string& text, const char* flag);
 
 /// torch.optim.AdamW hyper-parameters (its defaults, except weight_decay 0.1 as in GPT-3 training).
 struct AdamWConfig {

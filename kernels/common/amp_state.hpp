@@ -14,6 +14,7 @@
 #include "common/adamw.hpp"
 #include "common/fp16.hpp"
 #include "common/host_device.hpp"
+#include "common/noise_scale.hpp"
 
 namespace mpt::common {
 
@@ -135,9 +136,11 @@ struct AmpState {
   float lr = 0.0f;                ///< learning rate of the last step (0 when skipped)
   int32_t min_scale_stop = 0;     ///< 1 when the last scaler update hit max_overflows_at_min_scale
   double grad_norm = 0.0;         ///< global L2 norm of the unscaled gradients (NaN when skipped)
+  double grad_sq = 0.0;           ///< its square, unrounded: |G_big|^2 of the noise scale (NaN when skipped)
   int64_t applied_steps = 0;      ///< Adam's t and the LR-schedule position after the last step
   ScalerState scaler;             ///< loss scale (read by the cross-entropy op) and its counters
   AdamWStep step;                 ///< constants of the last step's AdamW (valid when not skipped)
+  NoiseScaleState noise;          ///< the gradient noise scale's moving averages (noise_prepare)
 };
 
 /// Fills used_scale, grad_norm, clip_factor, lr and the AdamW constants from the agreed flags and the global
@@ -149,10 +152,12 @@ MPT_HD void amp_prepare(AmpState& a, double sum_of_squares, const OptimizerRule&
   a.clip_factor = 1.0f;
   if (a.flags[kFoundInf] != 0.0f) {
     a.grad_norm = static_cast<double>(bits_float(0x7fc00000u));  // quiet NaN
+    a.grad_sq = a.grad_norm;
     a.lr = 0.0f;
     return;
   }
   const double scale = static_cast<double>(a.used_scale);
+  a.grad_sq = sum_of_squares / (scale * scale);
   a.grad_norm = sqrt(sum_of_squares) / scale;
   if (o.grad_clip > 0.0f) {
     const double coefficient = static_cast<double>(o.grad_clip) / (a.grad_norm + 1e-6);
@@ -161,6 +166,26 @@ MPT_HD void amp_prepare(AmpState& a, double sum_of_squares, const OptimizerRule&
   a.lr = lr_at(a.applied_steps, o.peak_lr, o.warmup_steps, o.decay_steps, o.min_lr);
   a.step = make_adamw_step(a.lr, o.beta1, o.beta2, o.eps, o.weight_decay, a.applied_steps + 1,
                            static_cast<float>(a.clip_factor / scale));
+}
+
+/// What the small batches of one step's noise-scale estimate are (mpt::NoiseBatch in flat form).
+struct NoiseRule {
+  double small_samples = 0.0;      ///< B_small; 0: no estimate this step
+  double big_samples = 0.0;        ///< B_big
+  double small_batches = 1.0;      ///< how many small-batch squared norms the summed input holds
+  double small_grad_factor = 1.0;  ///< stored small gradient x factor / loss scale = the true gradient
+  double decay = 0.95;             ///< EMA factor
+};
+
+/// After amp_prepare: the noise-scale estimate of this step from `small_sq_sum`, the sum of the squared
+/// norms of rule.small_batches stored (scaled) small-batch gradients, and grad_sq (|G_big|^2): |G_small|^2 =
+/// small_sq_sum x (small_grad_factor / used_scale)^2 / small_batches. Skipped on an overflowing step (the
+/// agreed found_inf) and when the rule has no small batch.
+MPT_HD void noise_prepare(AmpState& a, double small_sq_sum, const NoiseRule& r) {
+  if (a.flags[kFoundInf] != 0.0f || r.small_samples <= 0.0 || r.small_batches <= 0.0) return;
+  const double unscale = r.small_grad_factor / static_cast<double>(a.used_scale);
+  const double small_sq = small_sq_sum * unscale * unscale / r.small_batches;
+  noise_scale_update(a.noise, small_sq, a.grad_sq, r.small_samples, r.big_samples, r.decay);
 }
 
 /// The end of a step: the scaler update with the agreed found_inf, Adam's t advanced when the step was
