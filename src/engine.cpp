@@ -2,6 +2,7 @@
 #include "mptrain/engine.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstddef>
@@ -105,8 +106,8 @@ MixedPrecisionEngine::MixedPrecisionEngine(std::vector<TensorSpec> tensors, cons
   optimizer_rule_.weight_decay = a.weight_decay;
   optimizer_rule_.grad_clip = config_.grad_clip;
   optimizer_rule_.min_lr = config_.schedule.min_lr;
-  optimizer_rule_.warmup_steps = config_.schedule.warmup_steps;
-  optimizer_rule_.decay_steps = config_.schedule.decay_steps;
+  optimizer_rule_.warmup_samples = config_.schedule.warmup_samples;
+  optimizer_rule_.decay_samples = config_.schedule.decay_samples;
   state_ = backend_.allocate(sizeof(common::AmpState));
   upload_state();
   if (config_.optimizer == OptimizerKind::lamb) setup_lamb();
@@ -172,6 +173,7 @@ void MixedPrecisionEngine::upload_state() {
   s.scaler = scaler_.state();
   s.used_scale = scaler_.scale();
   s.applied_steps = applied_steps_;
+  s.applied_samples = applied_samples_;
   s.noise = noise_;
   backend_.copy_from_host(state_.data(), &s, sizeof s);
 }
@@ -264,6 +266,19 @@ common::NoiseScaleState parse_noise_metadata(const std::map<std::string, std::st
   return {values[0], values[1], values[2]};
 }
 
+/// The LR-schedule position of a checkpoint: its "applied_samples", or for a checkpoint without one (written
+/// before the schedule counted samples) applied_steps x the current batch.
+int64_t parse_applied_samples(const std::map<std::string, std::string>& fields, int64_t applied_steps,
+                              int64_t batch) {
+  const auto it = fields.find("applied_samples");
+  if (it == fields.end()) return applied_steps * batch;
+  int64_t value = -1;
+  const auto [end, ec] = std::from_chars(it->second.data(), it->second.data() + it->second.size(), value);
+  MPT_INPUT_CHECK(ec == std::errc() && end == it->second.data() + it->second.size() && value >= 0,
+                  "checkpoint: metadata 'applied_samples' is not a count: '{}'", it->second);
+  return value;
+}
+
 }  // namespace
 
 std::map<std::string, std::string> MixedPrecisionEngine::noise_metadata() const {
@@ -299,6 +314,7 @@ void MixedPrecisionEngine::load_state(const std::vector<std::vector<float>>& mas
   backend_.copy_from_host(adam_m_.data(), m.data(), m.size() * sizeof(float));
   backend_.copy_from_host(adam_v_.data(), v.data(), v.size() * sizeof(float));
   applied_steps_ = applied_steps;
+  applied_samples_ = parse_applied_samples(scaler_fields, applied_steps, batch_.samples);
   scaler_ = restored;
   noise_ = parse_noise_metadata(scaler_fields);
   upload_state();
@@ -406,6 +422,7 @@ void MixedPrecisionEngine::update() {
   // yet), the global norm in the fixed order, clip factor and lr into the state, the noise-scale estimate;
   // the optimizer reads them and skips itself on found_inf.
   comm_.all_gather(block_sums_.data(), gathered_block_sums_.data(), sums_stride_, DType::f64);
+  optimizer_rule_.step_samples = batch_.samples;
   backend_.amp_prepare(state(), gathered_block_sums_.as<double>(), norm_order_, optimizer_rule_);
   if (config_.noise_scale && batch_.small_samples > 0.0) {
     common::NoiseRule rule;
@@ -454,6 +471,7 @@ StepResult MixedPrecisionEngine::result() {
   backend_.copy_to_host(&s, state_.data(), sizeof s);
   scaler_.restore(s.scaler);
   applied_steps_ = s.applied_steps;
+  applied_samples_ = s.applied_samples;
   StepResult r = timings_;
   r.skipped = s.flags[common::kFoundInf] != 0.0f;
   r.stop_requested = s.flags[common::kStopRequested] != 0.0f;
@@ -462,6 +480,7 @@ StepResult MixedPrecisionEngine::result() {
   r.clip_factor = s.clip_factor;
   r.lr = s.lr;
   r.applied_steps = s.applied_steps;
+  r.applied_samples = s.applied_samples;
   noise_ = s.noise;
   r.noise_scale = common::noise_scale(s.noise);
   r.grad_sq_estimate = common::noise_grad_sq(s.noise);

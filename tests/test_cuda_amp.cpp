@@ -188,8 +188,8 @@ TEST(CudaAmpState, PrepareMatchesCpu) {
   for (size_t i = 0; i < count; ++i) order[i] = (i * 7919) % gathered.size();
   common::OptimizerRule rule;
   rule.peak_lr = 3e-3f;
-  rule.warmup_steps = 5;
-  rule.decay_steps = 40;
+  rule.warmup_samples = 5;
+  rule.decay_samples = 40;
   rule.min_lr = 1e-4f;
   rule.weight_decay = 0.1f;
   rule.grad_clip = 1.0f;
@@ -200,6 +200,7 @@ TEST(CudaAmpState, PrepareMatchesCpu) {
       common::AmpState state;
       state.scaler.scale = 1024.0f;
       state.applied_steps = applied;
+      state.applied_samples = applied;
       state.flags[common::kFoundInf] = found;
       common::AmpState cpu_state = state;
       cpu->amp_prepare(&cpu_state, gathered.data(), cpu->register_table<size_t>(order), rule);

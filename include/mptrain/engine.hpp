@@ -11,10 +11,10 @@
 // back and all-gathers the weights. The global grad norm sums FP64 block sums in a fixed order, so it is
 // bitwise the same for any number of ranks.
 //
-// The step's decision state (loss scale and scaler counters, found_inf, Adam's t / LR-schedule position, the
-// last norm, clip factor and lr: common::AmpState) lives in backend memory, and every op of phases 4-7 reads
-// or writes it there, so step_async() enqueues a whole step without reading anything back (on CUDA: no host
-// synchronisation). result() reads it back once; the host copies behind scaler(), loss_scale() and
+// The step's decision state (loss scale and scaler counters, found_inf, Adam's t, the LR-schedule position,
+// the last norm, clip factor and lr: common::AmpState) lives in backend memory, and every op of phases 4-7
+// reads or writes it there, so step_async() enqueues a whole step without reading anything back (on CUDA: no
+// host synchronisation). result() reads it back once; the host copies behind scaler(), loss_scale() and
 // applied_steps() are refreshed only by result() (and so by step()) and by load_state().
 #pragma once
 
@@ -86,7 +86,8 @@ struct StepResult {
   double grad_norm = 0.0;       ///< global L2 norm of the unscaled gradients (NaN when skipped)
   float clip_factor = 1.0f;     ///< multiplier applied to the gradients (1 without clipping)
   float lr = 0.0f;              ///< learning rate used (0 when skipped)
-  int64_t applied_steps = 0;    ///< Adam's t and the LR-schedule position after this step
+  int64_t applied_steps = 0;    ///< Adam's t after this step
+  int64_t applied_samples = 0;  ///< the LR-schedule position after this step (samples of applied steps)
   bool stop_requested = false;  ///< some rank passed stop_requested = true to step() (agreed by all ranks)
   /// Gradient noise scale after this step: B_noise = EMA(S) / EMA(|G|^2), and the bias-corrected EMAs of
   /// the |G|^2 and S = tr(Sigma) estimates (unscaled gradients). NaN while not available (no estimate yet,
@@ -144,8 +145,10 @@ class MixedPrecisionEngine {
   /// The current loss scale in backend memory (one FP32, advanced by every step on the backend's stream):
   /// pass it to GPT::forward / Backend::crossentropy_forward_backward so that the scaling needs no host read.
   const float* loss_scale_device() const;
-  /// Optimizer steps applied so far (Adam's t; the LR-schedule position), host mirror as for scaler().
+  /// Optimizer steps applied so far (Adam's t), host mirror as for scaler().
   int64_t applied_steps() const { return applied_steps_; }
+  /// Samples of the applied steps (the LR-schedule position), host mirror as for scaler().
+  int64_t applied_samples() const { return applied_samples_; }
 
   /// Flat weights, padded_elements() of dtype, backend memory.
   void* params() const { return params_.data(); }
@@ -173,9 +176,10 @@ class MixedPrecisionEngine {
   std::vector<std::vector<float>> gather_tensors(ShardState which);
   /// Restores the optimizer state written by a checkpoint: this rank's shard of master, m and v from full
   /// unpadded tensors (registration order; sizes checked, mpt::InputError naming the tensor), the weights
-  /// re-cast from the master weights, Adam's t / LR-schedule position, and the loss scaler
-  /// (DynamicLossScaler::deserialize fields) and the noise scale's averages (noise_metadata() fields, zero
-  /// when absent) from the same map. No communication.
+  /// re-cast from the master weights, Adam's t, and from the map `scaler_fields` (a checkpoint's metadata)
+  /// the loss scaler (DynamicLossScaler::deserialize fields), the LR-schedule position "applied_samples"
+  /// (when absent: applied_steps x the batch of set_batch()) and the noise scale's averages (noise_metadata()
+  /// fields, zero when absent). No communication.
   void load_state(const std::vector<std::vector<float>>& master,
                   const std::vector<std::vector<float>>& adam_m,
                   const std::vector<std::vector<float>>& adam_v, int64_t applied_steps,
@@ -263,6 +267,7 @@ class MixedPrecisionEngine {
   ParamLayout layout_;
   DynamicLossScaler scaler_;
   int64_t applied_steps_ = 0;
+  int64_t applied_samples_ = 0;
   common::NoiseScaleState noise_;
 
   Buffer params_, grads_, master_, adam_m_, adam_v_;

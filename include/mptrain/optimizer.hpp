@@ -30,18 +30,19 @@ struct AdamWConfig {
   void validate() const;
 };
 
-/// lr(step) for step = number of optimizer steps already applied (skipped steps do not count):
-/// warm-up: lr * (step + 1) / warmup_steps for step < warmup_steps; then cosine from lr down to min_lr over
-/// [warmup_steps, decay_steps); min_lr from decay_steps on. decay_steps = 0 means constant after warm-up.
+/// The learning-rate schedule, counted in samples (sequences) so that it ends exactly at the last sample
+/// whatever the batch size does (common::lr_at): linear warm-up over `warmup_samples`, then cosine from lr
+/// down to min_lr, reached by the step whose batch ends at `decay_samples`; min_lr after. decay_samples = 0
+/// means constant after warm-up. Skipped steps do not advance it. With one sample per step it counts steps.
 struct LrSchedule {
-  int64_t warmup_steps = 0;
-  int64_t decay_steps = 0;
+  int64_t warmup_samples = 0;
+  int64_t decay_samples = 0;
   float min_lr = 0.0f;
 
   /// Throws mpt::InputError naming the first bad field.
   void validate(float peak_lr) const;
-  /// Learning rate of the step that follows `step` applied steps.
-  float at(int64_t step, float peak_lr) const;
+  /// Learning rate of the step that trains on samples (start, start + batch].
+  float at(int64_t start, int64_t batch, float peak_lr) const;
 };
 
 }  // namespace mpt
