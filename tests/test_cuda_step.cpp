@@ -109,9 +109,9 @@ bool have_device() {
 
 class CudaStep : public testing::TestWithParam<DType> {};
 
-TEST_P(CudaStep, MatchesCpuStepByStep) {
-  if (!have_device()) GTEST_SKIP() << "no CUDA device";
-  const DType dtype = GetParam();
+/// Four steps of `optimizer` on CUDA + NCCL and on CPU + MPI from the same weights and batches: losses, the
+/// scaler, the norm and the master weights agree within a dtype-aware tolerance.
+void compare_with_cpu(DType dtype, OptimizerKind optimizer) {
   const GPTConfig config{
       .vocab_size = 61, .max_seq_len = 32, .num_layers = 2, .num_heads = 4, .channels = 64};
   EngineConfig ec;
@@ -119,6 +119,7 @@ TEST_P(CudaStep, MatchesCpuStepByStep) {
   ec.bucket_bytes = 16 << 10;  // several buckets
   ec.grad_clip = 1.0f;
   ec.adamw.lr = 1e-3f;
+  ec.optimizer = optimizer;
   Trainer gpu(true, config, ec);
   Trainer cpu(false, config, ec);
   const int64_t B = 3, T = 32;
@@ -143,11 +144,24 @@ TEST_P(CudaStep, MatchesCpuStepByStep) {
   const auto master_gpu = gpu.engine->gather_tensors(MixedPrecisionEngine::ShardState::master);
   const auto master_cpu = cpu.engine->gather_tensors(MixedPrecisionEngine::ShardState::master);
   ASSERT_EQ(master_gpu.size(), master_cpu.size());
-  // Four AdamW steps of lr 1e-3 move a weight by at most ~4e-3; the two backends' weights must stay close.
+  // Four AdamW steps of lr 1e-3 move a weight by at most ~4e-3 (LAMB's by lr x trust x r, about lr x ||w||
+  // per tensor); the two backends' weights must stay close.
   for (size_t k = 0; k < master_cpu.size(); ++k)
     for (size_t i = 0; i < master_cpu[k].size(); ++i)
       ASSERT_NEAR(master_gpu[k][i], master_cpu[k][i], 1e-3 + 1e-3 * std::abs(master_cpu[k][i]))
           << "tensor " << gpt_tensors(config)[k].name << " element " << i;
+}
+
+TEST_P(CudaStep, MatchesCpuStepByStep) {
+  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  compare_with_cpu(GetParam(), OptimizerKind::adamw);
+}
+
+// LAMB's device kernels (pass 1 with its segment sums, the per-tensor trust ratios, pass 2) against the
+// CPU's.
+TEST_P(CudaStep, LambMatchesCpuStepByStep) {
+  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  compare_with_cpu(GetParam(), OptimizerKind::lamb);
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaStep, testing::Values(DType::f32, DType::f16, DType::bf16),

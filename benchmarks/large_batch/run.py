@@ -29,7 +29,7 @@ import time
 
 MODEL = ["--layers", "2", "--heads", "4", "--channels", "64", "--seq-len", "64"]
 BATCHES = [32, 128, 512]
-SWEEP = {"adamw": [1.5e-3, 3e-3, 6e-3], "lamb": [5e-3, 1e-2, 2e-2, 4e-2]}
+SWEEP = {"adamw": [1.5e-3, 3e-3, 6e-3, 1.2e-2], "lamb": [5e-3, 1e-2, 2e-2, 4e-2, 8e-2]}
 
 
 def run(args, name, optimizer, batch, lr, sampling="epoch"):
@@ -94,7 +94,7 @@ def plots(args, records, best):
                 if b is not None and b > 0:
                     f.write(f"{samples * 64} {b}\n")
             f.write("\n\n")
-    gnuplot(f"""set terminal pngcairo size 900,500
+    gnuplot(f"""set terminal pngcairo size 900,500 noenhanced
 set output '{os.path.join(args.out, "noise_scale.png")}'
 set title 'Gradient noise scale B_noise = EMA(S) / EMA(|G|^2), batch 32, 2 ranks'
 set xlabel 'tokens'
@@ -112,7 +112,7 @@ plot '{noise_path}' index 0 with lines lw 2 title 'AdamW', '' index 1 with lines
                          and x["sampling"] == "epoch" and (b != 32 or x is best[opt]))
                 f.write(f"{b} {r['val_loss']}\n")
             f.write("\n\n")
-    gnuplot(f"""set terminal pngcairo size 900,500
+    gnuplot(f"""set terminal pngcairo size 900,500 noenhanced
 set output '{os.path.join(args.out, "val_loss.png")}'
 set title 'Validation loss after {args.tokens} tokens (lr tuned at batch 32, sqrt scaling)'
 set xlabel 'global batch (sequences)'

@@ -7,15 +7,18 @@
 // Phase 3 reduces each bucket (reduce-scatter by default, all-reduce as an option) as soon as the caller
 // reports it ready; phase 4 checks this rank's reduced shard for inf/NaN and sums squares per fixed block;
 // phase 5 agrees on found_inf with a MAX all-reduce, so every rank takes the same decision in phase 6 (skip
-// and back off, or clip and AdamW) and the loss-scale state machine stays replicated; phase 7 casts the shard
-// back and all-gathers the weights. The global grad norm sums FP64 block sums in a fixed order, so it is
-// bitwise the same for any number of ranks.
+// and back off, or clip and AdamW or LAMB) and the loss-scale state machine stays replicated; phase 7 casts
+// the shard back and all-gathers the weights. The global grad norm sums FP64 block sums in a fixed order, so
+// it is bitwise the same for any number of ranks; so are LAMB's per-tensor trust ratios, which sum FP64 norm
+// segments in a fixed order (docs/large_batch.md). With several ranks each bucket's local gradient is also
+// squared before its reduction, for the gradient noise scale.
 //
 // The step's decision state (loss scale and scaler counters, found_inf, Adam's t, the LR-schedule position,
-// the last norm, clip factor and lr: common::AmpState) lives in backend memory, and every op of phases 4-7
-// reads or writes it there, so step_async() enqueues a whole step without reading anything back (on CUDA: no
-// host synchronisation). result() reads it back once; the host copies behind scaler(), loss_scale() and
-// applied_steps() are refreshed only by result() (and so by step()) and by load_state().
+// the last norm, clip factor and lr, the noise scale's averages: common::AmpState) lives in backend memory,
+// and every op of phases 4-7 reads or writes it there, so step_async() enqueues a whole step without reading
+// anything back (on CUDA: no host synchronisation). result() reads it back once; the host copies behind
+// scaler(), loss_scale() and applied_steps() are refreshed only by result() (and so by step()) and by
+// load_state().
 #pragma once
 
 #include <cstddef>
