@@ -40,6 +40,8 @@ BatchSchedule::BatchSchedule(int64_t global_batch, const BatchRampup& ramp)
                   "--batch-rampup: --global-batch {} minus start {} is not a multiple of the increment {}",
                   global_batch, ramp.start, ramp.increment);
   increments_ = (global_batch - ramp.start) / ramp.increment;
+  MPT_INPUT_CHECK(increments_ <= (int64_t{1} << 20), "--batch-rampup: {} increments (more than 2^20)",
+                  increments_);
   int64_t product = 0;
   MPT_INPUT_CHECK(!__builtin_mul_overflow(ramp.samples, increments_, &product),
                   "--batch-rampup: {} samples x {} increments overflows 64 bits", ramp.samples, increments_);
@@ -56,9 +58,21 @@ int64_t BatchSchedule::batch_at(int64_t consumed) const {
 int64_t BatchSchedule::samples_before(int64_t step) const {
   MPT_CHECK(step >= 0, "samples_before: negative step {}", step);
   int64_t consumed = 0, s = 0;
-  // Walk the ramp step by step (its steps are few: at most ramp samples / start), then the constant part.
-  for (; s < step && batch_at(consumed) < global_batch_; ++s) consumed += batch_at(consumed);
-  return consumed + (step - s) * global_batch_;
+  // The ramp level by level: level k (batch start + k x increment) lasts while consumed x n / samples
+  // floors to k, that is while consumed < ceil((k + 1) x samples / n).
+  for (int64_t k = 0; ramp_.enabled() && k < increments_ && s < step; ++k) {
+    const int64_t batch = ramp_.start + k * ramp_.increment;
+    const int64_t level_end = ((k + 1) * ramp_.samples + increments_ - 1) / increments_;
+    if (consumed >= level_end) continue;  // a step of the level before jumped past this one
+    const int64_t take = std::min((level_end - consumed + batch - 1) / batch, step - s);
+    consumed += take * batch;
+    s += take;
+  }
+  int64_t rest = 0;
+  MPT_INPUT_CHECK(!__builtin_mul_overflow(step - s, global_batch_, &rest) &&
+                      !__builtin_add_overflow(consumed, rest, &rest),
+                  "--steps {} x --global-batch {}: the sample count overflows 64 bits", step, global_batch_);
+  return rest;
 }
 
 std::vector<int64_t> BatchSchedule::batch_sizes() const {

@@ -37,7 +37,9 @@ TEST(BatchSchedule, MegatronRampRule) {
 }
 
 TEST(BatchSchedule, SamplesBeforeMatchesAReplay) {
-  for (const BatchRampup& ramp : {BatchRampup{4, 4, 100}, BatchRampup{2, 6, 1000}, BatchRampup{1, 1, 7}}) {
+  // The last two jump over ramp levels: a step of 8 (or 3) sequences passes several increments at once.
+  for (const BatchRampup& ramp : {BatchRampup{4, 4, 100}, BatchRampup{2, 6, 1000}, BatchRampup{1, 1, 7},
+                                  BatchRampup{8, 1, 20}, BatchRampup{3, 29, 5}}) {
     const BatchSchedule s(32, ramp);
     int64_t consumed = 0;
     for (int64_t step = 0; step < 200; ++step) {

@@ -38,7 +38,8 @@ def run(args, name, optimizer, batch, lr, sampling="epoch"):
     old = args.previous.get(name)
     if old and (old["optimizer"], old["batch"], old["lr"]) == (optimizer, batch, lr):
         old.setdefault("sampling", "epoch")
-        print(f"{name:>18}: reused from the previous results.json: val loss {old['val_loss']:.4f}", flush=True)
+        old.setdefault("diverged", False)
+        print(f"{name:>18}: reused from the previous results.json: val loss {loss_text(old)}", flush=True)
         return old
     T = 64
     samples = args.tokens // T
@@ -57,6 +58,12 @@ def run(args, name, optimizer, batch, lr, sampling="epoch"):
     t0 = time.time()
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     seconds = time.time() - t0
+    base = {"name": name, "optimizer": optimizer, "batch": batch, "lr": lr, "steps": steps, "sampling": sampling,
+            "tokens": steps * batch * T, "seconds": seconds, "command": " ".join(cmd[1:])}
+    if p.returncode != 0 and "loss scale stuck at its minimum" in p.stderr:
+        # Diverged: the loss-scale guard stopped the run (inf/NaN gradients at the minimum scale).
+        print(f"{name:>18}: {optimizer} batch {batch} lr {lr:g}: diverged ({seconds:.0f} s)", flush=True)
+        return {**base, "val_loss": None, "diverged": True, "noise": [], "final_train_loss": None}
     if p.returncode != 0:
         sys.exit(f"run {name} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     with open(os.path.join(cwd, "runs", name, "metrics.jsonl")) as f:
@@ -72,9 +79,7 @@ def run(args, name, optimizer, batch, lr, sampling="epoch"):
     train = [(line["step"], line["train_loss"]) for line in lines if "train_loss" in line]
     noise = [(line["samples"], line["noise_scale"], line["grad_sq_estimate"], line["trace_estimate"])
              for line in lines if "noise_scale" in line]
-    record = {"name": name, "optimizer": optimizer, "batch": batch, "lr": lr, "steps": steps, "sampling": sampling,
-              "tokens": steps * batch * T, "val_loss": val, "final_train_loss": train[-1][1],
-              "noise": noise, "seconds": seconds, "command": " ".join(cmd[1:])}
+    record = {**base, "val_loss": val, "final_train_loss": train[-1][1], "noise": noise, "diverged": False}
     print(f"{name:>18}: {optimizer} batch {batch} lr {lr:g} steps {steps}: val loss {val:.4f} "
           f"({seconds:.0f} s)", flush=True)
     return record
@@ -110,7 +115,8 @@ plot '{noise_path}' index 0 with lines lw 2 title 'AdamW', '' index 1 with lines
             for b in BATCHES:
                 r = next(x for x in records if x["optimizer"] == opt and x["batch"] == b
                          and x["sampling"] == "epoch" and (b != 32 or x is best[opt]))
-                f.write(f"{b} {r['val_loss']}\n")
+                if r["val_loss"] is not None:
+                    f.write(f"{b} {r['val_loss']}\n")
             f.write("\n\n")
     gnuplot(f"""set terminal pngcairo size 900,500 noenhanced
 set output '{os.path.join(args.out, "val_loss.png")}'
@@ -123,13 +129,17 @@ plot '{val_path}' index 0 with linespoints lw 2 pt 7 title 'AdamW', '' index 1 w
 """)
 
 
+def loss_text(record):
+    return "diverged" if record["val_loss"] is None else f"{record['val_loss']:.4f}"
+
+
 def tables(args, records, best):
     out = [f"Token budget {args.tokens} tokens per run; 2 ranks x 1 thread; model L=2 C=64 NH=4 T=64; fp16.",
            "", "Learning-rate sweep at batch 32 (validation loss):", "",
            "| optimizer | lr | val loss | seconds |", "| --- | --- | --- | --- |"]
     for r in records:
         if r["batch"] == 32 and r["sampling"] == "epoch":
-            out.append(f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['seconds']:.0f} |")
+            out.append(f"| {r['optimizer']} | {r['lr']:g} | {loss_text(r)} | {r['seconds']:.0f} |")
     out += ["", "Validation loss after the budget (lr = best batch-32 lr x sqrt(B / 32)):", "",
             "| global batch | steps | AdamW lr | AdamW val loss | LAMB lr | LAMB val loss |",
             "| --- | --- | --- | --- | --- | --- |"]
@@ -138,8 +148,8 @@ def tables(args, records, best):
         for opt in ("adamw", "lamb"):
             row[opt] = best[opt] if b == 32 else next(
                 x for x in records if x["optimizer"] == opt and x["batch"] == b and x["sampling"] == "epoch")
-        out.append(f"| {b} | {row['adamw']['steps']} | {row['adamw']['lr']:g} | {row['adamw']['val_loss']:.4f} | "
-                   f"{row['lamb']['lr']:g} | {row['lamb']['val_loss']:.4f} |")
+        out.append(f"| {b} | {row['adamw']['steps']} | {row['adamw']['lr']:g} | {loss_text(row['adamw'])} | "
+                   f"{row['lamb']['lr']:g} | {loss_text(row['lamb'])} |")
     rnd = next(r for r in records if r["sampling"] == "random")
     out += ["", f"Sampling: the best batch-32 AdamW run (lr {best['adamw']['lr']:g}) reaches val loss "
             f"{best['adamw']['val_loss']:.4f} with --sampling epoch and {rnd['val_loss']:.4f} with --sampling random."]
@@ -177,7 +187,7 @@ def main():
     for opt, rates in SWEEP.items():
         sweep = [run(args, f"{opt}_b32_lr{lr:g}", opt, 32, lr) for lr in rates]
         records += sweep
-        best[opt] = min(sweep, key=lambda r: r["val_loss"])
+        best[opt] = min(sweep, key=lambda r: math.inf if r["val_loss"] is None else r["val_loss"])
     for opt in SWEEP:
         for b in BATCHES[1:]:
             records.append(run(args, f"{opt}_b{b}", opt, b, best[opt]["lr"] * math.sqrt(b / 32)))
