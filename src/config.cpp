@@ -331,8 +331,8 @@ void add_large_batch(CLI::App* app, RunConfig& c) {
          "over SAMPLES samples (Megatron's --rampup-batch-size)")
       ->capture_default_str();
   app->add_option("--sampling", c.sampling,
-                  "data order: random (window starts hashed from seed and step) or epoch (a seeded "
-                  "permutation of non-overlapping windows, each read once per epoch)")
+                  "data order: epoch (a seeded permutation of non-overlapping windows, each read once per "
+                  "epoch) or random (window starts hashed from seed and step)")
       ->check(CLI::IsMember({"random", "epoch"}))
       ->capture_default_str();
   app->add_option("--optimizer", c.optimizer,

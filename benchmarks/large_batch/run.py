@@ -182,6 +182,7 @@ def main():
     temporary = args.work is None
     args.work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="mptrain_large_batch_"))
     os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
 
     records, best = [], {}
     for opt, rates in SWEEP.items():

@@ -23,10 +23,10 @@ struct RunConfig {
   int64_t seq_len = 128;  ///< T, tokens per sequence (also the model's maximum)
 
   // Batch.
-  int64_t global_batch = 32;        ///< sequences per optimizer step, over all ranks
-  int64_t micro_batch = 16;         ///< sequences per rank per forward
-  std::string batch_rampup;         ///< "START,INCREMENT,SAMPLES" (Megatron's --rampup-batch-size); "" = none
-  std::string sampling = "random";  ///< "random" (hashed window starts) or "epoch" (permuted windows)
+  int64_t global_batch = 32;       ///< sequences per optimizer step, over all ranks
+  int64_t micro_batch = 16;        ///< sequences per rank per forward
+  std::string batch_rampup;        ///< "START,INCREMENT,SAMPLES" (Megatron's --rampup-batch-size); "" = none
+  std::string sampling = "epoch";  ///< "epoch" (permuted windows) or "random" (hashed window starts)
 
   // Optimisation.
   int64_t steps = 800;
