@@ -701,8 +701,9 @@ void log_step(TrainingRun& run, int64_t step, const StepResult& r) {
   const int64_t skipped = run.s.engine->scaler().state().skipped_steps;
   const std::string noise = std::isfinite(r.noise_scale) ? fmt::format("{:.3g}", r.noise_scale) : "n/a";
   const std::string epoch =
-      c.sampling == "epoch" ? fmt::format(" | epoch {}", run.consumed / run.s.data->train_windows(c.seq_len))
-                            : std::string();
+      c.sampling == "epoch"
+          ? fmt::format(" | epoch {}", (run.consumed - 1) / run.s.data->train_windows(c.seq_len))
+          : std::string();
   if (run.root)
     std::printf(
         "step %6lld/%lld | loss %.4f | batch %lld | scale %g | skipped %lld | grad norm %.3f | lr %.3e | "
