@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
   int64_t vocab = 256, accumulation = 1;
   int threads = 1, warmup = 2, iters = 10;
   double peak_tflops = 0.0;
+  bool noise_scale = true;
   app.add_option("--device", device, "backend")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   mpt::bench::add_model_flags(app, rc, vocab, "sequences per rank per forward B");
   app.add_option("--accumulation", accumulation, "micro-batches per optimizer step K")
@@ -79,6 +80,10 @@ int main(int argc, char** argv) {
   app.add_option("--peak-tflops", peak_tflops,
                  "peak FLOP/s per rank for MFU in TFLOP/s; 0 = the backend's (CPU: measured SGEMM)")
       ->capture_default_str();
+  app.add_option("--noise-scale", noise_scale,
+                 "measure the gradient noise scale (each rank's bucket squares before the reduction, or the "
+                 "first micro-batch on one rank) as the trainer does by default")
+      ->capture_default_str();
   return mpt::bench::run_main(argc, argv, app, "bench_step", [&](nlohmann::json& report) {
     omp_set_num_threads(threads);
     mpt::MpiCommunicator host_comm;  // reduces the timings (host doubles) whatever the engine's transport
@@ -94,8 +99,20 @@ int main(int argc, char** argv) {
     mpt::Runtime runtime = mpt::bench::make_bench_runtime(device);
     auto& backend = runtime.backend;
     auto& comm = runtime.grad_comm;
-    mpt::MixedPrecisionEngine engine(mpt::gpt_tensors(cfg), rc.engine_config(), *comm, *backend);
+    mpt::EngineConfig ec = rc.engine_config();
+    ec.noise_scale = noise_scale;
+    mpt::MixedPrecisionEngine engine(mpt::gpt_tensors(cfg), ec, *comm, *backend);
     engine.set_parameters(mpt::gpt_init(cfg, rc.seed));
+    // The trainer's noise-scale batches (Trainer begin_step): each rank's gradient, or the first micro-batch.
+    mpt::StepBatch batch;
+    batch.samples = rc.global_batch;
+    if (N > 1) {
+      batch.small_samples = static_cast<double>(rc.global_batch / N);
+    } else if (accumulation > 1) {
+      batch.small_samples = static_cast<double>(rc.micro_batch);
+      batch.small_grad_factor = static_cast<double>(accumulation);
+    }
+    engine.set_batch(batch);
     mpt::GPT model(cfg, engine.layout(), *backend, rc.dtype());
 
     // A fixed random batch per rank and micro-batch (the step's cost does not depend on the token values).
@@ -136,6 +153,7 @@ int main(int argc, char** argv) {
         const auto f1 = Clock::now();
         model.backward(engine.params(), engine.grads());
         engine.accumulate_micro_batch();
+        if (noise_scale && k == 0 && accumulation > 1 && N == 1) engine.sample_micro_batch();
         backend->synchronize();
         const auto f2 = Clock::now();
         forward_seconds += seconds_between(f0, f1);
@@ -185,6 +203,7 @@ int main(int argc, char** argv) {
                           {"threads", threads},
                           {"warmup", warmup},
                           {"iters", iters},
+                          {"noise_scale", noise_scale},
                           {"grad_sync", grad_sync},
                           {"bucket_mib", rc.bucket_mib},
                           {"buckets", engine.layout().buckets().size()},

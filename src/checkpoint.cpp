@@ -79,9 +79,11 @@ std::string save_checkpoint(MixedPrecisionEngine& engine, const std::string& dir
     }
   std::map<std::string, std::string> meta = metadata;
   for (const auto& [key, value] : engine.scaler().serialize()) meta[key] = value;
+  for (const auto& [key, value] : engine.noise_metadata()) meta[key] = value;
   meta["format"] = kFormat;
   meta["step"] = std::to_string(step);
   meta["applied_steps"] = std::to_string(engine.applied_steps());
+  meta["applied_samples"] = std::to_string(engine.applied_samples());
   meta["checksum"] = fmt::format("{:016x}", checksum(for_checksum, meta));
   write_safetensors(path, tensors, meta);
   const auto files = checkpoints_in(dir);

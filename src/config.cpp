@@ -26,10 +26,18 @@ EngineConfig RunConfig::engine_config() const {
   e.dtype = dtype();
   e.grad_sync = grad_sync == "all-reduce" ? GradSync::all_reduce : GradSync::reduce_scatter;
   e.bucket_bytes = static_cast<size_t>(bucket_mib * 1024.0 * 1024.0);
-  e.adamw = {lr, beta1, beta2, eps, weight_decay};
-  e.schedule.warmup_steps = warmup_steps;
-  e.schedule.decay_steps = steps > warmup_steps ? steps : 0;
+  e.optimizer = optimizer == "lamb" ? OptimizerKind::lamb : OptimizerKind::adamw;
+  if (e.optimizer == OptimizerKind::lamb)
+    e.adamw = {lr, beta1, beta2, lamb_eps, lamb_weight_decay};
+  else
+    e.adamw = {lr, beta1, beta2, eps, weight_decay};
+  // The schedule counts samples, so it ends exactly at the last sample whatever the batch ramp does.
+  const BatchSchedule batches = batch_schedule();
+  e.schedule.warmup_samples = warmup_samples > 0 ? warmup_samples : batches.samples_before(warmup_steps);
+  const int64_t total = batches.samples_before(steps);
+  e.schedule.decay_samples = total > e.schedule.warmup_samples ? total : 0;
   e.schedule.min_lr = lr * min_lr_ratio;
+  e.noise_scale_ema = noise_scale_ema;
   e.grad_clip = grad_clip;
   e.fp32_grad_accumulation = fp32_grad_accumulation;
   LossScalerConfig& s = e.scaler;
@@ -43,6 +51,10 @@ EngineConfig RunConfig::engine_config() const {
   s.min_scale = loss_scale_min;
   s.max_overflows_at_min_scale = loss_scale_max_min_overflows;
   return e;
+}
+
+BatchSchedule RunConfig::batch_schedule() const {
+  return BatchSchedule(global_batch, parse_batch_rampup(batch_rampup));
 }
 
 GPTConfig RunConfig::model_config(int64_t vocab_size) const {
@@ -79,7 +91,8 @@ std::string with_flag_names(std::string message) {
       {"adamw: beta2", "--beta2"},
       {"adamw: eps", "--eps"},
       {"adamw: weight_decay", "--weight-decay"},
-      {"lr schedule: warmup_steps", "--warmup-steps"},
+      {"lr schedule: the warm-up", "--warmup-steps / --warmup-samples: the warm-up"},
+      {"engine: noise_scale_ema", "--noise-scale-ema"},
       {"lr schedule: min_lr", "--min-lr-ratio x --lr"},
       {"engine: grad_clip", "--grad-clip"},
       {"engine: bucket size", "--bucket-mib"},
@@ -145,6 +158,16 @@ void RunConfig::validate() const {
                     "--seq-len {} is longer than the model's maximum sequence length 1048576 (2^20)",
                     seq_len);
     MPT_INPUT_CHECK(lr > 0.0f && std::isfinite(lr), "--lr must be a finite number > 0, got {}", lr);
+    (void)parse_optimizer(optimizer, "--optimizer");
+    MPT_INPUT_CHECK(warmup_steps >= 0, "--warmup-steps must be >= 0, got {}", warmup_steps);
+    MPT_INPUT_CHECK(warmup_samples >= 0, "--warmup-samples must be >= 0, got {}", warmup_samples);
+    MPT_INPUT_CHECK(sampling == "random" || sampling == "epoch",
+                    "--sampling must be random or epoch, got '{}'", sampling);
+    (void)batch_schedule();
+    MPT_INPUT_CHECK(std::isfinite(lamb_eps) && lamb_eps > 0.0f, "--lamb-eps must be finite and > 0, got {}",
+                    lamb_eps);
+    MPT_INPUT_CHECK(std::isfinite(lamb_weight_decay) && lamb_weight_decay >= 0.0f,
+                    "--lamb-weight-decay must be finite and >= 0, got {}", lamb_weight_decay);
     // The engine, optimizer and loss scaler name their fields; say which flag set each.
     try {
       model_config(256).validate();
@@ -227,8 +250,15 @@ nlohmann::json RunConfig::to_json() const {
           {"eps", shortest(eps)},
           {"weight-decay", shortest(weight_decay)},
           {"warmup-steps", warmup_steps},
+          {"warmup-samples", warmup_samples},
+          {"batch-rampup", batch_rampup},
+          {"sampling", sampling},
+          {"noise-scale-ema", noise_scale_ema},
           {"min-lr-ratio", shortest(min_lr_ratio)},
           {"grad-clip", shortest(grad_clip)},
+          {"optimizer", optimizer},
+          {"lamb-eps", shortest(lamb_eps)},
+          {"lamb-weight-decay", shortest(lamb_weight_decay)},
           {"precision", precision},
           {"loss-scale-init", shortest(loss_scale_init)},
           {"loss-scale-growth", shortest(loss_scale_growth)},
@@ -299,9 +329,40 @@ void add_data(CLI::App* app, RunConfig& c) {
       ->capture_default_str();
 }
 
+/// The large-batch flags of `train`: batch ramp-up, sampling order, LAMB, warm-up in samples, noise scale.
+void add_large_batch(CLI::App* app, RunConfig& c) {
+  app->add_option(
+         "--batch-rampup", c.batch_rampup,
+         "START,INCREMENT,SAMPLES: grow the global batch from START by INCREMENT up to --global-batch "
+         "over SAMPLES samples (Megatron's --rampup-batch-size)")
+      ->capture_default_str();
+  app->add_option("--sampling", c.sampling,
+                  "data order: epoch (a seeded permutation of non-overlapping windows, each read once per "
+                  "epoch) or random (window starts hashed from seed and step)")
+      ->check(CLI::IsMember({"random", "epoch"}))
+      ->capture_default_str();
+  app->add_option("--optimizer", c.optimizer,
+                  "update rule: adamw, or lamb (layer-wise trust ratios ||w|| / ||r|| per tensor; biases and "
+                  "LayerNorm get no decay and trust 1)")
+      ->check(CLI::IsMember({"adamw", "lamb"}))
+      ->capture_default_str();
+  app->add_option("--lamb-eps", c.lamb_eps, "LAMB epsilon (with --optimizer lamb; --eps is AdamW's)")
+      ->capture_default_str();
+  app->add_option("--lamb-weight-decay", c.lamb_weight_decay,
+                  "LAMB decoupled weight decay inside the update direction (with --optimizer lamb)")
+      ->capture_default_str();
+  app->add_option("--warmup-samples", c.warmup_samples,
+                  "warm-up in samples (sequences); > 0 overrides --warmup-steps")
+      ->capture_default_str();
+  app->add_option("--noise-scale-ema", c.noise_scale_ema,
+                  "EMA factor of the gradient noise scale's estimators (McCandlish et al. 2018), in [0, 1)")
+      ->capture_default_str();
+}
+
 void add_train(CLI::App* app, RunConfig& c) {
   add_common(app, c);
   add_data(app, c);
+  add_large_batch(app, c);
   app->add_option("--layers", c.layers, "transformer blocks L")->capture_default_str();
   app->add_option("--heads", c.heads, "attention heads NH (must divide --channels)")->capture_default_str();
   app->add_option("--channels", c.channels, "model width C")->capture_default_str();
@@ -309,13 +370,14 @@ void add_train(CLI::App* app, RunConfig& c) {
       ->capture_default_str();
   app->add_option("--steps", c.steps, "optimizer steps to train (skipped steps count)")
       ->capture_default_str();
-  app->add_option("--lr", c.lr, "peak learning rate (AdamW)")->capture_default_str();
+  app->add_option("--lr", c.lr, "peak learning rate (AdamW or LAMB)")->capture_default_str();
   app->add_option("--beta1", c.beta1, "AdamW beta1")->capture_default_str();
   app->add_option("--beta2", c.beta2, "AdamW beta2")->capture_default_str();
   app->add_option("--eps", c.eps, "AdamW epsilon")->capture_default_str();
   app->add_option("--weight-decay", c.weight_decay, "AdamW decoupled weight decay (matrices and embeddings)")
       ->capture_default_str();
-  app->add_option("--warmup-steps", c.warmup_steps, "linear warm-up steps, then cosine decay")
+  app->add_option("--warmup-steps", c.warmup_steps,
+                  "linear warm-up over the samples of this many steps, then cosine decay to the last sample")
       ->capture_default_str();
   app->add_option("--min-lr-ratio", c.min_lr_ratio, "final learning rate as a fraction of --lr")
       ->capture_default_str();

@@ -305,6 +305,50 @@ void Dataset::train_batch(uint64_t seed, int64_t step, int64_t global_batch, int
     window(sample_offset(seed, step, first + i, num_starts), T, tokens + i * T, targets + i * T);
 }
 
+int64_t Dataset::train_windows(int64_t T) const {
+  MPT_CHECK(T >= 1, "sequence length T = {} must be >= 1", T);
+  return train_tokens() / (T + 1);
+}
+
+int64_t Dataset::epoch_window(uint64_t seed, int64_t sample, int64_t T) const {
+  MPT_CHECK(sample >= 0, "sample index {} must be >= 0", sample);
+  const int64_t windows = train_windows(T);
+  MPT_INPUT_CHECK(windows >= 1,
+                  "--data {}: the train split ({} tokens) is shorter than one window of {} tokens", path_,
+                  train_tokens(), T + 1);
+  const int64_t epoch = sample / windows;
+  if (epoch != perm_epoch_ || T != perm_T_ || seed != perm_seed_) {
+    // Fisher-Yates with SplitMix64 draws seeded by (seed, epoch); draws rejected as in sample_offset so
+    // every permutation is equally likely.
+    perm_.resize(static_cast<size_t>(windows));
+    for (int64_t w = 0; w < windows; ++w) perm_[static_cast<size_t>(w)] = w;
+    uint64_t state = mix64(mix64(seed + kGolden) ^ (static_cast<uint64_t>(epoch) + kGolden));
+    for (int64_t i = windows - 1; i > 0; --i) {
+      const auto range = static_cast<uint64_t>(i + 1);
+      const uint64_t reject = (0 - range) % range;
+      uint64_t x = 0;
+      do {
+        state += kGolden;
+        x = mix64(state);
+      } while (x > std::numeric_limits<uint64_t>::max() - reject);
+      std::swap(perm_[static_cast<size_t>(i)], perm_[static_cast<size_t>(x % range)]);
+    }
+    perm_epoch_ = epoch;
+    perm_T_ = T;
+    perm_seed_ = seed;
+  }
+  return perm_[static_cast<size_t>(sample % windows)];
+}
+
+void Dataset::epoch_batch(uint64_t seed, int64_t first_sample, int64_t count, int64_t T, int32_t* tokens,
+                          int32_t* targets) const {
+  MPT_CHECK(T >= 1 && first_sample >= 0 && count >= 0,
+            "epoch_batch: bad arguments (first {}, count {}, T {})", first_sample, count, T);
+  MPT_CHECK(count == 0 || (tokens != nullptr && targets != nullptr), "tokens and targets must not be null");
+  for (int64_t i = 0; i < count; ++i)
+    window(epoch_window(seed, first_sample + i, T) * (T + 1), T, tokens + i * T, targets + i * T);
+}
+
 int64_t Dataset::val_windows(int64_t T) const {
   MPT_CHECK(T >= 1, "sequence length T = {} must be >= 1", T);
   return val_tokens() / (T + 1);

@@ -2,9 +2,11 @@
 #include "mptrain/engine.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstddef>
+#include <cstdlib>
 
 #include "mptrain/error.hpp"
 
@@ -21,6 +23,8 @@ void EngineConfig::validate() const {
                   grad_clip);
   adamw.validate();
   schedule.validate(adamw.lr);
+  MPT_INPUT_CHECK(noise_scale_ema >= 0.0 && noise_scale_ema < 1.0,
+                  "engine: noise_scale_ema must be in [0, 1), got {}", noise_scale_ema);
   if (dtype == DType::f16)
     scaler.validate();  // bf16/fp32 run with the scaler disabled; its options are unused
 }
@@ -77,10 +81,20 @@ MixedPrecisionEngine::MixedPrecisionEngine(std::vector<TensorSpec> tensors, cons
   for (const ShardSegment& s : layout_.shard_segments(comm_.rank()))
     segments.push_back({s.shard_offset, s.flat_offset, s.num_elements, s.decay});
   my_segments_ = backend_.register_table<AdamWSegment>(segments);
-  norm_order_ = backend_.register_table<size_t>(layout_.global_block_order());
-  block_sums_ = backend_.allocate(layout_.blocks_per_rank() * sizeof(double));
-  gathered_block_sums_ =
-      backend_.allocate(layout_.blocks_per_rank() * static_cast<size_t>(comm_.size()) * sizeof(double));
+  // Block sums and bucket squares, gathered rank-major with sums_stride_ per rank: block k of rank r sits at
+  // r * stride + k, rank r's square of bucket b at r * stride + blocks_per_rank + b.
+  const size_t per_rank = layout_.blocks_per_rank(), num_buckets = layout_.buckets().size();
+  sums_stride_ = per_rank + num_buckets;
+  block_sums_ = backend_.allocate(sums_stride_ * sizeof(double));
+  gathered_block_sums_ = backend_.allocate(sums_stride_ * static_cast<size_t>(comm_.size()) * sizeof(double));
+  std::vector<size_t> norm_order, small_order;
+  for (const size_t k : layout_.global_block_order())
+    norm_order.push_back(k / per_rank * sums_stride_ + k % per_rank);
+  for (int r = 0; r < comm_.size(); ++r)
+    for (size_t b = 0; b < num_buckets; ++b)
+      small_order.push_back(static_cast<size_t>(r) * sums_stride_ + per_rank + b);
+  norm_order_ = backend_.register_table<size_t>(norm_order);
+  small_order_ = backend_.register_table<size_t>(small_order);
   pending_.resize(layout_.buckets().size());
 
   scaler_rule_ = scaler_.rule();
@@ -92,10 +106,11 @@ MixedPrecisionEngine::MixedPrecisionEngine(std::vector<TensorSpec> tensors, cons
   optimizer_rule_.weight_decay = a.weight_decay;
   optimizer_rule_.grad_clip = config_.grad_clip;
   optimizer_rule_.min_lr = config_.schedule.min_lr;
-  optimizer_rule_.warmup_steps = config_.schedule.warmup_steps;
-  optimizer_rule_.decay_steps = config_.schedule.decay_steps;
+  optimizer_rule_.warmup_samples = config_.schedule.warmup_samples;
+  optimizer_rule_.decay_samples = config_.schedule.decay_samples;
   state_ = backend_.allocate(sizeof(common::AmpState));
   upload_state();
+  if (config_.optimizer == OptimizerKind::lamb) setup_lamb();
 
   // grad_done(): which buckets each tensor's flat range [offset, offset + n) overlaps.
   const auto& buckets = layout_.buckets();
@@ -113,11 +128,53 @@ MixedPrecisionEngine::MixedPrecisionEngine(std::vector<TensorSpec> tensors, cons
   reset_grad_done();
 }
 
+void MixedPrecisionEngine::setup_lamb() {
+  const std::vector<NormSegment> all = layout_.norm_segments();
+  const auto ranks = static_cast<size_t>(comm_.size());
+  std::vector<size_t> count(ranks, 0), local(all.size());
+  for (size_t g = 0; g < all.size(); ++g) local[g] = count[static_cast<size_t>(all[g].owner)]++;
+  lamb_capacity_ = std::max<size_t>(*std::max_element(count.begin(), count.end()), 1);
+  // Segments come grouped by tensor (ParamLayout::norm_segments), so each tensor's run of `order` is
+  // contiguous; every tensor has at least one segment (it has at least one element).
+  const size_t num_tensors = layout_.tensors().size();
+  std::vector<size_t> tensor_begin(num_tensors + 1, 0);
+  for (const NormSegment& s : all) ++tensor_begin[s.tensor + 1];
+  for (size_t t = 0; t < num_tensors; ++t) tensor_begin[t + 1] += tensor_begin[t];
+  std::vector<size_t> order(all.size(), 0);
+  std::vector<size_t> fill(tensor_begin.begin(), tensor_begin.end() - 1);
+  std::vector<LambSegment> mine;
+  for (size_t g = 0; g < all.size(); ++g) {
+    const NormSegment& s = all[g];
+    order[fill[s.tensor]++] = static_cast<size_t>(s.owner) * lamb_capacity_ + local[g];
+    if (s.owner == comm_.rank())
+      mine.push_back({s.shard_offset, s.flat_offset, s.num_elements, static_cast<uint32_t>(s.tensor),
+                      s.decay ? 1u : 0u});
+  }
+  lamb_segments_ = backend_.register_table<LambSegment>(mine);
+  lamb_order_ = backend_.register_table<size_t>(order);
+  lamb_tensor_begin_ = backend_.register_table<size_t>(tensor_begin);
+  lamb_sums_ = backend_.allocate(2 * lamb_capacity_ * sizeof(double));
+  gathered_lamb_sums_ = backend_.allocate(2 * lamb_capacity_ * ranks * sizeof(double));
+  trust_ = backend_.allocate(num_tensors * sizeof(float));
+}
+
+void MixedPrecisionEngine::lamb_step() {
+  backend_.lamb_moments(master(), adam_m(), adam_v(), grads_.data(), grad_dtype(), lamb_segments_,
+                        lamb_sums_.as<double>(), state());
+  // Gathered on a skipped step too (nobody on the host knows yet); the trust op then reads nothing.
+  comm_.all_gather(lamb_sums_.data(), gathered_lamb_sums_.data(), 2 * lamb_capacity_, DType::f64);
+  backend_.lamb_trust(trust_.as<float>(), gathered_lamb_sums_.as<double>(), lamb_order_, lamb_tensor_begin_,
+                      state());
+  backend_.lamb_apply(master(), adam_m(), adam_v(), lamb_segments_, trust_.as<float>(), state());
+}
+
 void MixedPrecisionEngine::upload_state() {
   common::AmpState s;
   s.scaler = scaler_.state();
   s.used_scale = scaler_.scale();
   s.applied_steps = applied_steps_;
+  s.applied_samples = applied_samples_;
+  s.noise = noise_;
   backend_.copy_from_host(state_.data(), &s, sizeof s);
 }
 
@@ -191,6 +248,46 @@ std::vector<std::vector<float>> MixedPrecisionEngine::gather_tensors(ShardState 
   return tensors;
 }
 
+namespace {
+
+const char* const kNoiseKeys[] = {"noise_grad_sq_ema", "noise_trace_ema", "noise_weight"};
+
+/// The noise scale's averages from checkpoint metadata (zero when a key is absent: an older checkpoint).
+common::NoiseScaleState parse_noise_metadata(const std::map<std::string, std::string>& fields) {
+  double values[3] = {0.0, 0.0, 0.0};
+  for (int k = 0; k < 3; ++k) {
+    const auto it = fields.find(kNoiseKeys[k]);
+    if (it == fields.end()) continue;
+    char* end = nullptr;
+    values[k] = std::strtod(it->second.c_str(), &end);
+    MPT_INPUT_CHECK(!it->second.empty() && end == it->second.c_str() + it->second.size(),
+                    "checkpoint: metadata '{}' is not a number: '{}'", kNoiseKeys[k], it->second);
+  }
+  return {values[0], values[1], values[2]};
+}
+
+/// The LR-schedule position of a checkpoint: its "applied_samples", or for a checkpoint without one (written
+/// before the schedule counted samples) applied_steps x the current batch.
+int64_t parse_applied_samples(const std::map<std::string, std::string>& fields, int64_t applied_steps,
+                              int64_t batch) {
+  const auto it = fields.find("applied_samples");
+  if (it == fields.end()) return applied_steps * batch;
+  int64_t value = -1;
+  const auto [end, ec] = std::from_chars(it->second.data(), it->second.data() + it->second.size(), value);
+  MPT_INPUT_CHECK(ec == std::errc() && end == it->second.data() + it->second.size() && value >= 0,
+                  "checkpoint: metadata 'applied_samples' is not a count: '{}'", it->second);
+  return value;
+}
+
+}  // namespace
+
+std::map<std::string, std::string> MixedPrecisionEngine::noise_metadata() const {
+  const double values[3] = {noise_.grad_sq_ema, noise_.trace_ema, noise_.weight};
+  std::map<std::string, std::string> out;
+  for (int k = 0; k < 3; ++k) out[kNoiseKeys[k]] = fmt::format("{:a}", values[k]);
+  return out;
+}
+
 void MixedPrecisionEngine::load_state(const std::vector<std::vector<float>>& master,
                                       const std::vector<std::vector<float>>& adam_m,
                                       const std::vector<std::vector<float>>& adam_v, int64_t applied_steps,
@@ -217,7 +314,9 @@ void MixedPrecisionEngine::load_state(const std::vector<std::vector<float>>& mas
   backend_.copy_from_host(adam_m_.data(), m.data(), m.size() * sizeof(float));
   backend_.copy_from_host(adam_v_.data(), v.data(), v.size() * sizeof(float));
   applied_steps_ = applied_steps;
+  applied_samples_ = parse_applied_samples(scaler_fields, applied_steps, batch_.samples);
   scaler_ = restored;
+  noise_ = parse_noise_metadata(scaler_fields);
   upload_state();
 }
 
@@ -225,6 +324,20 @@ void MixedPrecisionEngine::zero_grads() {
   backend_.fill_zero(grads_.data(), grads_.num_bytes());
   if (micro_grads_.data()) backend_.fill_zero(micro_grads_.data(), micro_grads_.num_bytes());
   reset_grad_done();
+}
+
+void MixedPrecisionEngine::set_batch(const StepBatch& batch) {
+  MPT_CHECK(batch.samples >= 1 && batch.small_samples >= 0.0 && batch.small_grad_factor > 0.0,
+            "set_batch: bad batch (samples {}, small samples {}, factor {})", batch.samples,
+            batch.small_samples, batch.small_grad_factor);
+  batch_ = batch;
+}
+
+void MixedPrecisionEngine::sample_micro_batch() {
+  for (size_t b = 0; b < layout_.buckets().size(); ++b)
+    backend_.sum_squares(grads_.data(), grad_dtype(), layout_.buckets()[b].offset,
+                         layout_.buckets()[b].padded_elements,
+                         block_sums_.as<double>() + layout_.blocks_per_rank() + b);
 }
 
 void MixedPrecisionEngine::accumulate_micro_batch() {
@@ -242,6 +355,10 @@ void MixedPrecisionEngine::bucket_ready(size_t bucket) {
   const DType gdt = grad_dtype();
   const size_t esize = dtype_size(gdt);
   auto* base = static_cast<std::byte*>(grads_.data()) + b.offset * esize;
+  // The noise scale's small batch: this rank's local gradient, squared before the reduction overwrites it.
+  if (config_.noise_scale && comm_.size() > 1)
+    backend_.sum_squares(grads_.data(), gdt, b.offset, b.padded_elements,
+                         block_sums_.as<double>() + layout_.blocks_per_rank() + bucket);
   if (config_.grad_sync == GradSync::reduce_scatter) {
     void* mine = static_cast<std::byte*>(grads_.data()) + layout_.slice_offset(bucket, comm_.rank()) * esize;
     pending_[bucket] = comm_.ireduce_scatter(base, mine, b.slice_elements, gdt, ReduceOp::avg);
@@ -301,11 +418,25 @@ void MixedPrecisionEngine::agree() {
 
 void MixedPrecisionEngine::update() {
   const auto t0 = std::chrono::steady_clock::now();
-  // Every rank's block sums (gathered even on a skipped step: nobody on the host knows yet), the global norm
-  // in the fixed order, clip factor and lr into the state; AdamW reads them and skips itself on found_inf.
-  comm_.all_gather(block_sums_.data(), gathered_block_sums_.data(), layout_.blocks_per_rank(), DType::f64);
+  // Every rank's block sums and bucket squares (gathered even on a skipped step: nobody on the host knows
+  // yet), the global norm in the fixed order, clip factor and lr into the state, the noise-scale estimate;
+  // the optimizer reads them and skips itself on found_inf.
+  comm_.all_gather(block_sums_.data(), gathered_block_sums_.data(), sums_stride_, DType::f64);
+  optimizer_rule_.step_samples = batch_.samples;
   backend_.amp_prepare(state(), gathered_block_sums_.as<double>(), norm_order_, optimizer_rule_);
-  backend_.adamw(master(), adam_m(), adam_v(), grads_.data(), grad_dtype(), my_segments_, state());
+  if (config_.noise_scale && batch_.small_samples > 0.0) {
+    common::NoiseRule rule;
+    rule.small_samples = batch_.small_samples;
+    rule.big_samples = static_cast<double>(batch_.samples);
+    rule.small_batches = static_cast<double>(comm_.size());
+    rule.small_grad_factor = batch_.small_grad_factor;
+    rule.decay = config_.noise_scale_ema;
+    backend_.noise_prepare(state(), gathered_block_sums_.as<double>(), small_order_, rule);
+  }
+  if (config_.optimizer == OptimizerKind::lamb)
+    lamb_step();
+  else
+    backend_.adamw(master(), adam_m(), adam_v(), grads_.data(), grad_dtype(), my_segments_, state());
   // The loss-scaler state machine and Adam's t, on the replicated state (it leaves the flags as they are).
   backend_.amp_update(state(), scaler_rule_);
   timings_.optimizer_seconds = seconds_since(t0);
@@ -340,6 +471,7 @@ StepResult MixedPrecisionEngine::result() {
   backend_.copy_to_host(&s, state_.data(), sizeof s);
   scaler_.restore(s.scaler);
   applied_steps_ = s.applied_steps;
+  applied_samples_ = s.applied_samples;
   StepResult r = timings_;
   r.skipped = s.flags[common::kFoundInf] != 0.0f;
   r.stop_requested = s.flags[common::kStopRequested] != 0.0f;
@@ -348,6 +480,11 @@ StepResult MixedPrecisionEngine::result() {
   r.clip_factor = s.clip_factor;
   r.lr = s.lr;
   r.applied_steps = s.applied_steps;
+  r.applied_samples = s.applied_samples;
+  noise_ = s.noise;
+  r.noise_scale = common::noise_scale(s.noise);
+  r.grad_sq_estimate = common::noise_grad_sq(s.noise);
+  r.trace_estimate = common::noise_trace(s.noise);
   if (s.min_scale_stop != 0) scaler_.throw_min_scale_stop(s.scaler);  // identical on every rank
   return r;
 }
@@ -366,7 +503,8 @@ MemoryReport MixedPrecisionEngine::memory() const {
   r.master_bytes = master_.num_bytes();
   r.adam_m_bytes = adam_m_.num_bytes();
   r.adam_v_bytes = adam_v_.num_bytes();
-  r.scratch_bytes = block_sums_.num_bytes() + gathered_block_sums_.num_bytes() + state_.num_bytes();
+  r.scratch_bytes = block_sums_.num_bytes() + gathered_block_sums_.num_bytes() + state_.num_bytes() +
+                    lamb_sums_.num_bytes() + gathered_lamb_sums_.num_bytes() + trust_.num_bytes();
   return r;
 }
 

@@ -98,6 +98,44 @@ std::vector<ShardSegment> ParamLayout::shard_segments(int rank) const {
   return segments;
 }
 
+std::vector<NormSegment> ParamLayout::norm_segments() const {
+  const size_t block = options_.block_elements;
+  // Tensors in flat order, so that each block's tensors are visited in flat order.
+  std::vector<size_t> flat_order(tensors_.size());
+  for (size_t k = 0; k < flat_order.size(); ++k) flat_order[k] = flat_order.size() - 1 - k;
+  std::vector<NormSegment> segments;
+  size_t next = 0;  // first tensor (in flat_order) not yet finished
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    const Bucket& bucket = buckets_[b];
+    const size_t blocks_per_slice = bucket.slice_elements / block;
+    for (size_t lo = 0; lo < bucket.num_elements; lo += block) {
+      const size_t block_begin = bucket.offset + lo;
+      const size_t block_end = bucket.offset + std::min(lo + block, bucket.num_elements);
+      const size_t k = lo / block;
+      const int owner = static_cast<int>(k / blocks_per_slice);
+      const size_t shard_base = bucket.shard_offset + (k % blocks_per_slice) * block;
+      for (size_t f = next; f < flat_order.size(); ++f) {
+        const TensorPlacement& t = tensors_[flat_order[f]];
+        const size_t t_begin = t.offset, t_end = t.offset + t.spec.num_elements();
+        if (t_begin >= block_end) break;
+        const size_t s_begin = std::max(t_begin, block_begin), s_end = std::min(t_end, block_end);
+        if (s_begin < s_end) {
+          NormSegment s;
+          s.tensor = flat_order[f];
+          s.flat_offset = s_begin;
+          s.num_elements = s_end - s_begin;
+          s.owner = owner;
+          s.shard_offset = shard_base + (s_begin - block_begin);
+          s.decay = t.spec.decay;
+          segments.push_back(s);
+        }
+        if (t_end <= block_end) next = f + 1;  // finished within this block
+      }
+    }
+  }
+  return segments;
+}
+
 size_t ParamLayout::find(const std::string& name) const {
   for (size_t k = 0; k < tensors_.size(); ++k)
     if (tensors_[k].spec.name == name) return k;

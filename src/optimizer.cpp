@@ -1,4 +1,4 @@
-// AdamW hyper-parameter validation and the warm-up + cosine learning-rate schedule.
+// Optimizer names, AdamW/LAMB hyper-parameter validation and the warm-up + cosine learning-rate schedule.
 #include "mptrain/optimizer.hpp"
 
 #include <cmath>
@@ -7,6 +7,16 @@
 #include "mptrain/error.hpp"
 
 namespace mpt {
+
+const char* optimizer_name(OptimizerKind kind) {
+  return kind == OptimizerKind::lamb ? "lamb" : "adamw";
+}
+
+OptimizerKind parse_optimizer(const std::string& text, const char* flag) {
+  if (text == "adamw") return OptimizerKind::adamw;
+  if (text == "lamb") return OptimizerKind::lamb;
+  throw InputError(fmt::format("{}: '{}' is not one of adamw, lamb", flag, text));
+}
 
 void AdamWConfig::validate() const {
   MPT_INPUT_CHECK(std::isfinite(lr) && lr > 0.0f, "adamw: lr must be finite and > 0, got {}", lr);
@@ -18,16 +28,18 @@ void AdamWConfig::validate() const {
 }
 
 void LrSchedule::validate(float peak_lr) const {
-  MPT_INPUT_CHECK(warmup_steps >= 0, "lr schedule: warmup_steps must be >= 0, got {}", warmup_steps);
-  MPT_INPUT_CHECK(decay_steps >= 0, "lr schedule: decay_steps must be >= 0, got {}", decay_steps);
-  MPT_INPUT_CHECK(decay_steps == 0 || decay_steps > warmup_steps,
-                  "lr schedule: decay_steps ({}) must exceed warmup_steps ({})", decay_steps, warmup_steps);
+  MPT_INPUT_CHECK(warmup_samples >= 0, "lr schedule: warmup_samples must be >= 0, got {}", warmup_samples);
+  MPT_INPUT_CHECK(decay_samples >= 0, "lr schedule: decay_samples must be >= 0, got {}", decay_samples);
+  MPT_INPUT_CHECK(decay_samples == 0 || decay_samples > warmup_samples,
+                  "lr schedule: the warm-up ({} samples) must end before the decay ({} samples)",
+                  warmup_samples, decay_samples);
   MPT_INPUT_CHECK(std::isfinite(min_lr) && min_lr >= 0.0f && min_lr <= peak_lr,
                   "lr schedule: min_lr must be in [0, lr={}], got {}", peak_lr, min_lr);
 }
 
-float LrSchedule::at(int64_t step, float peak_lr) const {
-  return common::lr_at(step, peak_lr, warmup_steps, decay_steps, min_lr);  // shared with the device
+float LrSchedule::at(int64_t start, int64_t batch, float peak_lr) const {
+  return common::lr_at(start, batch, peak_lr, warmup_samples, decay_samples,
+                       min_lr);  // shared with the device
 }
 
 }  // namespace mpt

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <optional>
 #include <random>
 #include <sstream>
 
@@ -387,8 +388,14 @@ struct TrainingRun {
   std::string run_dir;
   std::vector<RunLock> locks;  // rank 0: the run's, and the --checkpoint-dir's when that lies elsewhere
   OverflowInjection inject;
+  std::optional<BatchSchedule> batches;  // --global-batch with --batch-rampup
+  // The step being run (begin_step): its global batch, accumulation steps, and the samples read before it
+  // (skipped steps included), which place it in the data order.
+  int64_t batch = 0;
   int64_t accumulation = 1;
+  int64_t consumed = 0;
   int64_t start_step = 0;
+  int64_t start_samples = 0;
   std::string resumed_from;
   nlohmann::json effective;  // the config as run (config.json, the ranks' agreement hash)
   double flops_per_token = 0, peak = 0;
@@ -408,6 +415,23 @@ struct TrainingRun {
     return (c.checkpoint_interval > 0 && (step + 1) % c.checkpoint_interval == 0) || step + 1 == c.steps ||
            r.stop_requested;
   }
+  /// Sets the batch of step `step` that starts after `consumed` samples, for this run and the engine: its
+  /// size and accumulation, and the noise scale's small batches (several ranks: each rank's gradient; one
+  /// rank with accumulation: the first micro-batch; else none).
+  void begin_step() {
+    batch = batches->batch_at(consumed);
+    const int64_t N = comm.size();
+    accumulation = batch / (N * c.micro_batch);
+    StepBatch b;
+    b.samples = batch;
+    if (N > 1) {
+      b.small_samples = static_cast<double>(batch / N);
+    } else if (accumulation > 1) {
+      b.small_samples = static_cast<double>(c.micro_batch);
+      b.small_grad_factor = static_cast<double>(accumulation);
+    }
+    s.engine->set_batch(b);
+  }
   /// Writes one JSON line to metrics.jsonl (rank 0).
   void log_metrics(const nlohmann::json& line) {
     if (!root) return;
@@ -422,7 +446,8 @@ void load_run(TrainingRun& run) {
   Session& s = run.s;
   RunConfig& c = run.c;
   agree_on_setup(run.comm, [&] {
-    run.accumulation = c.accumulation_steps(run.comm.size());
+    run.batches = c.batch_schedule();
+    run.batches->check_divisible(c.micro_batch, run.comm.size());
     MPT_INPUT_CHECK(run.inject.spec.step == 0 || run.inject.spec.rank < run.comm.size(),
                     "--inject-overflow '{}': rank {} does not exist in a run of {} rank(s)",
                     c.inject_overflow, run.inject.spec.rank, run.comm.size());
@@ -448,7 +473,16 @@ void load_run(TrainingRun& run) {
       about_files([&] {
         const SafetensorsFile ckpt = read_checkpoint(run.resumed_from);
         check_checkpoint_fits(ckpt, s);
+        // A checkpoint written before the schedule counted samples: its position is steps x this batch.
+        s.engine->set_batch({run.batches->global_batch(), 0.0, 1.0});
         run.start_step = restore_checkpoint(*s.engine, ckpt);
+        run.start_samples = run.batches->samples_before(run.start_step);
+        const auto stored = ckpt.metadata.find("samples");
+        MPT_INPUT_CHECK(stored == ckpt.metadata.end() || stored->second == std::to_string(run.start_samples),
+                        "checkpoint {}: {} samples read by step {}, but --global-batch and --batch-rampup "
+                        "give {}; resume with the batch flags it was trained with",
+                        run.resumed_from, stored == ckpt.metadata.end() ? "?" : stored->second,
+                        run.start_step, run.start_samples);
       });
       MPT_INPUT_CHECK(run.start_step <= c.steps, "--steps {}: checkpoint {} is already at step {}", c.steps,
                       run.resumed_from, run.start_step);
@@ -560,6 +594,14 @@ void open_run_files(TrainingRun& run) {
   for (const auto& line : kept) run.metrics << line << "\n";
 }
 
+/// The first step (0-based) that runs at the full global batch.
+int64_t first_full_batch_step(const BatchSchedule& b) {
+  int64_t step = 0;
+  for (int64_t consumed = 0; b.batch_at(consumed) < b.global_batch(); ++step)
+    consumed += b.batch_at(consumed);
+  return step;
+}
+
 /// Rank 0: the run's header: ranks and backend, config, data, model, the memory accounting, batch and MFU
 /// definitions, the resume point.
 void print_run_header(const TrainingRun& run) {
@@ -591,10 +633,19 @@ void print_run_header(const TrainingRun& run) {
       static_cast<double>(m.state_bytes()) - expected);
   std::printf(
       "batch: global %lld sequences x %lld tokens = %lld tokens/step; micro-batch %lld per rank, %lld "
-      "accumulation step(s); %lld steps\n",
+      "accumulation step(s); %lld steps; %s sampling\n",
       static_cast<long long>(G), static_cast<long long>(T), static_cast<long long>(G * T),
-      static_cast<long long>(c.micro_batch), static_cast<long long>(run.accumulation),
-      static_cast<long long>(c.steps));
+      static_cast<long long>(c.micro_batch), static_cast<long long>(G / (N * c.micro_batch)),
+      static_cast<long long>(c.steps), c.sampling.c_str());
+  if (run.batches->ramp().enabled())
+    std::printf("batch ramp-up: from %lld by %lld over %lld samples (global batch %lld from step %lld)\n",
+                static_cast<long long>(run.batches->ramp().start),
+                static_cast<long long>(run.batches->ramp().increment),
+                static_cast<long long>(run.batches->ramp().samples), static_cast<long long>(G),
+                static_cast<long long>(first_full_batch_step(*run.batches) + 1));
+  std::printf("optimizer: %s; LR schedule in samples: warm-up %lld, cosine to %lld (the last sample)\n",
+              c.optimizer.c_str(), static_cast<long long>(s.engine->config().schedule.warmup_samples),
+              static_cast<long long>(s.engine->config().schedule.decay_samples));
   std::printf(
       "MFU = tokens/s x %.4g FLOP/token (6N + 12 L C T, PaLM appendix B) / (%lld ranks x %.3g FLOP/s %s)\n",
       run.flops_per_token, static_cast<long long>(N), run.peak,
@@ -618,9 +669,12 @@ void print_run_header(const TrainingRun& run) {
 void micro_batch(TrainingRun& run, int64_t step, int64_t k) {
   Session& s = run.s;
   const RunConfig& c = run.c;
-  const int64_t G = c.global_batch, T = c.seq_len, mb = c.micro_batch;
+  const int64_t G = run.batch, T = c.seq_len, mb = c.micro_batch;
   const int64_t first = run.comm.rank() * (G / run.comm.size()) + k * mb;
-  s.data->train_batch(c.seed, step, G, first, mb, T, s.tokens.data(), s.targets.data());
+  if (c.sampling == "epoch")
+    s.data->epoch_batch(c.seed, run.consumed + first, mb, T, s.tokens.data(), s.targets.data());
+  else
+    s.data->train_batch(c.seed, step, G, first, mb, T, s.tokens.data(), s.targets.data());
   const float factor = 1.0f / static_cast<float>(run.accumulation);
   s.model->forward_accumulate(s.engine->params(), s.tokens.data(), s.targets.data(), mb, T, factor,
                               s.engine->loss_scale_device());
@@ -632,12 +686,15 @@ void micro_batch(TrainingRun& run, int64_t step, int64_t k) {
     s.model->backward(s.engine->params(), s.engine->grads());
   if (last) run.inject.after_backward(s, step);
   s.engine->accumulate_micro_batch();
+  // One rank: the first of several micro-batches is the noise scale's small batch (begin_step).
+  if (k == 0 && !last && run.comm.size() == 1) s.engine->sample_micro_batch();
 }
 
 /// One optimizer step: DESIGN.md's seven phases in order. Returns the step's agreed result (one read of the
 /// step state at the step boundary; NumericsError, the same on every rank, when the scale is stuck).
 StepResult train_step(TrainingRun& run, int64_t step) {
   MixedPrecisionEngine& engine = *run.s.engine;
+  run.begin_step();                               // this step's batch (ramp-up) and noise-scale batches
   engine.zero_grads();                            // 1. grads = 0
   for (int64_t k = 0; k < run.accumulation; ++k)  // 2. forward + backward of every micro-batch; the last
     micro_batch(run, step, k);                    //    one starts 3 bucket by bucket as backward fills them
@@ -682,13 +739,19 @@ void log_step(TrainingRun& run, int64_t step, const StepResult& r) {
   const double eta = run.train_seconds / static_cast<double>(step + 1 - run.start_step) *
                      static_cast<double>(c.steps - step - 1);
   const int64_t skipped = run.s.engine->scaler().state().skipped_steps;
+  const std::string noise = std::isfinite(r.noise_scale) ? fmt::format("{:.3g}", r.noise_scale) : "n/a";
+  const std::string epoch =
+      c.sampling == "epoch"
+          ? fmt::format(" | epoch {}", (run.consumed - 1) / run.s.data->train_windows(c.seq_len))
+          : std::string();
   if (run.root)
     std::printf(
-        "step %6lld/%lld | loss %.4f | scale %g | skipped %lld | grad norm %.3f | lr %.3e | %.0f tok/s | "
-        "MFU %.1f%% | elapsed %s | ETA %s\n",
-        static_cast<long long>(step + 1), static_cast<long long>(c.steps), mean, r.loss_scale,
-        static_cast<long long>(skipped), r.grad_norm, r.lr, tokens_per_second, 100.0 * mfu,
-        format_duration(elapsed).c_str(), format_duration(eta).c_str());
+        "step %6lld/%lld | loss %.4f | batch %lld | scale %g | skipped %lld | grad norm %.3f | lr %.3e | "
+        "noise scale %s%s | %.0f tok/s | MFU %.1f%% | elapsed %s | ETA %s\n",
+        static_cast<long long>(step + 1), static_cast<long long>(c.steps), mean,
+        static_cast<long long>(run.batch), r.loss_scale, static_cast<long long>(skipped), r.grad_norm, r.lr,
+        noise.c_str(), epoch.c_str(), tokens_per_second, 100.0 * mfu, format_duration(elapsed).c_str(),
+        format_duration(eta).c_str());
   nlohmann::json line = {{"step", step + 1},
                          {"train_loss", mean},
                          {"loss_scale", r.loss_scale},
@@ -698,7 +761,14 @@ void log_step(TrainingRun& run, int64_t step, const StepResult& r) {
                          {"tokens_per_second", tokens_per_second},
                          {"mfu", mfu},
                          {"elapsed_seconds", elapsed}};
-  line["grad_norm"] = std::isfinite(r.grad_norm) ? nlohmann::json(r.grad_norm) : nlohmann::json(nullptr);
+  const auto number = [](double x) { return std::isfinite(x) ? nlohmann::json(x) : nlohmann::json(nullptr); };
+  line["grad_norm"] = number(r.grad_norm);
+  line["global_batch"] = run.batch;
+  line["samples"] = run.consumed;  // read so far, this step's included
+  line["noise_scale"] = number(r.noise_scale);
+  line["grad_sq_estimate"] = number(r.grad_sq_estimate);
+  line["trace_estimate"] = number(r.trace_estimate);
+  if (c.sampling == "epoch") line["epoch"] = (run.consumed - 1) / run.s.data->train_windows(c.seq_len);
   run.log_metrics(line);
   std::fflush(stdout);
   run.window_seconds = 0;
@@ -724,8 +794,10 @@ void log_evaluation(TrainingRun& run, int64_t step) {
 /// stop request agreed by all ranks before the last step.
 bool checkpoint(TrainingRun& run, int64_t step, const StepResult& r) {
   const RunConfig& c = run.c;
+  std::map<std::string, std::string> metadata = checkpoint_metadata(run.s);
+  metadata["samples"] = std::to_string(run.consumed);  // the data position after this step
   const std::string path = save_checkpoint(*run.s.engine, c.checkpoint_dir, step + 1,
-                                           static_cast<int>(c.keep_checkpoints), checkpoint_metadata(run.s));
+                                           static_cast<int>(c.keep_checkpoints), metadata);
   if (run.root)
     std::printf("step %6lld/%lld | checkpoint %s\n", static_cast<long long>(step + 1),
                 static_cast<long long>(c.steps), path.c_str());
@@ -747,7 +819,8 @@ void print_run_summary(TrainingRun& run) {
   const int64_t steps = c.steps - run.start_step;
   std::printf("training: %.1f s for %lld steps (%.0f tokens/s)\n", run.train_seconds,
               static_cast<long long>(steps),
-              static_cast<double>(steps * c.global_batch * c.seq_len) / std::max(run.train_seconds, 1e-9));
+              static_cast<double>((run.consumed - run.start_samples) * c.seq_len) /
+                  std::max(run.train_seconds, 1e-9));
   if (c.sample_tokens > 0) {
     std::mt19937_64 rng(c.seed);
     const auto text = run.s.generate({}, c.sample_tokens, 1.0f, rng);
@@ -761,6 +834,7 @@ void print_run_summary(TrainingRun& run) {
 int run_train(const RunConfig& config, Communicator& comm) {
   TrainingRun run(config, comm);
   set_up_training(run);
+  run.consumed = run.start_samples;
   open_run_files(run);
   print_run_header(run);
   if (run.c.steps == 0 && run.start_step == 0) {
@@ -775,10 +849,11 @@ int run_train(const RunConfig& config, Communicator& comm) {
     if (run.logs_at(step)) run.s.model->take_loss_sum();  // the logged loss is this step's alone
     // The stop request rides in the step's found_inf all-reduce: every rank stops after the same step.
     const StepResult r = train_step(run, step);
+    run.consumed += run.batch;  // the data position moves on skipped steps too
     const double step_seconds = seconds_since(t0);
     run.train_seconds += step_seconds;
     run.window_seconds += step_seconds;
-    run.window_tokens += run.c.global_batch * run.c.seq_len;
+    run.window_tokens += run.batch * run.c.seq_len;
     report_step(run, step, r);
     if (run.logs_at(step)) log_step(run, step, r);
     if (run.evaluates_at(step)) log_evaluation(run, step);

@@ -1,5 +1,6 @@
-// CUDA mixed-precision kernels (kernels/cuda/amp.cu, adamw.cu) against the CPU backend on the same inputs,
-// with odd sizes. Every test skips with "no CUDA device" where there is none (CI, the build machines).
+// CUDA mixed-precision kernels (kernels/cuda/amp.cu, adamw.cu, lamb.cu, noise.cu) against the CPU backend on
+// the same inputs, with odd sizes. Every test skips with "no CUDA device" where there is none (CI, the build
+// machines).
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -10,6 +11,7 @@
 
 #include "common/amp_state.hpp"
 #include "cuda_test_support.hpp"
+#include "mptrain/backend.hpp"
 #include "mptrain/cuda_check.hpp"
 #include "mptrain/cuda_ops.hpp"
 
@@ -188,8 +190,8 @@ TEST(CudaAmpState, PrepareMatchesCpu) {
   for (size_t i = 0; i < count; ++i) order[i] = (i * 7919) % gathered.size();
   common::OptimizerRule rule;
   rule.peak_lr = 3e-3f;
-  rule.warmup_steps = 5;
-  rule.decay_steps = 40;
+  rule.warmup_samples = 5;
+  rule.decay_samples = 40;
   rule.min_lr = 1e-4f;
   rule.weight_decay = 0.1f;
   rule.grad_clip = 1.0f;
@@ -200,6 +202,7 @@ TEST(CudaAmpState, PrepareMatchesCpu) {
       common::AmpState state;
       state.scaler.scale = 1024.0f;
       state.applied_steps = applied;
+      state.applied_samples = applied;
       state.flags[common::kFoundInf] = found;
       common::AmpState cpu_state = state;
       cpu->amp_prepare(&cpu_state, gathered.data(), cpu->register_table<size_t>(order), rule);
@@ -245,6 +248,124 @@ TEST(CudaAmpState, FlagAndLossSum) {
   cuda::sum_losses(acc.ptr, d_losses.ptr, static_cast<int64_t>(losses.size()), nullptr);
   MPT_CUDA_CHECK(cudaDeviceSynchronize());
   EXPECT_NEAR(acc.to_host()[0], expected, 1e-12 * expected);
+}
+
+// The noise scale's sum of squares (fixed pieces, two passes on the device) against the CPU's, on an odd
+// length at an odd offset.
+TYPED_TEST(CudaAmp, SumSquaresMatchesCpu) {
+  MPT_REQUIRE_GPU();
+  using T = TypeParam;
+  auto cpu = make_cpu_backend();
+  const size_t offset = 13, n = 100003;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<T> g(offset + n);
+  for (T& x : g) x = from_float<T>(normal(rng));
+  double expected = 0.0;
+  cpu->sum_squares(g.data(), dtype_of<T>(), offset, n, &expected);
+  DeviceArray<T> d_g(g);
+  DeviceArray<double> d_out(std::vector<double>{-1.0});
+  DeviceArray<double> d_partials(std::vector<double>(cuda::kSumSquaresBlocks, 0.0));
+  cuda::sum_squares(d_out.ptr, d_g.ptr + offset, n, d_partials.ptr, nullptr);
+  MPT_CUDA_CHECK(cudaDeviceSynchronize());
+  EXPECT_NEAR(d_out.to_host()[0], expected, 1e-12 * expected);
+}
+
+// The noise-scale preparation kernel against the CPU: the same averages within FP64 rounding of another
+// summation tree, and nothing on a skipped step.
+TEST(CudaAmpState, NoisePrepareMatchesCpu) {
+  MPT_REQUIRE_GPU();
+  auto cpu = make_cpu_backend();
+  std::vector<double> gathered = {3.0, 7.5, 1.25, 9.0, 2.0, 4.0, 0.5};
+  const std::vector<size_t> indices = {6, 1, 3, 0};
+  common::NoiseRule rule;
+  rule.small_samples = 4;
+  rule.big_samples = 16;
+  rule.small_batches = 4;
+  rule.small_grad_factor = 1;
+  rule.decay = 0.9;
+  DeviceArray<double> d_gathered(gathered);
+  DeviceArray<size_t> d_indices(indices);
+  for (float found : {0.0f, 1.0f}) {
+    common::AmpState state;
+    state.used_scale = 2.0f;
+    state.grad_sq = 0.5;
+    state.noise = {0.25, 1.5, 0.19};
+    state.flags[common::kFoundInf] = found;
+    common::AmpState cpu_state = state;
+    cpu->noise_prepare(&cpu_state, gathered.data(), cpu->register_table<size_t>(indices), rule);
+    const common::AmpState gpu_state = on_device(state, [&](common::AmpState* d) {
+      cuda::noise_prepare(d, d_gathered.ptr, d_indices.ptr, indices.size(), rule, nullptr);
+    });
+    if (found != 0.0f) {
+      EXPECT_EQ(gpu_state.noise, state.noise);
+      continue;
+    }
+    EXPECT_NE(cpu_state.noise, state.noise);
+    EXPECT_NEAR(gpu_state.noise.grad_sq_ema, cpu_state.noise.grad_sq_ema, 1e-12);
+    EXPECT_NEAR(gpu_state.noise.trace_ema, cpu_state.noise.trace_ema,
+                1e-12 * std::abs(cpu_state.noise.trace_ema));
+    EXPECT_EQ(gpu_state.noise.weight, cpu_state.noise.weight);
+  }
+}
+
+// LAMB's three kernels against the CPU backend's ops on random state: the segment sums (FP64, another tree),
+// the moments, the trust ratios and the updated weights, with segments of every kind (decay and not, a
+// segment shorter than a block, a tensor over several segments).
+TYPED_TEST(CudaAmp, LambMatchesCpu) {
+  MPT_REQUIRE_GPU();
+  using T = TypeParam;
+  auto cpu = make_cpu_backend();
+  // Two tensors over a 300-element shard: tensor 0 in three segments (100, 100, 37), tensor 1 (no decay) in
+  // one of 50; the gradients sit at other flat offsets.
+  const std::vector<LambSegment> segments = {
+      {0, 1000, 100, 0, 1}, {100, 1100, 100, 0, 1}, {200, 1200, 37, 0, 1}, {237, 2000, 50, 1, 0}};
+  const std::vector<size_t> order = {0, 1, 2, 3}, tensor_begin = {0, 3, 4};
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> master(300), m(300), v(300);
+  for (size_t i = 0; i < 300; ++i) {
+    master[i] = normal(rng);
+    m[i] = 0.1f * normal(rng);
+    v[i] = 0.01f * std::abs(normal(rng));
+  }
+  std::vector<T> g(2100);
+  for (T& x : g) x = from_float<T>(1024.0f * normal(rng));
+  common::AmpState state;
+  state.step = common::make_adamw_step(1e-2f, 0.9f, 0.999f, 1e-6f, 0.01f, 3, 1.0f / 1024.0f);
+  // CPU.
+  std::vector<float> cm = m, cv = v, cmaster = master, ctrust(2);
+  std::vector<double> csums(8);
+  const auto seg_table = cpu->register_table<LambSegment>(segments);
+  cpu->lamb_moments(cmaster.data(), cm.data(), cv.data(), g.data(), dtype_of<T>(), seg_table, csums.data(),
+                    &state);
+  cpu->lamb_trust(ctrust.data(), csums.data(), cpu->register_table<size_t>(order),
+                  cpu->register_table<size_t>(tensor_begin), &state);
+  cpu->lamb_apply(cmaster.data(), cm.data(), cv.data(), seg_table, ctrust.data(), &state);
+  // CUDA.
+  DeviceArray<float> d_master(master), d_m(m), d_v(v), d_trust(std::vector<float>(2, 0.0f));
+  DeviceArray<T> d_g(g);
+  DeviceArray<LambSegment> d_segments(segments);
+  DeviceArray<size_t> d_order(order), d_begin(tensor_begin);
+  DeviceArray<double> d_sums(std::vector<double>(8, -1.0));
+  DeviceArray<common::AmpState> d_state(std::vector<common::AmpState>{state});
+  cuda::lamb_moments(d_master.ptr, d_m.ptr, d_v.ptr, d_g.ptr, d_segments.ptr, segments.size(), d_sums.ptr,
+                     d_state.ptr, nullptr);
+  cuda::lamb_trust(d_trust.ptr, d_sums.ptr, d_order.ptr, d_begin.ptr, 2, d_state.ptr, nullptr);
+  cuda::lamb_apply(d_master.ptr, d_m.ptr, d_v.ptr, d_segments.ptr, segments.size(), d_trust.ptr, d_state.ptr,
+                   nullptr);
+  MPT_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto sums = d_sums.to_host();
+  for (size_t k = 0; k < sums.size(); ++k) EXPECT_NEAR(sums[k], csums[k], 1e-6 * csums[k]) << "sum " << k;
+  const auto trust = d_trust.to_host();
+  for (size_t t = 0; t < 2; ++t) EXPECT_NEAR(trust[t], ctrust[t], 1e-5f * ctrust[t]) << "tensor " << t;
+  const auto gm = d_m.to_host(), gv = d_v.to_host(), gmaster = d_master.to_host();
+  for (size_t i = 0; i < 287; ++i) {
+    ASSERT_NEAR(gm[i], cm[i], 1e-6f * std::abs(cm[i]) + 1e-12f) << "m " << i;
+    ASSERT_NEAR(gv[i], cv[i], 1e-6f * std::abs(cv[i]) + 1e-12f) << "v " << i;
+    ASSERT_NEAR(gmaster[i], cmaster[i], 1e-5f * std::abs(cmaster[i] - master[i]) + 3e-7f) << "master " << i;
+  }
+  for (size_t i = 287; i < 300; ++i) EXPECT_EQ(gmaster[i], master[i]) << "outside every segment";
 }
 
 }  // namespace

@@ -119,9 +119,9 @@ bool have_device() {
 
 class CudaStep : public testing::TestWithParam<DType> {};
 
-TEST_P(CudaStep, MatchesCpuStepByStep) {
-  if (!have_device()) GTEST_SKIP() << "no CUDA device";
-  const DType dtype = GetParam();
+/// Four steps of `optimizer` on CUDA + NCCL and on CPU + MPI from the same weights and batches: losses, the
+/// scaler, the norm and the master weights agree within a dtype-aware tolerance.
+void compare_with_cpu(DType dtype, OptimizerKind optimizer) {
   const GPTConfig config{
       .vocab_size = 61, .max_seq_len = 32, .num_layers = 2, .num_heads = 4, .channels = 64};
   EngineConfig ec;
@@ -129,6 +129,7 @@ TEST_P(CudaStep, MatchesCpuStepByStep) {
   ec.bucket_bytes = 16 << 10;  // several buckets
   ec.grad_clip = 1.0f;
   ec.adamw.lr = 1e-3f;
+  ec.optimizer = optimizer;
   Trainer gpu(true, config, ec);
   Trainer cpu(false, config, ec);
   const int64_t B = 3, T = 32;
@@ -158,6 +159,18 @@ TEST_P(CudaStep, MatchesCpuStepByStep) {
     EXPECT_EQ(rg.loss_scale, rc.loss_scale);
     EXPECT_EQ(rg.applied_steps, rc.applied_steps);
   }
+}
+
+TEST_P(CudaStep, MatchesCpuStepByStep) {
+  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  compare_with_cpu(GetParam(), OptimizerKind::adamw);
+}
+
+// LAMB's device kernels (pass 1 with its segment sums, the per-tensor trust ratios, pass 2) against the
+// CPU's.
+TEST_P(CudaStep, LambMatchesCpuStepByStep) {
+  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  compare_with_cpu(GetParam(), OptimizerKind::lamb);
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaStep, testing::Values(DType::f32, DType::f16, DType::bf16),

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -512,6 +513,60 @@ TEST_F(Data, TokenOutsideTheHeaderVocabularyAndBadVocabularies) {
   write_shard("m_0.bin", {1, 2}, with_vocab(1000));
   const std::string other = write_shard("m_1.bin", {1, 2}, with_vocab(2000));
   expect_input_error([&] { Dataset::load(path("m_*.bin"), 0.1); }, {other, "2000 differs from", "m_0.bin"});
+}
+
+// The epoch order: 2 ranks over one epoch read disjoint windows that cover the train split (each rank its
+// part of every global batch, with a batch that changes size as under ramp-up); the order is a function of
+// the sample index alone (a fresh Dataset resumes it), the same for any number of ranks, and a new
+// permutation in the next epoch.
+TEST_F(Data, EpochSamplerCoversTheSplitOncePerEpoch) {
+  std::string content;
+  for (int i = 0; i < 1000; ++i) content += static_cast<char>('a' + (i * 7) % 26);
+  const Dataset d = Dataset::load(write_text("epoch.txt", content), 0.1);  // 900 train tokens
+  const int64_t T = 8;
+  const int64_t W = d.train_windows(T);
+  ASSERT_EQ(W, 100);
+  std::vector<int> seen(static_cast<size_t>(W), 0);
+  std::vector<int32_t> tokens(64 * T), targets(64 * T);
+  const int ranks = 2;
+  int64_t consumed = 0;
+  for (int64_t step = 0; consumed < W; ++step) {
+    const int64_t batch = std::min<int64_t>(step < 3 ? 8 : 16, W - consumed);  // a small ramp; the last batch
+    for (int r = 0; r < ranks; ++r) {
+      const int64_t per_rank = batch / ranks, first = consumed + r * per_rank;
+      d.epoch_batch(1337, first, per_rank, T, tokens.data(), targets.data());
+      for (int64_t i = 0; i < per_rank; ++i) {
+        const int64_t w = d.epoch_window(1337, first + i, T);
+        ++seen[static_cast<size_t>(w)];
+        // The tokens are that window's: T + 1 consecutive train tokens from w * (T + 1).
+        for (int64_t t = 0; t < T; ++t) {
+          ASSERT_EQ(tokens[static_cast<size_t>(i * T + t)], d.token(w * (T + 1) + t));
+          ASSERT_EQ(targets[static_cast<size_t>(i * T + t)], d.token(w * (T + 1) + t + 1));
+        }
+      }
+    }
+    consumed += batch;
+  }
+  for (int64_t w = 0; w < W; ++w) EXPECT_EQ(seen[static_cast<size_t>(w)], 1) << "window " << w;
+  // A fresh Dataset (a resumed run) gives the same window for the same sample index; epoch 1 is another
+  // permutation of the same windows.
+  const Dataset again = Dataset::load(write_text("epoch.txt", content), 0.1);
+  std::vector<int64_t> first_epoch, second_epoch;
+  for (int64_t i = 0; i < W; ++i) {
+    first_epoch.push_back(d.epoch_window(1337, i, T));
+    second_epoch.push_back(again.epoch_window(1337, W + i, T));
+  }
+  for (int64_t i = W - 1; i >= 0; --i)
+    EXPECT_EQ(again.epoch_window(1337, i, T), first_epoch[static_cast<size_t>(i)]);
+  EXPECT_NE(first_epoch, second_epoch);
+  std::vector<int64_t> sorted = second_epoch;
+  std::sort(sorted.begin(), sorted.end());
+  for (int64_t i = 0; i < W; ++i) EXPECT_EQ(sorted[static_cast<size_t>(i)], i);
+  EXPECT_NE(d.epoch_window(1, 0, T) * 1000 + d.epoch_window(1, 1, T), first_epoch[0] * 1000 + first_epoch[1])
+      << "the seed chooses the permutation";
+  // Too short for one window.
+  const Dataset tiny = Dataset::load(write_text("tiny.txt", "abcdefgh"), 0.0);
+  EXPECT_THROW(tiny.epoch_window(1, 0, T), InputError);
 }
 
 }  // namespace

@@ -472,9 +472,11 @@ TEST_F(EngineMpi, MemoryAccountingMatchesAllocations) {
   const MemoryReport m = e.memory();
   // Every allocation is counted: the ZeRO-1 state plus the scratch (block sums and the step state).
   EXPECT_EQ(m.state_bytes() + m.scratch_bytes, allocated);
-  EXPECT_EQ(m.scratch_bytes,
-            (e.layout().blocks_per_rank() * (1 + static_cast<size_t>(world.size()))) * sizeof(double) +
-                sizeof(common::AmpState));
+  // Per rank: one double per norm block and one per bucket (the noise scale's local squares), gathered.
+  EXPECT_EQ(m.scratch_bytes, ((e.layout().blocks_per_rank() + e.layout().buckets().size()) *
+                              (1 + static_cast<size_t>(world.size()))) *
+                                     sizeof(double) +
+                                 sizeof(common::AmpState));
   const double P = static_cast<double>(e.layout().num_parameters());
   const double padded = static_cast<double>(e.layout().padded_elements());
   const int N = world.size();

@@ -142,6 +142,55 @@ TEST(Layout, BlockSumOrderIndependentOfN) {
   EXPECT_NEAR(reference, plain, 1e-12 * plain);
 }
 
+// LAMB's norm segments: the same (tensor, offset in tensor, length) sequence for every N, each inside one
+// norm block and one tensor, covering every parameter once in flat order, and each lying in its owner's
+// shard exactly where shard_segments() puts those elements.
+TEST(Layout, NormSegmentsIndependentOfN) {
+  struct Piece {
+    size_t tensor, tensor_offset, num_elements;
+    bool operator==(const Piece&) const = default;
+  };
+  for (size_t block : {size_t{16}, size_t{7}, size_t{1}, size_t{1000}}) {
+    std::vector<Piece> reference;
+    for (int n : {1, 2, 3, 4, 5, 8}) {
+      const ParamLayout l(model(), options(600, block), n);
+      std::vector<Piece> pieces;
+      size_t covered = 0;
+      for (const NormSegment& s : l.norm_segments()) {
+        const TensorPlacement& t = l.tensors()[s.tensor];
+        ASSERT_GE(s.flat_offset, t.offset);
+        ASSERT_LE(s.flat_offset + s.num_elements, t.offset + t.spec.num_elements());
+        const Bucket& b = l.buckets()[t.bucket];
+        // Inside one block of the bucket.
+        ASSERT_EQ((s.flat_offset - b.offset) / block,
+                  (s.flat_offset + s.num_elements - 1 - b.offset) / block);
+        ASSERT_EQ(s.decay, t.spec.decay);
+        pieces.push_back({s.tensor, s.flat_offset - t.offset, s.num_elements});
+        covered += s.num_elements;
+        // The owner's shard holds these elements at shard_offset.
+        bool found = false;
+        for (const ShardSegment& q : l.shard_segments(s.owner))
+          if (q.tensor == s.tensor && q.flat_offset <= s.flat_offset &&
+              s.flat_offset + s.num_elements <= q.flat_offset + q.num_elements) {
+            EXPECT_EQ(q.shard_offset + (s.flat_offset - q.flat_offset), s.shard_offset);
+            found = true;
+          }
+        ASSERT_TRUE(found) << "block " << block << " N " << n;
+      }
+      EXPECT_EQ(covered, l.num_parameters());
+      // A tensor's segments are consecutive.
+      for (size_t k = 1; k < pieces.size(); ++k)
+        if (pieces[k].tensor == pieces[k - 1].tensor) {
+          EXPECT_EQ(pieces[k].tensor_offset, pieces[k - 1].tensor_offset + pieces[k - 1].num_elements);
+        }
+      if (n == 1)
+        reference = pieces;
+      else
+        EXPECT_TRUE(pieces == reference) << "block " << block << " N " << n;
+    }
+  }
+}
+
 TEST(Layout, RejectsBadInput) {
   EXPECT_THROW(ParamLayout({}, options(10, 4), 1), InputError);
   EXPECT_THROW(ParamLayout({{"a", {3}, true}, {"a", {2}, true}}, options(10, 4), 1), InputError);

@@ -64,6 +64,16 @@ struct AdamWSegment {
   bool decay = true;
 };
 
+/// A piece of a rank's shard that LAMB updates: one norm segment (NormSegment) of this rank, at most one norm
+/// block long, inside one tensor.
+struct LambSegment {
+  size_t shard_offset = 0;  ///< index into master/m/v
+  size_t flat_offset = 0;   ///< index into the flat gradient buffer
+  size_t num_elements = 0;
+  uint32_t tensor = 0;  ///< index of the tensor's trust ratio
+  uint32_t decay = 1;   ///< 0: no weight decay and trust 1 (biases, LayerNorm); 32-bit so no padding bytes
+};
+
 /// Move-only handle of a table registered with a Backend (Backend::register_table): a fixed array of `E`
 /// (ranges, segments, an order) that ops read on every call. It keeps the host copy; the backend keeps
 /// whatever copy its ops read (nothing more on the CPU, a device copy on CUDA), released when the handle is
@@ -237,11 +247,46 @@ class Backend {
   virtual void amp_prepare(common::AmpState* state, const double* gathered_block_sums,
                            const Table<size_t>& order, const common::OptimizerRule& rule) = 0;
 
+  /// The noise scale's small-batch squares (phase 3, before a bucket's reduction, or after a micro-batch):
+  /// *out (one double, backend memory) = the FP64 sum of squares of data[offset, offset + num_elements)
+  /// (dtype), in an order fixed by the element positions (deterministic). inf/NaN propagate into the sum.
+  virtual void sum_squares(const void* data, DType dtype, size_t offset, size_t num_elements,
+                           double* out) = 0;
+
+  /// Phase 6, after amp_prepare: the FP64 sum of gathered[indices[0]], gathered[indices[1]], ... in that
+  /// order (backend memory), then common::noise_prepare(*state, sum, rule): the step's noise-scale estimate
+  /// into the moving averages of state->noise. Nothing changes on a skipped step or without a small batch.
+  virtual void noise_prepare(common::AmpState* state, const double* gathered, const Table<size_t>& indices,
+                             const common::NoiseRule& rule) = 0;
+
   /// Phase 6: AdamW (kernels/common/adamw.hpp) with the constants state->step on FP32 `master`, `m`, `v`
   /// (indexed by shard offset), reading the stored gradient `grads[flat_offset + i] * step.grad_multiplier`
   /// for every segment element. Does nothing when state->flags[kFoundInf] is set (the skipped step).
   virtual void adamw(float* master, float* m, float* v, const void* grads, DType grad_dtype,
                      const Table<AdamWSegment>& segments, const common::AmpState* state) = 0;
+
+  /// Phase 6, LAMB pass 1 (kernels/common/lamb.hpp): for every segment, the moments m and v from the stored
+  /// gradient `grads[flat_offset + i] * step.grad_multiplier`, then the FP64 sums of w^2 (the master weight
+  /// before the update) and of r^2 (the update direction) over the segment's elements, written to
+  /// segment_sums[2k] and segment_sums[2k + 1] for segment k (backend memory). Each sum's order is fixed by
+  /// the element positions within the segment (the same on every run, thread count and number of ranks).
+  /// The master weights are not changed. Does nothing when state->flags[kFoundInf] is set.
+  virtual void lamb_moments(float* master, float* m, float* v, const void* grads, DType grad_dtype,
+                            const Table<LambSegment>& segments, double* segment_sums,
+                            const common::AmpState* state) = 0;
+
+  /// Phase 6, LAMB trust ratios: for each tensor t, sums gathered_sums[2 order[j]] (w^2) and
+  /// gathered_sums[2 order[j] + 1] (r^2) for j in [tensor_begin[t], tensor_begin[t + 1]) in that order, in
+  /// FP64 one by one, and writes trust[t] = common::lamb_trust(w^2, r^2, true) (backend memory, FP32,
+  /// tensor_begin.size() - 1 entries). Does nothing when state->flags[kFoundInf] is set.
+  virtual void lamb_trust(float* trust, const double* gathered_sums, const Table<size_t>& order,
+                          const Table<size_t>& tensor_begin, const common::AmpState* state) = 0;
+
+  /// Phase 6, LAMB pass 2: recomputes every segment element's direction r from master, m and v exactly as
+  /// lamb_moments did and applies master -= lr * trust * r, with trust = trust[segment.tensor] for decay
+  /// segments and 1 otherwise. Does nothing when state->flags[kFoundInf] is set.
+  virtual void lamb_apply(float* master, const float* m, const float* v, const Table<LambSegment>& segments,
+                          const float* trust, const common::AmpState* state) = 0;
 
   /// Phase 7: params[ranges[k].offset + i] = round(master[shard position]) to `param_dtype`, with the shard
   /// position running through the ranges consecutively from 0 (round to nearest even). Does nothing when

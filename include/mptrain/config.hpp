@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "mptrain/batch_schedule.hpp"
 #include "mptrain/engine.hpp"
 #include "mptrain/model.hpp"
 
@@ -22,15 +23,23 @@ struct RunConfig {
   int64_t seq_len = 128;  ///< T, tokens per sequence (also the model's maximum)
 
   // Batch.
-  int64_t global_batch = 32;  ///< sequences per optimizer step, over all ranks
-  int64_t micro_batch = 16;   ///< sequences per rank per forward
+  int64_t global_batch = 32;       ///< sequences per optimizer step, over all ranks
+  int64_t micro_batch = 16;        ///< sequences per rank per forward
+  std::string batch_rampup;        ///< "START,INCREMENT,SAMPLES" (Megatron's --rampup-batch-size); "" = none
+  std::string sampling = "epoch";  ///< "epoch" (permuted windows) or "random" (hashed window starts)
 
   // Optimisation.
   int64_t steps = 800;
   float lr = 3e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
   int64_t warmup_steps = 100;
-  float min_lr_ratio = 0.1f;  ///< cosine decays to lr * min_lr_ratio at the last step
+  int64_t warmup_samples = 0;  ///< > 0: the warm-up in samples (else the samples of --warmup-steps steps)
+  float min_lr_ratio = 0.1f;   ///< cosine decays to lr * min_lr_ratio at the last step
   float grad_clip = 1.0f;
+  std::string optimizer = "adamw";  ///< "adamw" or "lamb" (same lr, betas, schedule and clipping)
+  /// LAMB's epsilon and weight decay, which default differently from AdamW's (the TF reference's 1e-6 and
+  /// You et al.'s 0.01); --eps and --weight-decay stay AdamW's.
+  float lamb_eps = 1e-6f, lamb_weight_decay = 0.01f;
+  double noise_scale_ema = 0.95;  ///< EMA factor of the gradient noise scale's estimators
 
   // Mixed precision.
   std::string precision = "fp16";
@@ -87,7 +96,10 @@ struct RunConfig {
   std::string format = "hf";          ///< only "hf" (transformers' GPT-2)
   std::string export_dtype = "fp32";  ///< fp32, fp16 or bf16 storage of the exported weights
 
-  /// The engine settings these flags describe.
+  /// The batch schedule of --global-batch and --batch-rampup; throws mpt::InputError naming the flag.
+  BatchSchedule batch_schedule() const;
+  /// The engine settings these flags describe (the LR schedule in samples: warm-up from --warmup-samples or
+  /// --warmup-steps, decay to the samples of --steps).
   EngineConfig engine_config() const;
   /// The model shape for a vocabulary of `vocab_size`.
   GPTConfig model_config(int64_t vocab_size) const;

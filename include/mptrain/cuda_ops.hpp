@@ -1,7 +1,8 @@
-// Launchers of the CUDA mixed-precision kernels (kernels/cuda/amp.cu, kernels/cuda/adamw.cu), the device
-// twins of the CPU ops in kernels/cpu/. All pointers are device memory unless stated; every launcher enqueues
-// on `stream` and returns without synchronising. Instantiated for float, half and bf16 storage (mpt::half and
-// mpt::bf16 have the same layout as CUDA's __half and __nv_bfloat16). Only built with MPTRAIN_WITH_CUDA.
+// Launchers of the CUDA mixed-precision kernels (kernels/cuda/amp.cu, adamw.cu, lamb.cu, noise.cu), the
+// device twins of the CPU ops in kernels/cpu/. All pointers are device memory unless stated; every launcher
+// enqueues on `stream` and returns without synchronising. Instantiated for float, half and bf16 storage
+// (mpt::half and mpt::bf16 have the same layout as CUDA's __half and __nv_bfloat16). Only built with
+// MPTRAIN_WITH_CUDA.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -59,5 +60,42 @@ void sum_losses(double* acc, const float* losses, int64_t n, cudaStream_t stream
 template <typename T>
 void cast_master(T* params, const float* master, const AdamWSegment* segments, size_t num_segments,
                  size_t max_segment_elements, const float* found_inf, cudaStream_t stream);
+
+// ---- noise.cu: the gradient noise scale ----
+
+/// Pieces of the first pass of sum_squares: `partials` holds this many doubles.
+inline constexpr int kSumSquaresBlocks = 128;
+
+/// *out = FP64 sum of squares of data[0, num_elements) (Backend::sum_squares): kSumSquaresBlocks contiguous
+/// pieces reduced by CUB into `partials` (device scratch of kSumSquaresBlocks doubles, clobbered), then one
+/// block over the partials. Deterministic for a given length.
+template <typename T>
+void sum_squares(double* out, const T* data, size_t num_elements, double* partials, cudaStream_t stream);
+
+/// Backend::noise_prepare, one thread block: the sum of gathered[indices[i]] for i < count in a fixed-shape
+/// tree, then common::noise_prepare(*state, sum, rule).
+void noise_prepare(common::AmpState* state, const double* gathered, const size_t* indices, size_t count,
+                   const common::NoiseRule& rule, cudaStream_t stream);
+
+// ---- lamb.cu: LAMB (kernels/common/lamb.hpp) with the constants state->step; every launcher's kernel does
+// nothing when state->flags[kFoundInf] is set. `segments`, `order` and `tensor_begin` are device arrays. ----
+
+/// Pass 1 (Backend::lamb_moments): one thread block per segment (each at most one norm block long) updates m
+/// and v and writes segment_sums[2k] = FP64 sum of w^2, segment_sums[2k + 1] = FP64 sum of r^2 for segment k
+/// (CUB fixed-shape tree sums: deterministic and independent of N, but not the CPU's rounding).
+template <typename T>
+void lamb_moments(const float* master, float* m, float* v, const T* grads, const LambSegment* segments,
+                  size_t num_segments, double* segment_sums, const common::AmpState* state,
+                  cudaStream_t stream);
+
+/// Trust ratios (Backend::lamb_trust): one thread block per tensor sums that tensor's gathered segment sums
+/// order[tensor_begin[t] ..] in a fixed-shape tree and writes trust[t] (num_tensors entries; tensor_begin
+/// has num_tensors + 1).
+void lamb_trust(float* trust, const double* gathered_sums, const size_t* order, const size_t* tensor_begin,
+                size_t num_tensors, const common::AmpState* state, cudaStream_t stream);
+
+/// Pass 2 (Backend::lamb_apply): master -= lr * trust * r for every segment element.
+void lamb_apply(float* master, const float* m, const float* v, const LambSegment* segments,
+                size_t num_segments, const float* trust, const common::AmpState* state, cudaStream_t stream);
 
 }  // namespace mpt::cuda

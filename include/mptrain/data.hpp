@@ -4,10 +4,14 @@
 // (launch/prepare_data.py writes it); llm.c leaves it 0, which means GPT-2's 50257. Tokens are held once,
 // compactly (uint8 for text, uint16 for shards); batches are materialised as int32 on demand.
 //
-// Sampling: sequence j of optimizer step s starts at an offset drawn from a SplitMix64 hash of (seed, s, j),
-// reduced to the valid range without modulo bias. It never depends on the number of ranks, so rank r of N
-// reading sequences [r*G/N, (r+1)*G/N) of the global batch reads a disjoint part of the same global batch,
-// and resuming at step s needs no data-position state beyond s.
+// Sampling, two orders, neither depending on the number of ranks, so rank r of N reading sequences
+// [r*G/N, (r+1)*G/N) of the global batch reads a disjoint part of the same global batch:
+// - random: sequence j of optimizer step s starts at an offset drawn from a SplitMix64 hash of (seed, s, j),
+//   reduced to the valid range without modulo bias; resuming at step s needs no state beyond s.
+// - epoch: the train split is cut into non-overlapping windows of T+1 tokens; the global sample with index i
+//   (samples counted from the start of training) is window perm_e(i mod W) of epoch e = i / W, with W the
+//   number of windows and perm_e a Fisher-Yates permutation seeded by (seed, e), so every window is read
+//   once per epoch and resuming needs only the sample count.
 #pragma once
 
 #include <cstdint>
@@ -75,6 +79,17 @@ class Dataset {
   void val_batch(int64_t k, int64_t global_batch, int64_t first, int64_t count, int64_t T, int32_t* tokens,
                  int32_t* targets) const;
 
+  /// The epoch order: sequences [first, first+count) of the global samples indexed from `first_sample`
+  /// (global sample i = window epoch_window(seed, i, T)), written as in train_batch. Throws mpt::Error for
+  /// bad arguments, InputError when the train split is shorter than one window.
+  void epoch_batch(uint64_t seed, int64_t first_sample, int64_t count, int64_t T, int32_t* tokens,
+                   int32_t* targets) const;
+  /// Number of whole, non-overlapping train windows of T+1 tokens (train_tokens / (T+1)): one epoch.
+  int64_t train_windows(int64_t T) const;
+  /// The window (its index; it starts at token index x (T+1)) of global sample `sample` in the epoch order.
+  /// Permutations are built once per epoch and cached (the last one used).
+  int64_t epoch_window(uint64_t seed, int64_t sample, int64_t T) const;
+
   /// Number of whole validation windows of T+1 tokens (val_tokens / (T+1)).
   int64_t val_windows(int64_t T) const;
 
@@ -105,6 +120,10 @@ class Dataset {
   int64_t split_ = 0;            // first validation token index
   uint64_t hash_ = 0;
   int64_t shard_vocab_ = kShardVocabSize;
+  // epoch_window's cache: the permutation of epoch `perm_epoch_` for windows of perm_T_ + 1 tokens.
+  mutable std::vector<int64_t> perm_;
+  mutable int64_t perm_epoch_ = -1, perm_T_ = -1;
+  mutable uint64_t perm_seed_ = 0;
 };
 
 }  // namespace mpt

@@ -7,15 +7,18 @@
 // Phase 3 reduces each bucket (reduce-scatter by default, all-reduce as an option) as soon as the caller
 // reports it ready; phase 4 checks this rank's reduced shard for inf/NaN and sums squares per fixed block;
 // phase 5 agrees on found_inf with a MAX all-reduce, so every rank takes the same decision in phase 6 (skip
-// and back off, or clip and AdamW) and the loss-scale state machine stays replicated; phase 7 casts the shard
-// back and all-gathers the weights. The global grad norm sums FP64 block sums in a fixed order, so it is
-// bitwise the same for any number of ranks.
+// and back off, or clip and AdamW or LAMB) and the loss-scale state machine stays replicated; phase 7 casts
+// the shard back and all-gathers the weights. The global grad norm sums FP64 block sums in a fixed order, so
+// it is bitwise the same for any number of ranks; so are LAMB's per-tensor trust ratios, which sum FP64 norm
+// segments in a fixed order (docs/large_batch.md). With several ranks each bucket's local gradient is also
+// squared before its reduction, for the gradient noise scale.
 //
-// The step's decision state (loss scale and scaler counters, found_inf, Adam's t / LR-schedule position, the
-// last norm, clip factor and lr: common::AmpState) lives in backend memory, and every op of phases 4-7 reads
-// or writes it there, so step_async() enqueues a whole step without reading anything back (on CUDA: no host
-// synchronisation). result() reads it back once; the host copies behind scaler(), loss_scale() and
-// applied_steps() are refreshed only by result() (and so by step()) and by load_state().
+// The step's decision state (loss scale and scaler counters, found_inf, Adam's t, the LR-schedule position,
+// the last norm, clip factor and lr, the noise scale's averages: common::AmpState) lives in backend memory,
+// and every op of phases 4-7 reads or writes it there, so step_async() enqueues a whole step without reading
+// anything back (on CUDA: no host synchronisation). result() reads it back once; the host copies behind
+// scaler(), loss_scale() and applied_steps() are refreshed only by result() (and so by step()) and by
+// load_state().
 #pragma once
 
 #include <cstddef>
@@ -46,7 +49,10 @@ struct EngineConfig {
   GradSync grad_sync = GradSync::reduce_scatter;
   size_t bucket_bytes = size_t{25} << 20;  ///< gradient bucket size in bytes of `dtype` (25 MiB)
   size_t block_elements = 1024;            ///< grad-norm block and bucket padding alignment (elements)
-  AdamWConfig adamw;
+  /// Phase 6's update rule. LAMB keeps the same state as AdamW (FP32 m and v) and takes its hyper-parameters
+  /// from `adamw` too; its trust ratios use whole-tensor norms, so the step is bitwise the same for any N.
+  OptimizerKind optimizer = OptimizerKind::adamw;
+  AdamWConfig adamw;  ///< lr, betas, eps and weight decay of AdamW, or of LAMB
   LrSchedule schedule;
   float grad_clip = 0.0f;   ///< max global grad norm (after unscaling); 0 = no clipping
   LossScalerConfig scaler;  ///< ignored (scaler disabled) unless dtype is f16
@@ -54,9 +60,26 @@ struct EngineConfig {
   /// accumulate_micro_batch() adds them into an FP32 buffer that the reduction, the check and AdamW then
   /// read, so gradient accumulation and the all-reduce/reduce-scatter happen in FP32. Costs 4P more bytes.
   bool fp32_grad_accumulation = false;
+  /// Gradient noise scale (McCandlish et al. 2018, appendix A.1): with several ranks each bucket's local
+  /// gradient is squared (FP64) just before its reduction; estimates are taken on the steps that pass a
+  /// NoiseBatch to step_async().
+  bool noise_scale = true;
+  double noise_scale_ema = 0.95;  ///< EMA factor of the estimators, in [0, 1)
 
   /// Throws mpt::InputError naming the first bad field.
   void validate() const;
+};
+
+/// The batch of the optimizer steps that follow (MixedPrecisionEngine::set_batch): its size, and the small
+/// batches of the noise-scale estimate, B_big = samples and B_small = small_samples. The small batches are
+/// the ranks' local gradients (several ranks: small_samples = samples / N, small_grad_factor 1), or with one
+/// rank the first micro-batch's gradient (sample_micro_batch(): small_samples = the micro-batch,
+/// small_grad_factor = the accumulation steps K, since that gradient carries the factor 1/K).
+/// small_samples = 0: no estimate ("n/a": one rank without accumulation).
+struct StepBatch {
+  int64_t samples = 1;  ///< sequences in the global batch (B_big)
+  double small_samples = 0.0;
+  double small_grad_factor = 1.0;
 };
 
 /// What one optimizer step did. Identical on every rank.
@@ -66,13 +89,21 @@ struct StepResult {
   double grad_norm = 0.0;       ///< global L2 norm of the unscaled gradients (NaN when skipped)
   float clip_factor = 1.0f;     ///< multiplier applied to the gradients (1 without clipping)
   float lr = 0.0f;              ///< learning rate used (0 when skipped)
-  int64_t applied_steps = 0;    ///< Adam's t and the LR-schedule position after this step
+  int64_t applied_steps = 0;    ///< Adam's t after this step
+  int64_t applied_samples = 0;  ///< the LR-schedule position after this step (samples of applied steps)
   bool stop_requested = false;  ///< some rank passed stop_requested = true to step() (agreed by all ranks)
+  /// Gradient noise scale after this step: B_noise = EMA(S) / EMA(|G|^2), and the bias-corrected EMAs of
+  /// the |G|^2 and S = tr(Sigma) estimates (unscaled gradients). NaN while not available (no estimate yet,
+  /// or EMA(|G|^2) <= 0 for noise_scale).
+  double noise_scale = 0.0;
+  double grad_sq_estimate = 0.0;
+  double trace_estimate = 0.0;
   // Wall-clock seconds of the phases on this rank as seen by the host in step_async() (the CPU backend runs
   // synchronously, so these are the phases' times there; on CUDA they are enqueue times).
-  double check_seconds = 0;      ///< phases 4-5: inf/NaN check, block sums, found_inf agreement
-  double optimizer_seconds = 0;  ///< phase 6: block-sum gather, norm, clipping, AdamW, loss-scale update
-  double gather_seconds = 0;     ///< phase 7: cast and weight all-gather
+  double check_seconds = 0;  ///< phases 4-5: inf/NaN check, block sums, found_inf agreement
+  double optimizer_seconds =
+      0;                      ///< phase 6: block-sum gather, norm, clipping, AdamW or LAMB, loss-scale update
+  double gather_seconds = 0;  ///< phase 7: cast and weight all-gather
 };
 
 /// Bytes per rank of the engine's buffers, read from the buffers actually allocated.
@@ -84,7 +115,9 @@ struct MemoryReport {
   size_t master_bytes = 0;    ///< FP32 master shard
   size_t adam_m_bytes = 0;    ///< FP32 Adam m shard
   size_t adam_v_bytes = 0;    ///< FP32 Adam v shard
-  size_t scratch_bytes = 0;   ///< grad-norm block sums (local and gathered) and the step state (AmpState)
+  /// Grad-norm block sums (local and gathered), the step state (AmpState), and with LAMB its segment sums
+  /// (local and gathered) and trust ratios.
+  size_t scratch_bytes = 0;
   /// params + grads + master + m + v (the ZeRO-1 state: 4P + 12P/N plus padding in fp16 mode).
   size_t state_bytes() const {
     return params_bytes + grads_bytes + master_bytes + adam_m_bytes + adam_v_bytes;
@@ -115,8 +148,10 @@ class MixedPrecisionEngine {
   /// The current loss scale in backend memory (one FP32, advanced by every step on the backend's stream):
   /// pass it to GPT::forward / Backend::crossentropy_forward_backward so that the scaling needs no host read.
   const float* loss_scale_device() const;
-  /// Optimizer steps applied so far (Adam's t; the LR-schedule position), host mirror as for scaler().
+  /// Optimizer steps applied so far (Adam's t), host mirror as for scaler().
   int64_t applied_steps() const { return applied_steps_; }
+  /// Samples of the applied steps (the LR-schedule position), host mirror as for scaler().
+  int64_t applied_samples() const { return applied_samples_; }
 
   /// Flat weights, padded_elements() of dtype, backend memory.
   void* params() const { return params_.data(); }
@@ -144,12 +179,17 @@ class MixedPrecisionEngine {
   std::vector<std::vector<float>> gather_tensors(ShardState which);
   /// Restores the optimizer state written by a checkpoint: this rank's shard of master, m and v from full
   /// unpadded tensors (registration order; sizes checked, mpt::InputError naming the tensor), the weights
-  /// re-cast from the master weights, Adam's t / LR-schedule position, and the loss scaler
-  /// (DynamicLossScaler::deserialize fields). No communication.
+  /// re-cast from the master weights, Adam's t, and from the map `scaler_fields` (a checkpoint's metadata)
+  /// the loss scaler (DynamicLossScaler::deserialize fields), the LR-schedule position "applied_samples"
+  /// (when absent: applied_steps x the batch of set_batch()) and the noise scale's averages (noise_metadata()
+  /// fields, zero when absent). No communication.
   void load_state(const std::vector<std::vector<float>>& master,
                   const std::vector<std::vector<float>>& adam_m,
                   const std::vector<std::vector<float>>& adam_v, int64_t applied_steps,
                   const std::map<std::string, std::string>& scaler_fields);
+
+  /// The noise scale's averages as checkpoint metadata (exact hexadecimal floats), read back by load_state().
+  std::map<std::string, std::string> noise_metadata() const;
 
   /// Phase 1: grads = 0 (padding included), the FP32 accumulation buffer too; resets grad_done()'s counts.
   void zero_grads();
@@ -168,6 +208,11 @@ class MixedPrecisionEngine {
   /// nothing: the reduced buffer is final only after accumulate_micro_batch(), so sync_grads() starts every
   /// bucket then (no overlap). Counts reset in zero_grads() and after each step.
   void grad_done(size_t tensor_index);
+  /// The noise scale's small batch with one rank: squares the gradients as they stand (call it after the
+  /// first micro-batch's backward and accumulate_micro_batch(), when they hold that micro-batch alone), for
+  /// the step's StepBatch. With several ranks the buckets' local gradients are used instead and this is
+  /// not needed.
+  void sample_micro_batch();
   /// Phase 3: starts the buckets not reported yet and waits for all. After it, this rank's slices of grads
   /// hold the average over ranks (reduce-scatter mode: other slices are unspecified; all-reduce: all valid).
   void sync_grads();
@@ -187,7 +232,8 @@ class MixedPrecisionEngine {
   /// Phase 7: this rank's slices of the weights cast from the master shard (skipped on found_inf) and the
   /// weight all-gather (issued on every step: on a skipped one it re-sends unchanged weights).
   void gather_params();
-  /// Phases 4-7: check_grads(stop_requested), agree(), update(), gather_params().
+  /// Phases 4-7: check_grads(stop_requested), agree(), update(), gather_params(), enqueued without any host
+  /// read of the step state.
   void step_async(bool stop_requested = false);
   /// Reads the step state back (a host synchronisation), refreshes the host mirrors (scaler(), loss_scale(),
   /// applied_steps()) and describes the last step_async(). Throws mpt::NumericsError, on every rank alike
@@ -197,6 +243,10 @@ class MixedPrecisionEngine {
   /// the read-back costs nothing). `stop_requested` (this rank wants to stop, e.g. after SIGUSR1) travels in
   /// the found_inf all-reduce; StepResult::stop_requested is its OR over ranks.
   StepResult step(bool stop_requested = false);
+  /// The batch of the following steps (default {1, 0, 1}: one sample, no noise-scale estimate).
+  void set_batch(const StepBatch& batch);
+  /// Host mirror of the noise scale's averages (for checkpoints), refreshed like scaler().
+  const common::NoiseScaleState& noise_state() const { return noise_; }
 
   /// Memory accounting from the allocated buffers.
   MemoryReport memory() const;
@@ -209,6 +259,10 @@ class MixedPrecisionEngine {
   common::AmpState* state() const { return state_.as<common::AmpState>(); }
   /// Resets grad_done()'s per-step counts.
   void reset_grad_done();
+  /// LAMB's tables and buffers: this rank's norm segments, the order of the gathered segment sums per tensor.
+  void setup_lamb();
+  /// Phase 6 with LAMB: pass 1, the segment-sum all-gather, the trust ratios, pass 2.
+  void lamb_step();
 
   EngineConfig config_;
   Communicator& comm_;
@@ -216,19 +270,33 @@ class MixedPrecisionEngine {
   ParamLayout layout_;
   DynamicLossScaler scaler_;
   int64_t applied_steps_ = 0;
+  int64_t applied_samples_ = 0;
+  common::NoiseScaleState noise_;
 
   Buffer params_, grads_, master_, adam_m_, adam_v_;
   Buffer micro_grads_;  // only with fp32_grad_accumulation: backward's target, dtype
   // The tables of the optimizer-side ops, registered with backend_ at construction.
   Table<ElementRange> my_slices_;    // this rank's slice of every bucket, in shard order
   Table<AdamWSegment> my_segments_;  // real-parameter parts of the shard
-  Table<size_t> norm_order_;         // ParamLayout::global_block_order()
+  Table<size_t> norm_order_;         // ParamLayout::global_block_order(), remapped to sums_stride_
   common::ScalerRule scaler_rule_;
   common::OptimizerRule optimizer_rule_;
-  Buffer state_;                // one common::AmpState, backend memory
-  Buffer block_sums_;           // this rank's block sums (blocks_per_rank doubles), backend memory
-  Buffer gathered_block_sums_;  // every rank's, rank-major, backend memory
-  StepResult timings_;          // host-side phase times of the last step_async()
+  Buffer state_;  // one common::AmpState, backend memory
+  // This rank's block sums (blocks_per_rank doubles) followed by its buckets' local squared norms (one
+  // double per bucket, the noise scale's small batch): sums_stride_ doubles, backend memory; all-gathered
+  // rank-major into gathered_block_sums_.
+  Buffer block_sums_;
+  Buffer gathered_block_sums_;
+  size_t sums_stride_ = 0;
+  Table<size_t> small_order_;  // every rank's bucket squares in the gathered sums, rank by rank
+  // LAMB: this rank's norm segments; per rank `lamb_capacity_` segments (the most any rank has) of two FP64
+  // sums (w^2, r^2) each, gathered rank-major; every tensor's segments' indices into them in global order.
+  Table<LambSegment> lamb_segments_;
+  size_t lamb_capacity_ = 0;
+  Table<size_t> lamb_order_, lamb_tensor_begin_;
+  Buffer lamb_sums_, gathered_lamb_sums_, trust_;
+  StepBatch batch_;                                    // set_batch()
+  StepResult timings_;                                 // host-side phase times of the last step_async()
   std::vector<std::unique_ptr<CommRequest>> pending_;  // per bucket; null when not started this step
   // grad_done(): buckets each tensor overlaps, tensors overlapping each bucket, this step's counts.
   std::vector<std::vector<size_t>> tensor_buckets_;

@@ -52,6 +52,18 @@ struct ShardSegment {
   bool decay = true;
 };
 
+/// The part of one norm block (block_elements elements of a bucket, counted from the bucket's start) that
+/// lies in one tensor: LAMB's per-tensor norm segments. Which elements a segment holds depends only on the
+/// tensors and the options, never on N; where it lies (owner rank, offsets) does.
+struct NormSegment {
+  size_t tensor = 0;        ///< index into tensors()
+  size_t flat_offset = 0;   ///< element index in the padded flat vector
+  size_t num_elements = 0;  ///< 1 .. block_elements
+  int owner = 0;            ///< the rank whose shard holds it (a block never straddles two ranks)
+  size_t shard_offset = 0;  ///< element index inside the owner's shard
+  bool decay = true;        ///< the tensor's TensorSpec::decay
+};
+
 /// Layout options; bucket boundaries depend on these and on the tensors, never on N.
 struct LayoutOptions {
   size_t bucket_elements = size_t{25}
@@ -84,6 +96,10 @@ class ParamLayout {
   std::vector<ShardSegment> shard_segments(int rank) const;
   /// Grad-norm blocks per rank: shard_elements() / block_elements.
   size_t blocks_per_rank() const { return shard_elements() / options_.block_elements; }
+  /// Every norm segment in the global order: bucket by bucket, block by block, and within a block tensor by
+  /// tensor in flat order. A tensor's segments are consecutive in it, and the sequence of segments (tensor,
+  /// element count) is the same for every N.
+  std::vector<NormSegment> norm_segments() const;
   /// Index of tensor `name`; throws mpt::Error when absent.
   size_t find(const std::string& name) const;
 

@@ -3,8 +3,20 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace mpt {
+
+/// The update rule of phase 6.
+enum class OptimizerKind : uint8_t {
+  adamw,  ///< torch.optim.AdamW
+  lamb,   ///< LAMB (You et al. 2019, Algorithm 2) with whole-tensor trust ratios (kernels/common/lamb.hpp)
+};
+
+/// "adamw" / "lamb".
+const char* optimizer_name(OptimizerKind kind);
+/// Parses "adamw" or "lamb"; throws mpt::InputError naming `flag` otherwise.
+OptimizerKind parse_optimizer(const std::string& text, const char* flag);
 
 /// torch.optim.AdamW hyper-parameters (its defaults, except weight_decay 0.1 as in GPT-3 training).
 struct AdamWConfig {
@@ -18,18 +30,19 @@ struct AdamWConfig {
   void validate() const;
 };
 
-/// lr(step) for step = number of optimizer steps already applied (skipped steps do not count):
-/// warm-up: lr * (step + 1) / warmup_steps for step < warmup_steps; then cosine from lr down to min_lr over
-/// [warmup_steps, decay_steps); min_lr from decay_steps on. decay_steps = 0 means constant after warm-up.
+/// The learning-rate schedule, counted in samples (sequences) so that it ends exactly at the last sample
+/// whatever the batch size does (common::lr_at): linear warm-up over `warmup_samples`, then cosine from lr
+/// down to min_lr, reached by the step whose batch ends at `decay_samples`; min_lr after. decay_samples = 0
+/// means constant after warm-up. Skipped steps do not advance it. With one sample per step it counts steps.
 struct LrSchedule {
-  int64_t warmup_steps = 0;
-  int64_t decay_steps = 0;
+  int64_t warmup_samples = 0;
+  int64_t decay_samples = 0;
   float min_lr = 0.0f;
 
   /// Throws mpt::InputError naming the first bad field.
   void validate(float peak_lr) const;
-  /// Learning rate of the step that follows `step` applied steps.
-  float at(int64_t step, float peak_lr) const;
+  /// Learning rate of the step that trains on samples (start, start + batch].
+  float at(int64_t start, int64_t batch, float peak_lr) const;
 };
 
 }  // namespace mpt

@@ -14,6 +14,7 @@
 #include "common/adamw.hpp"
 #include "common/fp16.hpp"
 #include "common/host_device.hpp"
+#include "common/noise_scale.hpp"
 
 namespace mpt::common {
 
@@ -90,16 +91,19 @@ MPT_HD bool scaler_update(ScalerState& s, const ScalerRule& r, bool found_inf) {
   return s.overflows_at_min >= r.max_overflows_at_min_scale;
 }
 
-/// Warm-up + cosine learning-rate schedule (mpt::LrSchedule::at): lr of the step that follows `step` applied
-/// steps. FP64 internally, rounded to FP32 once.
-MPT_HD float lr_at(int64_t step, float peak_lr, int64_t warmup_steps, int64_t decay_steps, float min_lr) {
-  if (step < warmup_steps)
-    return static_cast<float>(static_cast<double>(peak_lr) * static_cast<double>(step + 1) /
-                              static_cast<double>(warmup_steps));
-  if (decay_steps == 0) return peak_lr;
-  if (step >= decay_steps) return min_lr;
-  const double progress =
-      static_cast<double>(step - warmup_steps) / static_cast<double>(decay_steps - warmup_steps);
+/// Warm-up + cosine learning-rate schedule counted in samples (mpt::LrSchedule::at): the lr of the step that
+/// trains on samples (start, start + batch], with start = samples of the steps applied before it. Warm-up:
+/// peak x min(start + batch, warmup) / warmup while start < warmup; then cosine from peak to min_lr over
+/// (warmup, decay], reaching min_lr exactly with the step whose batch ends at `decay`; min_lr after.
+/// decay = 0: constant after warm-up. With batch 1 the units are steps. FP64 inside, rounded to FP32 once.
+MPT_HD float lr_at(int64_t start, int64_t batch, float peak_lr, int64_t warmup, int64_t decay, float min_lr) {
+  const int64_t end = start + batch;
+  if (start < warmup)
+    return static_cast<float>(static_cast<double>(peak_lr) *
+                              static_cast<double>(end < warmup ? end : warmup) / static_cast<double>(warmup));
+  if (decay == 0) return peak_lr;
+  if (end >= decay) return min_lr;
+  const double progress = static_cast<double>(end - warmup) / static_cast<double>(decay - warmup);
   const double cosine = 0.5 * (1.0 + cos(3.141592653589793 * progress));
   return static_cast<float>(min_lr + (static_cast<double>(peak_lr) - min_lr) * cosine);
 }
@@ -113,8 +117,9 @@ struct OptimizerRule {
   float weight_decay = 0.0f;
   float grad_clip = 0.0f;  ///< max global norm of the unscaled gradients; 0: no clipping
   float min_lr = 0.0f;
-  int64_t warmup_steps = 0;
-  int64_t decay_steps = 0;
+  int64_t warmup_samples = 0;  ///< schedule length of the warm-up, in samples (lr_at)
+  int64_t decay_samples = 0;   ///< where the cosine ends, in samples; 0: constant after warm-up
+  int64_t step_samples = 1;    ///< the batch of the step being prepared (set per step)
 };
 
 /// Index of the found_inf and stop-request flags in AmpState::flags (MAX all-reduced together).
@@ -127,7 +132,8 @@ inline constexpr int kStopRequested = 1;
 /// Per step: grad_check zeroes flags[kFoundInf] and sets it on a non-finite local gradient, and writes
 /// flags[kStopRequested] from the host's request; the engine MAX-all-reduces both flags; amp_prepare fills
 /// used_scale, grad_norm, clip_factor, lr and step; adamw and cast_master read flags and step; amp_update
-/// advances `scaler`, and `applied_steps` when the step was not skipped, and sets min_scale_stop.
+/// advances `scaler`, and `applied_steps` and `applied_samples` when the step was not skipped, and sets
+/// min_scale_stop.
 struct AmpState {
   float flags[2] = {0.0f, 0.0f};  ///< [kFoundInf] any rank found inf/NaN; [kStopRequested] any rank asked
   float used_scale = 1.0f;        ///< loss scale the last step's gradients carried
@@ -135,32 +141,60 @@ struct AmpState {
   float lr = 0.0f;                ///< learning rate of the last step (0 when skipped)
   int32_t min_scale_stop = 0;     ///< 1 when the last scaler update hit max_overflows_at_min_scale
   double grad_norm = 0.0;         ///< global L2 norm of the unscaled gradients (NaN when skipped)
-  int64_t applied_steps = 0;      ///< Adam's t and the LR-schedule position after the last step
+  double grad_sq = 0.0;           ///< its square, unrounded: |G_big|^2 of the noise scale (NaN when skipped)
+  int64_t applied_steps = 0;      ///< Adam's t after the last step
+  int64_t applied_samples = 0;    ///< the LR-schedule position: samples of the applied steps
+  int64_t step_samples = 0;       ///< the batch of the last prepared step (added to applied_samples)
   ScalerState scaler;             ///< loss scale (read by the cross-entropy op) and its counters
   AdamWStep step;                 ///< constants of the last step's AdamW (valid when not skipped)
+  NoiseScaleState noise;          ///< the gradient noise scale's moving averages (noise_prepare)
 };
 
 /// Fills used_scale, grad_norm, clip_factor, lr and the AdamW constants from the agreed flags and the global
 /// FP64 sum of squares of the stored (scaled) gradients. Norm = sqrt(sum) / scale; clip coefficient
 /// grad_clip / (norm + 1e-6) clamped to 1 (torch.nn.utils.clip_grad_norm_); lr from the schedule at
-/// applied_steps; bias corrections for t = applied_steps + 1. On an overflowing step: norm NaN, clip 1, lr 0.
+/// applied_samples for a batch of rule.step_samples (kept in step_samples); bias corrections for t =
+/// applied_steps + 1. On an overflowing step: norm NaN, clip 1, lr 0.
 MPT_HD void amp_prepare(AmpState& a, double sum_of_squares, const OptimizerRule& o) {
   a.used_scale = a.scaler.scale;
   a.clip_factor = 1.0f;
   if (a.flags[kFoundInf] != 0.0f) {
     a.grad_norm = static_cast<double>(bits_float(0x7fc00000u));  // quiet NaN
+    a.grad_sq = a.grad_norm;
     a.lr = 0.0f;
     return;
   }
   const double scale = static_cast<double>(a.used_scale);
+  a.grad_sq = sum_of_squares / (scale * scale);
   a.grad_norm = sqrt(sum_of_squares) / scale;
   if (o.grad_clip > 0.0f) {
     const double coefficient = static_cast<double>(o.grad_clip) / (a.grad_norm + 1e-6);
     if (coefficient < 1.0) a.clip_factor = static_cast<float>(coefficient);
   }
-  a.lr = lr_at(a.applied_steps, o.peak_lr, o.warmup_steps, o.decay_steps, o.min_lr);
+  a.step_samples = o.step_samples;
+  a.lr = lr_at(a.applied_samples, o.step_samples, o.peak_lr, o.warmup_samples, o.decay_samples, o.min_lr);
   a.step = make_adamw_step(a.lr, o.beta1, o.beta2, o.eps, o.weight_decay, a.applied_steps + 1,
                            static_cast<float>(a.clip_factor / scale));
+}
+
+/// What the small batches of one step's noise-scale estimate are (mpt::NoiseBatch in flat form).
+struct NoiseRule {
+  double small_samples = 0.0;      ///< B_small; 0: no estimate this step
+  double big_samples = 0.0;        ///< B_big
+  double small_batches = 1.0;      ///< how many small-batch squared norms the summed input holds
+  double small_grad_factor = 1.0;  ///< stored small gradient x factor / loss scale = the true gradient
+  double decay = 0.95;             ///< EMA factor
+};
+
+/// After amp_prepare: the noise-scale estimate of this step from `small_sq_sum`, the sum of the squared
+/// norms of rule.small_batches stored (scaled) small-batch gradients, and grad_sq (|G_big|^2): |G_small|^2 =
+/// small_sq_sum x (small_grad_factor / used_scale)^2 / small_batches. Skipped on an overflowing step (the
+/// agreed found_inf) and when the rule has no small batch.
+MPT_HD void noise_prepare(AmpState& a, double small_sq_sum, const NoiseRule& r) {
+  if (a.flags[kFoundInf] != 0.0f || r.small_samples <= 0.0 || r.small_batches <= 0.0) return;
+  const double unscale = r.small_grad_factor / static_cast<double>(a.used_scale);
+  const double small_sq = small_sq_sum * unscale * unscale / r.small_batches;
+  noise_scale_update(a.noise, small_sq, a.grad_sq, r.small_samples, r.big_samples, r.decay);
 }
 
 /// The end of a step: the scaler update with the agreed found_inf, Adam's t advanced when the step was
@@ -168,7 +202,10 @@ MPT_HD void amp_prepare(AmpState& a, double sum_of_squares, const OptimizerRule&
 MPT_HD void amp_update(AmpState& a, const ScalerRule& r) {
   const bool found_inf = a.flags[kFoundInf] != 0.0f;
   a.min_scale_stop = scaler_update(a.scaler, r, found_inf) ? 1 : 0;
-  if (!found_inf) a.applied_steps += 1;
+  if (!found_inf) {
+    a.applied_steps += 1;
+    a.applied_samples += a.step_samples;
+  }
 }
 
 }  // namespace mpt::common

@@ -200,6 +200,37 @@ class CpuBackend final : public Backend {
       cpu::adamw(master, m, v, static_cast<const T*>(grads), s, state->step);
     });
   }
+  void sum_squares(const void* data, DType dtype, size_t offset, size_t num_elements, double* out) override {
+    *out = dispatch_float_dtype(dtype, [&]<typename T>() {
+      return cpu::sum_squares(static_cast<const T*>(data) + offset, num_elements);
+    });
+  }
+  void noise_prepare(common::AmpState* state, const double* gathered, const Table<size_t>& indices,
+                     const common::NoiseRule& rule) override {
+    cpu::noise_prepare(*state, gathered, host_table(this, indices, "noise_prepare"), rule);
+  }
+  void lamb_moments(float* master, float* m, float* v, const void* grads, DType grad_dtype,
+                    const Table<LambSegment>& segments, double* segment_sums,
+                    const common::AmpState* state) override {
+    const std::span<const LambSegment> s = host_table(this, segments, "lamb_moments");
+    if (state->flags[common::kFoundInf] != 0.0f) return;  // skipped step
+    dispatch_float_dtype(grad_dtype, [&]<typename T>() {
+      cpu::lamb_moments(master, m, v, static_cast<const T*>(grads), s, segment_sums, state->step);
+    });
+  }
+  void lamb_trust(float* trust, const double* gathered_sums, const Table<size_t>& order,
+                  const Table<size_t>& tensor_begin, const common::AmpState* state) override {
+    const std::span<const size_t> o = host_table(this, order, "lamb_trust");
+    const std::span<const size_t> b = host_table(this, tensor_begin, "lamb_trust");
+    if (state->flags[common::kFoundInf] != 0.0f) return;
+    cpu::lamb_trust(trust, gathered_sums, o, b);
+  }
+  void lamb_apply(float* master, const float* m, const float* v, const Table<LambSegment>& segments,
+                  const float* trust, const common::AmpState* state) override {
+    const std::span<const LambSegment> s = host_table(this, segments, "lamb_apply");
+    if (state->flags[common::kFoundInf] != 0.0f) return;
+    cpu::lamb_apply(master, m, v, s, trust, state->step);
+  }
   void cast_master(void* params, DType param_dtype, const float* master, const Table<ElementRange>& ranges,
                    const common::AmpState* state) override {
     const std::span<const ElementRange> r = host_table(this, ranges, "cast_master");

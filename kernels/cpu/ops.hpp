@@ -30,6 +30,28 @@ template <typename T>
 void adamw(float* master, float* m, float* v, const T* grads, std::span<const AdamWSegment> segments,
            const common::AdamWStep& step);
 
+/// See Backend::lamb_moments (the found_inf check is the caller's). Segments in parallel; each segment's sums
+/// in a fixed order of its element positions.
+template <typename T>
+void lamb_moments(const float* master, float* m, float* v, const T* grads,
+                  std::span<const LambSegment> segments, double* segment_sums, const common::AdamWStep& step);
+
+/// See Backend::lamb_trust: each tensor's segment sums added one by one in `order`.
+void lamb_trust(float* trust, const double* gathered_sums, std::span<const size_t> order,
+                std::span<const size_t> tensor_begin);
+
+/// See Backend::lamb_apply (the found_inf check is the caller's).
+void lamb_apply(float* master, const float* m, const float* v, std::span<const LambSegment> segments,
+                const float* trust, const common::AdamWStep& step);
+
+/// See Backend::sum_squares: fixed chunks in parallel, combined in chunk order.
+template <typename T>
+double sum_squares(const T* data, size_t num_elements);
+
+/// See Backend::noise_prepare: the gathered values added one by one in `indices` order.
+void noise_prepare(common::AmpState& state, const double* gathered, std::span<const size_t> indices,
+                   const common::NoiseRule& rule);
+
 /// See Backend::cast_master.
 template <typename T>
 void cast_master(T* params, const float* master, std::span<const ElementRange> ranges);

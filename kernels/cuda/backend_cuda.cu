@@ -309,6 +309,52 @@ class CudaBackend final : public Backend {
     });
   }
 
+  void sum_squares(const void* data, DType dtype, size_t offset, size_t num_elements, double* out) override {
+    if (!sum_partials_.data()) sum_partials_ = DeviceMemory(cuda::kSumSquaresBlocks * sizeof(double));
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cuda::sum_squares(out, static_cast<const S*>(data) + offset, num_elements,
+                        static_cast<double*>(sum_partials_.data()), stream());
+    });
+  }
+
+  void noise_prepare(common::AmpState* state, const double* gathered, const Table<size_t>& indices,
+                     const common::NoiseRule& rule) override {
+    const DeviceTable& table = device_table(indices, "cuda noise_prepare");
+    cuda::noise_prepare(state, gathered, static_cast<const size_t*>(table.elements.data()), indices.size(),
+                        rule, stream());
+  }
+
+  void lamb_moments(float* master, float* m, float* v, const void* grads, DType grad_dtype,
+                    const Table<LambSegment>& segments, double* segment_sums,
+                    const common::AmpState* state) override {
+    const DeviceTable& table = device_table(segments, "cuda lamb_moments");
+    if (segments.empty()) return;
+    dispatch_float_dtype(grad_dtype, [&]<typename S>() {
+      cuda::lamb_moments(master, m, v, static_cast<const S*>(grads),
+                         static_cast<const LambSegment*>(table.elements.data()), segments.size(),
+                         segment_sums, state, stream());
+    });
+  }
+
+  void lamb_trust(float* trust, const double* gathered_sums, const Table<size_t>& order,
+                  const Table<size_t>& tensor_begin, const common::AmpState* state) override {
+    const DeviceTable& o = device_table(order, "cuda lamb_trust");
+    const DeviceTable& b = device_table(tensor_begin, "cuda lamb_trust");
+    MPT_CHECK(!tensor_begin.empty() && tensor_begin.host().back() == order.size(),
+              "cuda lamb_trust: tensor_begin must end at the order's length {}", order.size());
+    if (order.empty()) return;
+    cuda::lamb_trust(trust, gathered_sums, static_cast<const size_t*>(o.elements.data()),
+                     static_cast<const size_t*>(b.elements.data()), tensor_begin.size() - 1, state, stream());
+  }
+
+  void lamb_apply(float* master, const float* m, const float* v, const Table<LambSegment>& segments,
+                  const float* trust, const common::AmpState* state) override {
+    const DeviceTable& table = device_table(segments, "cuda lamb_apply");
+    if (segments.empty()) return;
+    cuda::lamb_apply(master, m, v, static_cast<const LambSegment*>(table.elements.data()), segments.size(),
+                     trust, state, stream());
+  }
+
   void cast_master(void* params, DType param_dtype, const float* master, const Table<ElementRange>& ranges,
                    const common::AmpState* state) override {
     DeviceTable& table = device_table(ranges, "cuda cast_master");
@@ -423,6 +469,7 @@ class CudaBackend final : public Backend {
   Stream stream_ = Stream::create();
   cuda::BlasContext blas_;
   DeviceMemory workspace_;
+  DeviceMemory sum_partials_;  // sum_squares' first-pass partials (stream-ordered reuse)
   std::unordered_map<uint64_t, DeviceTable> tables_;  // registered tables by id
   size_t bytes_in_use_ = 0;
   double peak_flops_ = 0.0;

@@ -137,6 +137,21 @@ def _(c):
     return c.train("--global-batch", "12")
 
 
+@case("flag_batch_rampup_not_divisible", USAGE, "--batch-rampup: the batch 4 ", "--micro-batch 4 x 2 ranks")
+def _(c):
+    return c.train("--batch-rampup", "4,4,64")
+
+
+@case("flag_batch_rampup_malformed", USAGE, "--batch-rampup '4,4'", "START,INCREMENT,SAMPLES")
+def _(c):
+    return c.train("--batch-rampup", "4,4")
+
+
+@case("flag_unknown_optimizer", USAGE, "--optimizer", "sgd")
+def _(c):
+    return c.train("--optimizer", "sgd")
+
+
 @case("flag_not_a_number", USAGE, "--lr", "fast")
 def _(c):
     return c.train("--lr", "fast")

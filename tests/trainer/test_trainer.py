@@ -5,6 +5,9 @@
   resume point holds skipped steps and scale growths): 12 steps, checkpoint, resume, 12 more == 24 straight;
 - resume with another rank count: fp32, global batch 12, trained on 2 ranks, resumed on 3: the loss sequence
   matches the uninterrupted 2-rank run within 1e-4 relative;
+- large batch: LAMB with a batch ramp and epoch sampling, trained on 2 ranks and resumed on 1 mid-ramp,
+  continues at the same batch sizes and data position, and its LR reaches the minimum at the last step; the
+  noise scale is logged (and "n/a" = null with one rank and no accumulation);
 - PyTorch reads the checkpoint (a ten-line reader) and reproduces `mptrain eval --precision fp32` on a fixed
   batch within 1e-4 relative.
 """
@@ -104,6 +107,32 @@ class Trainer(unittest.TestCase):
         self.assertEqual([s for s, _ in a], [s for s, _ in b])
         for (step, x), (_, y) in zip(a, b):
             self.assertLessEqual(abs(x - y), 1e-4 * abs(x), f"step {step}: {x} vs {y}")
+
+    def test_large_batch_lamb_rampup_epoch_resume_on_another_rank_count(self):
+        # Batch 8 for the first 96 samples (12 steps), then 16; a checkpoint at step 6, mid-ramp; one rank runs
+        # the 8-sequence steps as two micro-batches of 4.
+        extra = ["--precision", "fp32", "--global-batch", "16", "--micro-batch", "4", "--batch-rampup", "8,8,96",
+                 "--steps", "16", "--checkpoint-interval", "6", "--keep-checkpoints", "5", "--optimizer", "lamb",
+                 "--lr", "1e-2", "--sampling", "epoch", "--warmup-samples", "32", "--min-lr-ratio", "0.1"]
+        cwd, two = self.train("large_two", 2, extra)
+        ckpt = os.path.join(cwd, "runs", "large_two", "checkpoints", "ckpt_00000006.safetensors")
+        _, one = self.train("large_one", 1, extra, resume=ckpt)
+        for key in ("global_batch", "samples", "epoch"):
+            self.assertEqual(self.after(two, 6, key), self.after(one, 6, key), key)
+        self.assertEqual([b for _, b in self.after(two, 0, "global_batch")], [8] * 12 + [16] * 4)
+        self.assertEqual(self.after(two, 15, "samples"), [(16, 12 * 8 + 4 * 16)])
+        a, b = self.after(two, 6, "train_loss"), self.after(one, 6, "train_loss")
+        for (step, x), (_, y) in zip(a, b):
+            self.assertLessEqual(abs(x - y), 1e-4 * abs(x), f"step {step}: {x} vs {y}")
+        lrs = [lr for _, lr in self.after(two, 0, "lr")]
+        self.assertAlmostEqual(lrs[-1], 1e-3, delta=1e-9)  # the minimum, exactly at the final step
+        self.assertGreater(lrs[-2], lrs[-1] * 1.01)
+        self.assertAlmostEqual(lrs[3], 1e-2, delta=1e-9)  # warm-up ends with the step ending at sample 32
+        noise = [x for _, x in self.after(two, 0, "noise_scale")]
+        self.assertEqual(len(noise), 16)
+        self.assertTrue(any(x is not None and x > 0 for x in noise), noise)
+        _, alone = self.train("large_alone", 1, ["--global-batch", "4", "--micro-batch", "4", "--steps", "2"])
+        self.assertEqual([x for _, x in self.after(alone, 0, "noise_scale")], [None, None])
 
     def test_bad_runs_stop_every_rank_with_one_line(self):
         base = ["train", "--data", self.corpus, *TINY, "--global-batch", "8", "--micro-batch", "4", "--steps", "4"]
