@@ -1,7 +1,8 @@
 // Activation recomputation in data-parallel training under mpiexec -n 1..4: whole optimizer steps (gradient
 // accumulation, each bucket's collective started by backward as it finishes the bucket) with
 // --recompute selective and block give bitwise the weights, master shard and losses of keeping every
-// activation, in fp32, fp16 and bf16.
+// activation, in fp32, fp16 and bf16. The memory model predicts the bytes a step allocates, and picks the
+// largest micro-batch that fits a budget.
 #include <cstring>
 #include <random>
 #include <vector>
@@ -10,6 +11,7 @@
 
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/engine.hpp"
+#include "mptrain/memory_model.hpp"
 #include "mptrain/model.hpp"
 
 namespace mpt {
@@ -92,6 +94,65 @@ TEST(RecomputeMpi, StepsBitwiseEqualToKeepingEveryActivation) {
       EXPECT_EQ(first, trace.bytes.size()) << "first differing byte " << first;
     }
   }
+}
+
+TEST(MemoryModelMpi, PredictsTheBytesAllocatedByAStep) {
+  MpiCommunicator world(MPI_COMM_WORLD);
+  const GPTConfig c = tiny_gpt();
+  for (DType dtype : {DType::f32, DType::f16, DType::bf16})
+    for (bool main_grad : {false, true})
+      for (Recompute mode : {Recompute::none, Recompute::selective, Recompute::block}) {
+        SCOPED_TRACE(fmt::format("{}{} --recompute {} on {} rank(s)", dtype_name(dtype),
+                                 main_grad ? " + FP32 accumulation" : "", recompute_name(mode), world.size()));
+        const auto backend = make_cpu_backend();
+        EngineConfig ec;
+        ec.dtype = dtype;
+        ec.bucket_bytes = 1500 * dtype_size(dtype);
+        ec.block_elements = 16;
+        ec.fp32_grad_accumulation = main_grad;
+        const int64_t B = 3, T = c.max_seq_len;
+        const MemoryEstimate e = estimate_memory(c, ec, world.size(), mode, B, T, *backend);
+        EXPECT_EQ(backend->bytes_in_use(), 0u);  // estimating allocates nothing
+        MixedPrecisionEngine engine(gpt_tensors(c), ec, world, *backend);
+        engine.set_parameters(gpt_init(c, 7));
+        GPT model(c, engine.layout(), *backend, dtype, mode);
+        const MemoryReport predicted = MixedPrecisionEngine::predict_memory(gpt_tensors(c), ec, world.size());
+        const MemoryReport actual = engine.memory();
+        EXPECT_EQ(predicted.params_bytes, actual.params_bytes);
+        EXPECT_EQ(predicted.grads_bytes, actual.grads_bytes);
+        EXPECT_EQ(predicted.master_bytes, actual.master_bytes);
+        EXPECT_EQ(predicted.scratch_bytes, actual.scratch_bytes);
+        std::vector<int32_t> tokens(static_cast<size_t>(B * T), 5);
+        engine.zero_grads();
+        model.forward_accumulate(engine.params(), tokens.data(), tokens.data(), B, T, 1.0f,
+                                 engine.loss_scale_device());
+        model.backward(engine.params(), engine.grads());
+        engine.accumulate_micro_batch();
+        engine.step();
+        EXPECT_EQ(e.allocated(), backend->bytes_in_use());
+        EXPECT_GE(e.workspace, dtype == DType::f32 ? 0u : 1u);
+        EXPECT_LE(backend->workspace_bytes_in_use(), 2 * e.workspace);  // grow-only vector: up to 2x
+      }
+}
+
+TEST(MemoryModel, LargestMicroBatchFitsAndTheNextDoesNot) {
+  const GPTConfig c = tiny_gpt();
+  const auto backend = make_cpu_backend();
+  EngineConfig ec;
+  ec.dtype = DType::f16;
+  const auto estimate = [&](int64_t B) {
+    return estimate_memory(c, ec, 2, Recompute::block, B, c.max_seq_len, *backend);
+  };
+  const size_t budget = estimate(37).total() + 1;
+  EXPECT_EQ(largest_micro_batch(estimate, budget, 1000), 37);
+  EXPECT_EQ(largest_micro_batch(estimate, budget, 20), 20);
+  EXPECT_EQ(largest_micro_batch(estimate, budget, 1000, 60), 30);  // the largest divisor of 60 that fits
+  EXPECT_EQ(largest_micro_batch(estimate, estimate(1).total() - 1, 1000), 0);
+  // Recomputation lets a larger micro-batch fit the same budget.
+  const auto keep_all = [&](int64_t B) {
+    return estimate_memory(c, ec, 2, Recompute::none, B, c.max_seq_len, *backend);
+  };
+  EXPECT_LT(largest_micro_batch(keep_all, budget, 1000), 37);
 }
 
 }  // namespace
