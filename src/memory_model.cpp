@@ -23,7 +23,8 @@ MemoryEstimate estimate_memory(const GPTConfig& model, const EngineConfig& engin
   const int64_t BT = B * T, C = model.channels, Vp = model.padded_vocab_size();
   const DType dt = engine.dtype;
   const std::pair<int64_t, int64_t> gemms[] = {{C, 3 * C}, {C, C}, {C, 4 * C}, {4 * C, C}, {C, Vp}};
-  for (const auto& [IC, OC] : gemms) e.workspace = std::max(e.workspace, backend.matmul_workspace_bytes(BT, IC, OC, dt));
+  for (const auto& [IC, OC] : gemms)
+    e.workspace = std::max(e.workspace, backend.matmul_workspace_bytes(BT, IC, OC, dt));
   e.workspace = std::max(e.workspace, backend.attention_workspace_bytes(B, T, C, model.num_heads, dt));
   return e;
 }

@@ -221,7 +221,8 @@ void* of_layer(const std::vector<Buffer>& v, int64_t l) {
 
 }  // namespace
 
-GPT::GPT(const GPTConfig& config, const ParamLayout& layout, Backend& backend, DType dtype, Recompute recompute)
+GPT::GPT(const GPTConfig& config, const ParamLayout& layout, Backend& backend, DType dtype,
+         Recompute recompute)
     : config_(config), layout_(layout), backend_(backend), dtype_(dtype), recompute_(recompute) {
   config_.validate();
   MPT_CHECK(dtype == DType::f32 || dtype == DType::f16 || dtype == DType::bf16,
@@ -424,8 +425,8 @@ void GPT::backward(const void* params, void* grads, const std::function<void(siz
   // last block's attproj/fcproj buffer, which backward never reads.
   void* dlnf = own_scratch ? a.dln.data() : layer(config_.num_layers - 1).attproj;
   backend_.fill_zero(dlnf, bytes(BT * C));
-  backend_.matmul_backward(dlnf, grad(grads, 0), nullptr, a.logits.data(), a.lnf.data(), param(params, 0),
-                           BT, C, Vp, dt);
+  backend_.matmul_backward(dlnf, grad(grads, 0), nullptr, a.logits.data(), a.lnf.data(), param(params, 0), BT,
+                           C, Vp, dt);
   const size_t lnf = layer_index(config_.num_layers, kLn1W);
   backend_.fill_zero(a.dresidual.data(), bytes(BT * C));
   backend_.layernorm_backward(a.dresidual.data(), grad(grads, lnf), grad(grads, lnf + 1), dlnf,

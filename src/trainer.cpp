@@ -441,20 +441,21 @@ void plan_memory(TrainingRun& run) {
     const int64_t per_rank = c.global_batch / N;
     const int64_t B = largest_micro_batch(estimate, run.budget.bytes, per_rank, per_rank);
     const MemoryEstimate one = estimate(1);
-    MPT_INPUT_CHECK(B > 0,
-                    "--micro-batch auto: nothing fits the memory budget {} per rank ({}): micro-batch 1 needs "
-                    "{} (activations {})",
-                    format_gib(static_cast<double>(run.budget.bytes)), run.budget.source,
-                    format_gib(static_cast<double>(one.total())), format_gib(static_cast<double>(one.activations)));
+    MPT_INPUT_CHECK(
+        B > 0,
+        "--micro-batch auto: nothing fits the memory budget {} per rank ({}): micro-batch 1 needs "
+        "{} (activations {})",
+        format_gib(static_cast<double>(run.budget.bytes)), run.budget.source,
+        format_gib(static_cast<double>(one.total())), format_gib(static_cast<double>(one.activations)));
     c.micro_batch = B;
   }
   run.usable = usable_memory(*s.backend, run.ranks_on_node);
   run.estimate = estimate(c.micro_batch);
   if (run.estimate.total() <= run.usable.bytes) return;
   const int64_t largest = largest_micro_batch(estimate, run.usable.bytes, c.micro_batch - 1);
-  throw InputError(memory_refusal(
-      fmt::format("--micro-batch {}{}", c.micro_batch, c.micro_batch_auto ? " (auto)" : ""), run.estimate,
-      run.usable, largest, estimate(1)));
+  throw InputError(
+      memory_refusal(fmt::format("--micro-batch {}{}", c.micro_batch, c.micro_batch_auto ? " (auto)" : ""),
+                     run.estimate, run.usable, largest, estimate(1)));
 }
 
 /// The flags, data and checkpoint checks, the model and its weights (initial or resumed): everything that

@@ -103,7 +103,8 @@ TEST(MemoryModelMpi, PredictsTheBytesAllocatedByAStep) {
     for (bool main_grad : {false, true})
       for (Recompute mode : {Recompute::none, Recompute::selective, Recompute::block}) {
         SCOPED_TRACE(fmt::format("{}{} --recompute {} on {} rank(s)", dtype_name(dtype),
-                                 main_grad ? " + FP32 accumulation" : "", recompute_name(mode), world.size()));
+                                 main_grad ? " + FP32 accumulation" : "", recompute_name(mode),
+                                 world.size()));
         const auto backend = make_cpu_backend();
         EngineConfig ec;
         ec.dtype = dtype;

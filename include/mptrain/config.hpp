@@ -24,7 +24,7 @@ struct RunConfig {
   // Batch.
   int64_t global_batch = 32;  ///< sequences per optimizer step, over all ranks
   int64_t micro_batch = 16;   ///< sequences per rank per forward (resolved at start-up when micro_batch_auto)
-  bool micro_batch_auto = false;  ///< --micro-batch auto: the largest that fits --memory-budget
+  bool micro_batch_auto = false;   ///< --micro-batch auto: the largest that fits --memory-budget
   double memory_budget_gib = 0.0;  ///< --memory-budget for auto (GiB per rank); 0 = the default budget
   std::string recompute = "none";  ///< --recompute none|selective|block
 

@@ -19,10 +19,10 @@ namespace mpt {
 /// Bytes per rank of one training set-up at one micro-batch.
 struct MemoryEstimate {
   int64_t micro_batch = 0;
-  MemoryReport engine;      ///< weights, gradients (+ FP32 accumulation), master/m/v shard, engine scratch
-  size_t activations = 0;   ///< GPT::activation_bytes_for (forward activations + backward scratch)
+  MemoryReport engine;       ///< weights, gradients (+ FP32 accumulation), master/m/v shard, engine scratch
+  size_t activations = 0;    ///< GPT::activation_bytes_for (forward activations + backward scratch)
   size_t model_scratch = 0;  ///< the model's own buffers outside the activations (loss accumulator)
-  size_t workspace = 0;     ///< backend scratch outside allocate(): the largest op's need (not in bytes_in_use)
+  size_t workspace = 0;  ///< backend scratch outside allocate(): the largest op's need (not in bytes_in_use)
 
   /// What Backend::bytes_in_use() counts once the first step has run.
   size_t allocated() const {
@@ -32,9 +32,9 @@ struct MemoryEstimate {
   size_t total() const { return allocated() + workspace; }
 };
 
-/// The estimate for `model` trained by an engine with `engine` on `world_size` ranks, `recompute`, micro-batch
-/// B of T tokens, on `backend` (which answers attention_saved_bytes and the workspace sizes; nothing is
-/// allocated). Throws mpt::InputError for a bad config.
+/// The estimate for `model` trained by an engine with `engine` on `world_size` ranks, `recompute`,
+/// micro-batch B of T tokens, on `backend` (which answers attention_saved_bytes and the workspace sizes;
+/// nothing is allocated). Throws mpt::InputError for a bad config.
 MemoryEstimate estimate_memory(const GPTConfig& model, const EngineConfig& engine, int world_size,
                                Recompute recompute, int64_t B, int64_t T, const Backend& backend);
 

@@ -116,7 +116,7 @@ class GPT {
   static size_t activation_bytes_for(const GPTConfig& config, DType dtype, Recompute recompute, int64_t B,
                                      int64_t T, const Backend& backend);
 
- /// The activation buffers and one layer's view of them (opaque: model.cpp).
+  /// The activation buffers and one layer's view of them (opaque: model.cpp).
   struct Activations;
   struct LayerActs;
 
