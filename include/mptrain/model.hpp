@@ -3,7 +3,9 @@
 // Token + position embeddings; L pre-LN blocks (LayerNorm -> causal multi-head attention with a fused QKV
 // projection and an output projection -> residual; LayerNorm -> MLP 4C with tanh-GELU -> residual); final
 // LayerNorm; LM head tied to the token embedding; mean cross-entropy. Parameters are views into the engine's
-// flat buffer (ParamLayout); activations are allocated once per (B, T) and reused.
+// flat buffer (ParamLayout); activations are allocated once per (B, T) and reused. With Recompute::selective
+// or ::block the backward recomputes what the forward did not keep, block by block, from the same inputs with
+// the same ops, so the gradients are bitwise those of Recompute::none.
 #pragma once
 
 #include <cstddef>
