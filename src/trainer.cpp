@@ -17,8 +17,6 @@
 #include <random>
 #include <sstream>
 
-#include <unistd.h>
-
 #include "mptrain/checkpoint.hpp"
 #include "mptrain/data.hpp"
 #include "mptrain/error.hpp"
@@ -396,9 +394,7 @@ struct TrainingRun {
 
 /// The ranks on this node (same host name), for the share of host memory each may use. Collective.
 int ranks_on_this_node(Communicator& comm) {
-  char host[256] = {};
-  gethostname(host, sizeof host - 1);
-  const auto mine = static_cast<int64_t>(fnv1a(host));
+  const auto mine = static_cast<int64_t>(fnv1a(detail::host_name()));
   std::vector<int64_t> all(static_cast<size_t>(comm.size()));
   comm.all_gather(&mine, all.data(), 1, DType::i64);
   return static_cast<int>(std::count(all.begin(), all.end(), mine));
