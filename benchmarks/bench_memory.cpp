@@ -10,8 +10,8 @@
 // benchmarks/memory_sweep.py runs N = 1..8 and prints the table.
 //
 //   mpiexec -n 4 --oversubscribe build/benchmarks/bench_memory --budget-mib 512 --json mem4.json
-//   build/benchmarks/bench_memory --predict-only --ranks 8 --layers 24 --channels 2048 --heads 16 \
-//       --seq-len 2048 --vocab 50257 --micro-batch 1 --budget-mib 81920
+//   build/benchmarks/bench_memory --predict-only --ranks 8 --layers 24 --channels 2048 --heads 16
+//       --seq-len 1024 --vocab 50304 --micro-batch 8 --budget-mib 81920   (one command line)
 #include <cstdio>
 #include <random>
 #include <sstream>
