@@ -54,7 +54,7 @@ def run_bench(a, shape, n):
     return j
 
 
-def plot(rows, png):
+def plot(rows, png, title):
     gnuplot = shutil.which("gnuplot")
     if not gnuplot:
         sys.exit("memory_sweep: --png needs gnuplot (launch/setup.sh installs it)")
@@ -68,7 +68,7 @@ def plot(rows, png):
                     if (r["shape"], r["recompute"]) == (shape, mode) and r["largest_micro_batch"] > 0:
                         f.write(f"{r['ranks']} {r['largest_micro_batch']}\n")
             plots.append(f"'{data}' using 1:2 with linespoints title '{shape} {mode}'")
-        script = (f"set terminal pngcairo size 1000,600\nset output '{png}'\nset logscale y\n"
+        script = (f"set terminal pngcairo size 1000,600\nset output '{png}'\nset logscale y\nset title '{title}'\n"
                   "set xlabel 'ranks N (ZeRO stage 1)'\nset ylabel 'largest micro-batch (sequences per rank)'\n"
                   "set key outside right\nset grid\nplot " + ", ".join(plots) + "\n")
         subprocess.run([gnuplot], input=script, text=True, check=True)
@@ -114,7 +114,8 @@ def main():
             json.dump({"benchmark": "memory_sweep", "precision": a.precision, "rows": rows}, f, indent=2)
             f.write("\n")
     if a.png:
-        plot(rows, a.png)
+        plot(rows, a.png, f"{a.precision}, CPU backend; budget per rank: default shape {a.budget_gib_default:g} GiB, "
+             f"gpt2 and 1.3b {a.budget_gib_large:g} GiB")
 
 
 if __name__ == "__main__":
