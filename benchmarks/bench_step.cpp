@@ -66,6 +66,9 @@ int main(int argc, char** argv) {
   bool noise_scale = true;
   app.add_option("--device", device, "backend")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   mpt::bench::add_model_flags(app, rc, vocab, "sequences per rank per forward B");
+  app.add_option("--recompute", rc.recompute, "activations recomputed in backward: none, selective, block")
+      ->check(CLI::IsMember({"none", "selective", "block"}))
+      ->capture_default_str();
   app.add_option("--accumulation", accumulation, "micro-batches per optimizer step K")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -113,7 +116,7 @@ int main(int argc, char** argv) {
       batch.small_grad_factor = static_cast<double>(accumulation);
     }
     engine.set_batch(batch);
-    mpt::GPT model(cfg, engine.layout(), *backend, rc.dtype());
+    mpt::GPT model(cfg, engine.layout(), *backend, rc.dtype(), mpt::parse_recompute(rc.recompute));
 
     // A fixed random batch per rank and micro-batch (the step's cost does not depend on the token values).
     const int64_t B = rc.micro_batch, T = rc.seq_len;
@@ -198,6 +201,7 @@ int main(int argc, char** argv) {
                           {"seq_len", T},
                           {"vocab", cfg.vocab_size},
                           {"micro_batch", B},
+                          {"recompute", rc.recompute},
                           {"accumulation", accumulation},
                           {"ranks", N},
                           {"threads", threads},

@@ -114,6 +114,11 @@ std::string with_flag_names(std::string message) {
 void RunConfig::validate() const {
   MPT_INPUT_CHECK(global_batch >= 1, "--global-batch must be >= 1, got {}", global_batch);
   MPT_INPUT_CHECK(micro_batch >= 1, "--micro-batch must be >= 1, got {}", micro_batch);
+  MPT_INPUT_CHECK(std::isfinite(memory_budget_gib) && memory_budget_gib >= 0.0,
+                  "--memory-budget must be >= 0 GiB (0: the default), got {}", memory_budget_gib);
+  MPT_INPUT_CHECK(memory_budget_gib == 0.0 || micro_batch_auto,
+                  "--memory-budget {} is only used with --micro-batch auto", memory_budget_gib);
+  (void)parse_recompute(recompute);
   MPT_INPUT_CHECK(seq_len >= 1, "--seq-len must be >= 1, got {}", seq_len);
   MPT_INPUT_CHECK(steps >= 0, "--steps must be >= 0 (0: evaluate and checkpoint the initial weights), got {}",
                   steps);
@@ -178,14 +183,6 @@ void RunConfig::validate() const {
   }
 }
 
-int64_t RunConfig::accumulation_steps(int world_size) const {
-  const int64_t per_step = micro_batch * world_size;
-  MPT_INPUT_CHECK(global_batch % per_step == 0,
-                  "--global-batch {} is not divisible by --micro-batch {} x {} ranks = {}", global_batch,
-                  micro_batch, world_size, per_step);
-  return global_batch / per_step;
-}
-
 InjectOverflow parse_inject_overflow(const std::string& text) {
   InjectOverflow plan;
   if (text.empty()) return plan;
@@ -243,6 +240,8 @@ nlohmann::json RunConfig::to_json() const {
           {"seq-len", seq_len},
           {"global-batch", global_batch},
           {"micro-batch", micro_batch},
+          {"memory-budget", memory_budget_gib},
+          {"recompute", recompute},
           {"steps", steps},
           {"lr", shortest(lr)},
           {"beta1", shortest(beta1)},
@@ -314,7 +313,7 @@ void add_common(CLI::App* app, RunConfig& c) {
   app->add_option("--seed", c.seed, "seed of initialisation, data order and sampling")->capture_default_str();
 }
 
-void add_data(CLI::App* app, RunConfig& c) {
+void add_data(CLI::App* app, RunConfig& c, std::string& micro_batch_text) {
   app->add_option("--data", c.data,
                   "text file (bytes, vocab 256) or llm.c .bin token shard(s), a glob allowed")
       ->capture_default_str();
@@ -325,7 +324,11 @@ void add_data(CLI::App* app, RunConfig& c) {
       ->capture_default_str();
   app->add_option("--global-batch", c.global_batch, "sequences per optimizer step, summed over ranks")
       ->capture_default_str();
-  app->add_option("--micro-batch", c.micro_batch, "sequences per rank per forward pass")
+  micro_batch_text = std::to_string(c.micro_batch);
+  app->add_option("--micro-batch", micro_batch_text,
+                  "sequences per rank per forward pass, or auto (train: the largest that fits "
+                  "--memory-budget and divides the batch per rank)")
+      ->type_name("INT|auto")
       ->capture_default_str();
 }
 
@@ -359,10 +362,19 @@ void add_large_batch(CLI::App* app, RunConfig& c) {
       ->capture_default_str();
 }
 
-void add_train(CLI::App* app, RunConfig& c) {
+void add_train(CLI::App* app, RunConfig& c, std::string& micro_batch_text) {
   add_common(app, c);
-  add_data(app, c);
+  add_data(app, c, micro_batch_text);
   add_large_batch(app, c);
+  app->add_option("--recompute", c.recompute,
+                  "activations recomputed in backward: none, selective (LayerNorm, attention, GELU outputs) "
+                  "or block (each block's forward; keeps only block inputs)")
+      ->check(CLI::IsMember({"none", "selective", "block"}))
+      ->capture_default_str();
+  app->add_option("--memory-budget", c.memory_budget_gib,
+                  "GiB per rank for --micro-batch auto (0: free device memory, or on the CPU half the RAM "
+                  "divided by the ranks on the node)")
+      ->capture_default_str();
   app->add_option("--layers", c.layers, "transformer blocks L")->capture_default_str();
   app->add_option("--heads", c.heads, "attention heads NH (must divide --channels)")->capture_default_str();
   app->add_option("--channels", c.channels, "model width C")->capture_default_str();
@@ -501,6 +513,9 @@ std::string json_value_for(const nlohmann::json& v, const CLI::Option* opt, cons
   if (opt->get_type_size() == 0) {
     expected = "a boolean (true or false)";
     ok = v.is_boolean();
+  } else if (type == "INT|auto") {
+    expected = "an integer or \"auto\"";
+    ok = v.is_number_integer() || (v.is_string() && v.get<std::string>() == "auto");
   } else if (type.starts_with("INT") || type.starts_with("UINT")) {
     expected = "an integer";
     ok = v.is_number_integer() && (!type.starts_with("UINT") || v.is_number_unsigned());
@@ -520,6 +535,20 @@ std::string json_value_for(const nlohmann::json& v, const CLI::Option* opt, cons
   if (v.is_string()) return v.get<std::string>();
   if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
   return v.dump();
+}
+
+/// --micro-batch: an integer, or "auto" for train.
+void parse_micro_batch(const std::string& text, RunConfig& c) {
+  if (text == "auto") {
+    MPT_INPUT_CHECK(c.command == "train", "--micro-batch auto is for train; {} takes a number", c.command);
+    c.micro_batch_auto = true;
+    return;
+  }
+  int64_t value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  MPT_INPUT_CHECK(!text.empty() && ec == std::errc() && end == text.data() + text.size(),
+                  "--micro-batch must be an integer or auto, got '{}'", text);
+  c.micro_batch = value;
 }
 
 std::vector<std::string> config_arguments(const std::string& file, CLI::App* sub) {
@@ -578,9 +607,10 @@ bool parse_command_line(int argc, char** argv, RunConfig& c) {
   for (CLI::App* sub : {train, eval, sample, export_})
     sub->add_option("--config", config_file,
                     "JSON file of flag values (keys are flag names; flags override it)");
-  add_train(train, c);
+  std::string micro_batch_text;
+  add_train(train, c, micro_batch_text);
   add_common(eval, c);
-  add_data(eval, c);
+  add_data(eval, c, micro_batch_text);
   eval->add_option("--checkpoint", c.checkpoint, "checkpoint file to evaluate")->required();
   eval->add_option("--tokenizer", c.tokenizer,
                    "tokenizer.json or llm.c tokenizer .bin of shard data (default: tokenizer.json beside the "
@@ -642,6 +672,7 @@ bool parse_command_line(int argc, char** argv, RunConfig& c) {
   }
   for (CLI::App* sub : {train, eval, sample, export_})
     if (sub->parsed()) c.command = sub->get_name();
+  if (c.command != "sample") parse_micro_batch(micro_batch_text, c);
   return true;
 }
 

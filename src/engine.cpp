@@ -508,4 +508,22 @@ MemoryReport MixedPrecisionEngine::memory() const {
   return r;
 }
 
+MemoryReport MixedPrecisionEngine::predict_memory(std::vector<TensorSpec> tensors, const EngineConfig& config,
+                                                  int world_size) {
+  // The constructor's allocations, size by size.
+  const EngineConfig c = effective(config);
+  const ParamLayout layout(std::move(tensors), layout_options(c), world_size);
+  const size_t esize = dtype_size(c.dtype);
+  const size_t shard_bytes = layout.shard_elements() * sizeof(float);
+  MemoryReport r;
+  r.num_parameters = layout.num_parameters();
+  r.world_size = world_size;
+  r.params_bytes = layout.padded_elements() * esize;
+  r.grads_bytes = layout.padded_elements() * (c.fp32_grad_accumulation ? sizeof(float) + esize : esize);
+  r.master_bytes = r.adam_m_bytes = r.adam_v_bytes = shard_bytes;
+  r.scratch_bytes = layout.blocks_per_rank() * (1 + static_cast<size_t>(world_size)) * sizeof(double) +
+                    sizeof(common::AmpState);
+  return r;
+}
+
 }  // namespace mpt

@@ -143,10 +143,36 @@ double gpt_flops_per_token(const GPTConfig& c, int64_t T) {
   return 6.0 * n + 12.0 * static_cast<double>(c.num_layers * c.channels * T);
 }
 
+const char* recompute_name(Recompute mode) {
+  switch (mode) {
+    case Recompute::none:
+      return "none";
+    case Recompute::selective:
+      return "selective";
+    case Recompute::block:
+      return "block";
+  }
+  return "?";
+}
+
+Recompute parse_recompute(const std::string& text) {
+  if (text == "none") return Recompute::none;
+  if (text == "selective") return Recompute::selective;
+  if (text == "block") return Recompute::block;
+  throw InputError(fmt::format("--recompute must be none, selective or block, got '{}'", text));
+}
+
 // ---- activations ----------------------------------------------------------------------------------------
 
+// Each per-layer kind holds L buffers (kept for every layer) or 1 (shared by all layers, refilled by the
+// recomputation before each layer's backward), by recompute mode:
+//   none:      every kind per layer; backward scratch of its own.
+//   selective: per layer qkv, residual2, fch, residual3 and the LayerNorm statistics; shared ln1, atty, att,
+//              attproj (also holding fcproj), ln2, fch_gelu.
+//   block:     per layer residual3 (the next block's input); everything else shared.
+// In the recompute modes backward writes its gradients into the shared buffers that are dead by then
+// (GPT::backward names them), so only dresidual and dfch_gelu are scratch of their own.
 struct GPT::Activations {
-  // Forward, per layer where indexed by l.
   Buffer tokens, targets;  // int32 [B,T]
   Buffer encoded;          // [B,T,C]
   std::vector<Buffer> ln1, ln1_mean, ln1_rstd, qkv, atty, att, attproj, residual2, ln2, ln2_mean, ln2_rstd,
@@ -154,13 +180,80 @@ struct GPT::Activations {
   Buffer lnf, lnf_mean, lnf_rstd;  // [B,T,C], [B,T], [B,T]
   Buffer logits;                   // [B,T,Vp] (dlogits in place)
   Buffer losses;                   // FP32 [B,T]
-  // Backward scratch, reused by every layer.
+  // Backward scratch, reused by every layer (dln, datty, dqkv, dfch only with Recompute::none).
   Buffer dresidual, dln, datty, dqkv, dfch, dfch_gelu;
   size_t bytes = 0;
 };
 
-GPT::GPT(const GPTConfig& config, const ParamLayout& layout, Backend& backend, DType dtype)
-    : config_(config), layout_(layout), backend_(backend), dtype_(dtype) {
+/// Layer l's view of the activations.
+struct GPT::LayerActs {
+  const void* input;  // the block's input: encoded or the previous block's residual3
+  void *ln1, *qkv, *atty, *att, *attproj, *residual2, *ln2, *fch, *fch_gelu, *fcproj, *residual3;
+  float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd;
+};
+
+namespace {
+
+/// Fills `a` with the buffers of the plan described above, each from `alloc(bytes)`.
+void plan_activations(GPT::Activations& a, const GPTConfig& config, DType dtype, Recompute mode, int64_t B,
+                      int64_t T, size_t att_bytes, const std::function<Buffer(size_t)>& alloc_bytes) {
+  const size_t es = dtype_size(dtype);
+  const auto BT = static_cast<size_t>(B * T);
+  const auto C = static_cast<size_t>(config.channels);
+  const auto Vp = static_cast<size_t>(config.padded_vocab_size());
+  const auto L = static_cast<size_t>(config.num_layers);
+  auto alloc = [&](size_t bytes) {
+    a.bytes += bytes;
+    return alloc_bytes(bytes);
+  };
+  const bool none = mode == Recompute::none, selective = mode == Recompute::selective;
+  // `kept`: one buffer per layer, else one shared.
+  auto kind = [&](std::vector<Buffer>& v, bool kept, size_t bytes) {
+    for (size_t l = 0; l < (kept ? L : 1); ++l) v.push_back(alloc(bytes));
+  };
+  a.tokens = alloc(BT * sizeof(int32_t));
+  a.targets = alloc(BT * sizeof(int32_t));
+  a.encoded = alloc(BT * C * es);
+  kind(a.ln1, none, BT * C * es);
+  kind(a.ln1_mean, none || selective, BT * sizeof(float));
+  kind(a.ln1_rstd, none || selective, BT * sizeof(float));
+  kind(a.qkv, none || selective, BT * 3 * C * es);
+  kind(a.atty, none, BT * C * es);
+  kind(a.att, none, att_bytes);
+  kind(a.attproj, none, BT * C * es);
+  kind(a.residual2, none || selective, BT * C * es);
+  kind(a.ln2, none, BT * C * es);
+  kind(a.ln2_mean, none || selective, BT * sizeof(float));
+  kind(a.ln2_rstd, none || selective, BT * sizeof(float));
+  kind(a.fch, none || selective, BT * 4 * C * es);
+  kind(a.fch_gelu, none, BT * 4 * C * es);
+  if (none) kind(a.fcproj, true, BT * C * es);  // else fcproj shares attproj's buffer
+  kind(a.residual3, true, BT * C * es);
+  a.lnf = alloc(BT * C * es);
+  a.lnf_mean = alloc(BT * sizeof(float));
+  a.lnf_rstd = alloc(BT * sizeof(float));
+  a.logits = alloc(BT * Vp * es);
+  a.losses = alloc(BT * sizeof(float));
+  a.dresidual = alloc(BT * C * es);
+  a.dfch_gelu = alloc(BT * 4 * C * es);
+  if (none) {
+    a.dln = alloc(BT * C * es);
+    a.datty = alloc(BT * C * es);
+    a.dqkv = alloc(BT * 3 * C * es);
+    a.dfch = alloc(BT * 4 * C * es);
+  }
+}
+
+/// The buffer of layer l of a kind that is per layer (L buffers) or shared (1).
+void* of_layer(const std::vector<Buffer>& v, int64_t l) {
+  return v[v.size() == 1 ? 0 : static_cast<size_t>(l)].data();
+}
+
+}  // namespace
+
+GPT::GPT(const GPTConfig& config, const ParamLayout& layout, Backend& backend, DType dtype,
+         Recompute recompute)
+    : config_(config), layout_(layout), backend_(backend), dtype_(dtype), recompute_(recompute) {
   config_.validate();
   MPT_CHECK(dtype == DType::f32 || dtype == DType::f16 || dtype == DType::bf16,
             "GPT: storage dtype must be f32, f16 or bf16, got {}", dtype_name(dtype));
@@ -189,49 +282,80 @@ void GPT::ensure_activations(int64_t B, int64_t T) {
   if (acts_ && B == B_ && T == T_) return;
   acts_.reset();  // free the old set first: peak memory is one set
   auto a = std::make_unique<Activations>();
-  const size_t es = dtype_size(dtype_);
-  const auto BT = static_cast<size_t>(B * T);
-  const auto C = static_cast<size_t>(config_.channels);
-  const auto NH = static_cast<size_t>(config_.num_heads);
-  const auto Vp = static_cast<size_t>(config_.padded_vocab_size());
-  auto alloc = [&](size_t bytes) {
-    a->bytes += bytes;
-    return backend_.allocate(bytes);
-  };
-  a->tokens = alloc(BT * sizeof(int32_t));
-  a->targets = alloc(BT * sizeof(int32_t));
-  a->encoded = alloc(BT * C * es);
-  for (int64_t l = 0; l < config_.num_layers; ++l) {
-    a->ln1.push_back(alloc(BT * C * es));
-    a->ln1_mean.push_back(alloc(BT * sizeof(float)));
-    a->ln1_rstd.push_back(alloc(BT * sizeof(float)));
-    a->qkv.push_back(alloc(BT * 3 * C * es));
-    a->atty.push_back(alloc(BT * C * es));
-    a->att.push_back(alloc(backend_.attention_saved_bytes(B, T, C, NH, dtype_)));
-    a->attproj.push_back(alloc(BT * C * es));
-    a->residual2.push_back(alloc(BT * C * es));
-    a->ln2.push_back(alloc(BT * C * es));
-    a->ln2_mean.push_back(alloc(BT * sizeof(float)));
-    a->ln2_rstd.push_back(alloc(BT * sizeof(float)));
-    a->fch.push_back(alloc(BT * 4 * C * es));
-    a->fch_gelu.push_back(alloc(BT * 4 * C * es));
-    a->fcproj.push_back(alloc(BT * C * es));
-    a->residual3.push_back(alloc(BT * C * es));
-  }
-  a->lnf = alloc(BT * C * es);
-  a->lnf_mean = alloc(BT * sizeof(float));
-  a->lnf_rstd = alloc(BT * sizeof(float));
-  a->logits = alloc(BT * Vp * es);
-  a->losses = alloc(BT * sizeof(float));
-  a->dresidual = alloc(BT * C * es);
-  a->dln = alloc(BT * C * es);
-  a->datty = alloc(BT * C * es);
-  a->dqkv = alloc(BT * 3 * C * es);
-  a->dfch = alloc(BT * 4 * C * es);
-  a->dfch_gelu = alloc(BT * 4 * C * es);
+  plan_activations(*a, config_, dtype_, recompute_, B, T,
+                   backend_.attention_saved_bytes(B, T, config_.channels, config_.num_heads, dtype_),
+                   [&](size_t bytes) { return backend_.allocate(bytes); });
   acts_ = std::move(a);
   B_ = B;
   T_ = T;
+}
+
+size_t GPT::activation_bytes_for(const GPTConfig& config, DType dtype, Recompute recompute, int64_t B,
+                                 int64_t T, const Backend& backend) {
+  Activations a;
+  plan_activations(a, config, dtype, recompute, B, T,
+                   backend.attention_saved_bytes(B, T, config.num_heads, dtype),
+                   [](size_t) { return Buffer(); });
+  return a.bytes;
+}
+
+GPT::LayerActs GPT::layer(int64_t l) const {
+  const Activations& a = *acts_;
+  LayerActs x{};
+  x.input = l == 0 ? a.encoded.data() : a.residual3[static_cast<size_t>(l - 1)].data();
+  x.ln1 = of_layer(a.ln1, l);
+  x.ln1_mean = static_cast<float*>(of_layer(a.ln1_mean, l));
+  x.ln1_rstd = static_cast<float*>(of_layer(a.ln1_rstd, l));
+  x.qkv = of_layer(a.qkv, l);
+  x.atty = of_layer(a.atty, l);
+  x.att = of_layer(a.att, l);
+  x.attproj = of_layer(a.attproj, l);
+  x.residual2 = of_layer(a.residual2, l);
+  x.ln2 = of_layer(a.ln2, l);
+  x.ln2_mean = static_cast<float*>(of_layer(a.ln2_mean, l));
+  x.ln2_rstd = static_cast<float*>(of_layer(a.ln2_rstd, l));
+  x.fch = of_layer(a.fch, l);
+  x.fch_gelu = of_layer(a.fch_gelu, l);
+  x.fcproj = a.fcproj.empty() ? x.attproj : of_layer(a.fcproj, l);
+  x.residual3 = of_layer(a.residual3, l);
+  return x;
+}
+
+void GPT::block_forward(const void* params, int64_t l, bool full) {
+  const auto p = [&](LayerTensor k) { return param(params, layer_index(l, k)); };
+  const LayerActs x = layer(l);
+  const int64_t B = B_, T = T_, BT = B * T, C = config_.channels, NH = config_.num_heads;
+  const DType dt = dtype_;
+  backend_.layernorm_forward(x.ln1, x.ln1_mean, x.ln1_rstd, x.input, p(kLn1W), p(kLn1B), BT, C, dt);
+  backend_.matmul_forward(x.qkv, x.ln1, p(kQkvW), p(kQkvB), BT, C, 3 * C, dt);
+  backend_.attention_forward(x.atty, x.att, x.qkv, B, T, C, NH, dt);
+  backend_.matmul_forward(x.attproj, x.atty, p(kAttProjW), p(kAttProjB), BT, C, C, dt);
+  backend_.residual_forward(x.residual2, x.input, x.attproj, BT * C, dt);
+  backend_.layernorm_forward(x.ln2, x.ln2_mean, x.ln2_rstd, x.residual2, p(kLn2W), p(kLn2B), BT, C, dt);
+  backend_.matmul_forward(x.fch, x.ln2, p(kFcW), p(kFcB), BT, C, 4 * C, dt);
+  backend_.gelu_forward(x.fch_gelu, x.fch, BT * 4 * C, dt);
+  if (!full) return;  // backward reads nothing after GELU
+  backend_.matmul_forward(x.fcproj, x.fch_gelu, p(kFcProjW), p(kFcProjB), BT, 4 * C, C, dt);
+  backend_.residual_forward(x.residual3, x.residual2, x.fcproj, BT * C, dt);
+}
+
+void GPT::recompute_block(const void* params, int64_t l) {
+  if (recompute_ == Recompute::none) return;
+  // Right after the forward the shared buffers still hold the last block.
+  if (l == config_.num_layers - 1 && last_block_live_) return;
+  if (recompute_ == Recompute::block) {
+    block_forward(params, l, /*full=*/false);
+    return;
+  }
+  // Selective: the same ops as the forward, on the kept qkv, residual2 and fch.
+  const auto p = [&](LayerTensor k) { return param(params, layer_index(l, k)); };
+  const LayerActs x = layer(l);
+  const int64_t B = B_, T = T_, BT = B * T, C = config_.channels, NH = config_.num_heads;
+  const DType dt = dtype_;
+  backend_.layernorm_forward(x.ln1, x.ln1_mean, x.ln1_rstd, x.input, p(kLn1W), p(kLn1B), BT, C, dt);
+  backend_.attention_forward(x.atty, x.att, x.qkv, B, T, C, NH, dt);
+  backend_.layernorm_forward(x.ln2, x.ln2_mean, x.ln2_rstd, x.residual2, p(kLn2W), p(kLn2B), BT, C, dt);
+  backend_.gelu_forward(x.fch_gelu, x.fch, BT * 4 * C, dt);
 }
 
 size_t GPT::activation_bytes() const {
@@ -285,33 +409,15 @@ void GPT::run_forward(const void* params, const int32_t* tokens, const int32_t* 
   }
   ensure_activations(B, T);
   Activations& a = *acts_;
-  const int64_t C = config_.channels, NH = config_.num_heads, Vp = config_.padded_vocab_size();
+  const int64_t C = config_.channels, Vp = config_.padded_vocab_size();
   const int64_t BT = B * T;
   const DType dt = dtype_;
   backend_.copy_from_host(a.tokens.data(), tokens, static_cast<size_t>(BT) * sizeof(int32_t));
 
   backend_.embedding_forward(a.encoded.data(), a.tokens.as<int32_t>(), param(params, 0), param(params, 1), B,
                              T, C, dt);
-  for (int64_t l = 0; l < config_.num_layers; ++l) {
-    const auto p = [&](LayerTensor k) { return param(params, layer_index(l, k)); };
-    const auto ul = static_cast<size_t>(l);
-    const void* residual = l == 0 ? a.encoded.data() : a.residual3[ul - 1].data();
-    backend_.layernorm_forward(a.ln1[ul].data(), a.ln1_mean[ul].as<float>(), a.ln1_rstd[ul].as<float>(),
-                               residual, p(kLn1W), p(kLn1B), BT, C, dt);
-    backend_.matmul_forward(a.qkv[ul].data(), a.ln1[ul].data(), p(kQkvW), p(kQkvB), BT, C, 3 * C, dt);
-    backend_.attention_forward(a.atty[ul].data(), a.att[ul].data(), a.qkv[ul].data(), B, T, C, NH, dt);
-    backend_.matmul_forward(a.attproj[ul].data(), a.atty[ul].data(), p(kAttProjW), p(kAttProjB), BT, C, C,
-                            dt);
-    backend_.residual_forward(a.residual2[ul].data(), residual, a.attproj[ul].data(), BT * C, dt);
-    backend_.layernorm_forward(a.ln2[ul].data(), a.ln2_mean[ul].as<float>(), a.ln2_rstd[ul].as<float>(),
-                               a.residual2[ul].data(), p(kLn2W), p(kLn2B), BT, C, dt);
-    backend_.matmul_forward(a.fch[ul].data(), a.ln2[ul].data(), p(kFcW), p(kFcB), BT, C, 4 * C, dt);
-    backend_.gelu_forward(a.fch_gelu[ul].data(), a.fch[ul].data(), BT * 4 * C, dt);
-    backend_.matmul_forward(a.fcproj[ul].data(), a.fch_gelu[ul].data(), p(kFcProjW), p(kFcProjB), BT, 4 * C,
-                            C, dt);
-    backend_.residual_forward(a.residual3[ul].data(), a.residual2[ul].data(), a.fcproj[ul].data(), BT * C,
-                              dt);
-  }
+  for (int64_t l = 0; l < config_.num_layers; ++l) block_forward(params, l, /*full=*/true);
+  last_block_live_ = true;
   const size_t lnf = layer_index(config_.num_layers, kLn1W);  // ln_f.weight follows the last layer
   backend_.layernorm_forward(a.lnf.data(), a.lnf_mean.as<float>(), a.lnf_rstd.as<float>(),
                              a.residual3.back().data(), param(params, lnf), param(params, lnf + 1), BT, C,
@@ -339,18 +445,21 @@ void GPT::backward(const void* params, void* grads, const std::function<void(siz
   const int64_t C = config_.channels, NH = config_.num_heads, Vp = config_.padded_vocab_size();
   const DType dt = dtype_;
   const size_t es = dtype_size(dt);
+  const bool own_scratch = recompute_ == Recompute::none;
   const auto bytes = [&](int64_t elements) { return static_cast<size_t>(elements) * es; };
   const auto done = [&](size_t index) {
     if (on_grad_done) on_grad_done(index);
   };
 
-  // LM head (tied to wte): d(lnf) and dwte from dlogits.
-  backend_.fill_zero(a.dln.data(), bytes(BT * C));
-  backend_.matmul_backward(a.dln.data(), grad(grads, 0), nullptr, a.logits.data(), a.lnf.data(),
-                           param(params, 0), BT, C, Vp, dt);
+  // LM head (tied to wte): d(lnf) and dwte from dlogits. Without scratch of its own, d(lnf) goes into the
+  // last block's attproj/fcproj buffer, which backward never reads.
+  void* dlnf = own_scratch ? a.dln.data() : layer(config_.num_layers - 1).attproj;
+  backend_.fill_zero(dlnf, bytes(BT * C));
+  backend_.matmul_backward(dlnf, grad(grads, 0), nullptr, a.logits.data(), a.lnf.data(), param(params, 0), BT,
+                           C, Vp, dt);
   const size_t lnf = layer_index(config_.num_layers, kLn1W);
   backend_.fill_zero(a.dresidual.data(), bytes(BT * C));
-  backend_.layernorm_backward(a.dresidual.data(), grad(grads, lnf), grad(grads, lnf + 1), a.dln.data(),
+  backend_.layernorm_backward(a.dresidual.data(), grad(grads, lnf), grad(grads, lnf + 1), dlnf,
                               a.residual3.back().data(), param(params, lnf), a.lnf_mean.as<float>(),
                               a.lnf_rstd.as<float>(), BT, C, dt);
   done(lnf);
@@ -363,38 +472,45 @@ void GPT::backward(const void* params, void* grads, const std::function<void(siz
       done(layer_index(l, w));
       done(layer_index(l, b));
     };
-    const auto ul = static_cast<size_t>(l);
-    const void* residual = l == 0 ? a.encoded.data() : a.residual3[ul - 1].data();
+    recompute_block(params, l);
+    const LayerActs x = layer(l);
+    // Gradient buffers: scratch of their own (none), else activations of this block that are dead when the
+    // gradient is written: fch_gelu after the c_proj backward, attproj (never read), ln2 after the c_fc
+    // backward, fch after the GELU backward.
+    void* dfch = own_scratch ? a.dfch.data() : x.fch_gelu;
+    void* dln_mlp = own_scratch ? a.dln.data() : x.attproj;
+    void* datty = own_scratch ? a.datty.data() : x.ln2;
+    void* dqkv = own_scratch ? a.dqkv.data() : x.fch;
+    void* dln_attn = dln_mlp;
     // residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))): dresidual flows to both terms.
     backend_.fill_zero(a.dfch_gelu.data(), bytes(BT * 4 * C));
-    backend_.matmul_backward(a.dfch_gelu.data(), g(kFcProjW), g(kFcProjB), a.dresidual.data(),
-                             a.fch_gelu[ul].data(), p(kFcProjW), BT, 4 * C, C, dt);
+    backend_.matmul_backward(a.dfch_gelu.data(), g(kFcProjW), g(kFcProjB), a.dresidual.data(), x.fch_gelu,
+                             p(kFcProjW), BT, 4 * C, C, dt);
     finished(kFcProjW, kFcProjB);
-    backend_.fill_zero(a.dfch.data(), bytes(BT * 4 * C));
-    backend_.gelu_backward(a.dfch.data(), a.fch[ul].data(), a.dfch_gelu.data(), BT * 4 * C, dt);
-    backend_.fill_zero(a.dln.data(), bytes(BT * C));
-    backend_.matmul_backward(a.dln.data(), g(kFcW), g(kFcB), a.dfch.data(), a.ln2[ul].data(), p(kFcW), BT, C,
-                             4 * C, dt);
+    backend_.fill_zero(dfch, bytes(BT * 4 * C));
+    backend_.gelu_backward(dfch, x.fch, a.dfch_gelu.data(), BT * 4 * C, dt);
+    backend_.fill_zero(dln_mlp, bytes(BT * C));
+    backend_.matmul_backward(dln_mlp, g(kFcW), g(kFcB), dfch, x.ln2, p(kFcW), BT, C, 4 * C, dt);
     finished(kFcW, kFcB);
-    backend_.layernorm_backward(a.dresidual.data(), g(kLn2W), g(kLn2B), a.dln.data(), a.residual2[ul].data(),
-                                p(kLn2W), a.ln2_mean[ul].as<float>(), a.ln2_rstd[ul].as<float>(), BT, C, dt);
+    backend_.layernorm_backward(a.dresidual.data(), g(kLn2W), g(kLn2B), dln_mlp, x.residual2, p(kLn2W),
+                                x.ln2_mean, x.ln2_rstd, BT, C, dt);
     finished(kLn2W, kLn2B);
     // residual2 = residual + attproj(attention(qkv(ln1(residual)))).
-    backend_.fill_zero(a.datty.data(), bytes(BT * C));
-    backend_.matmul_backward(a.datty.data(), g(kAttProjW), g(kAttProjB), a.dresidual.data(),
-                             a.atty[ul].data(), p(kAttProjW), BT, C, C, dt);
+    backend_.fill_zero(datty, bytes(BT * C));
+    backend_.matmul_backward(datty, g(kAttProjW), g(kAttProjB), a.dresidual.data(), x.atty, p(kAttProjW), BT,
+                             C, C, dt);
     finished(kAttProjW, kAttProjB);
-    backend_.fill_zero(a.dqkv.data(), bytes(BT * 3 * C));
-    backend_.attention_backward(a.dqkv.data(), a.datty.data(), a.qkv[ul].data(), a.att[ul].data(),
-                                a.atty[ul].data(), B, T, C, NH, dt);
-    backend_.fill_zero(a.dln.data(), bytes(BT * C));
-    backend_.matmul_backward(a.dln.data(), g(kQkvW), g(kQkvB), a.dqkv.data(), a.ln1[ul].data(), p(kQkvW), BT,
-                             C, 3 * C, dt);
+    backend_.fill_zero(dqkv, bytes(BT * 3 * C));
+    backend_.attention_backward(dqkv, datty, x.qkv, x.att, x.atty, B, T, C, NH, dt);
+    backend_.fill_zero(dln_attn, bytes(BT * C));
+    backend_.matmul_backward(dln_attn, g(kQkvW), g(kQkvB), dqkv, x.ln1, p(kQkvW), BT, C, 3 * C, dt);
     finished(kQkvW, kQkvB);
-    backend_.layernorm_backward(a.dresidual.data(), g(kLn1W), g(kLn1B), a.dln.data(), residual, p(kLn1W),
-                                a.ln1_mean[ul].as<float>(), a.ln1_rstd[ul].as<float>(), BT, C, dt);
+    backend_.layernorm_backward(a.dresidual.data(), g(kLn1W), g(kLn1B), dln_attn, x.input, p(kLn1W),
+                                x.ln1_mean, x.ln1_rstd, BT, C, dt);
     finished(kLn1W, kLn1B);
   }
+  // The shared buffers now hold gradients and the first block: the next backward needs a new forward.
+  last_block_live_ = false;
   backend_.embedding_backward(grad(grads, 0), grad(grads, 1), a.dresidual.data(), a.tokens.as<int32_t>(), B,
                               T, C, dt);
   done(1);  // wpe

@@ -23,6 +23,7 @@
 #include "mptrain/error.hpp"
 #include "mptrain/hash.hpp"
 #include "mptrain/hf.hpp"
+#include "mptrain/memory_model.hpp"
 #include "mptrain/model.hpp"
 #include "mptrain/run_lock.hpp"
 #include "mptrain/runtime.hpp"
@@ -231,7 +232,8 @@ struct Session {
     model_config = config.model_config(vocab_size);
     engine = std::make_unique<MixedPrecisionEngine>(gpt_tensors(model_config), config.engine_config(),
                                                     *runtime.grad_comm, *backend);
-    model = std::make_unique<GPT>(model_config, engine->layout(), *backend, config.dtype());
+    model = std::make_unique<GPT>(model_config, engine->layout(), *backend, config.dtype(),
+                                  parse_recompute(config.recompute));
   }
 
   /// Validation loss over eval_batches batches of global_batch sequences, averaged over all ranks: per token
@@ -402,6 +404,11 @@ struct TrainingRun {
   std::ofstream metrics;  // rank 0 only
   double train_seconds = 0, window_seconds = 0;
   int64_t window_tokens = 0;
+  // The memory model: ranks sharing this node's memory, the budget of --micro-batch auto (the lowest of
+  // the ranks'), what this rank can use, and the estimate of the chosen micro-batch.
+  int ranks_on_node = 1;
+  UsableMemory budget, usable;
+  MemoryEstimate estimate;
 
   TrainingRun(const RunConfig& config, Communicator& comm_)
       : s(config, comm_), c(s.config), comm(comm_), root(comm_.rank() == 0) {}
@@ -440,6 +447,68 @@ struct TrainingRun {
   }
 };
 
+/// The ranks on this node (same host name), for the share of host memory each may use. Collective.
+int ranks_on_this_node(Communicator& comm) {
+  const auto mine = static_cast<int64_t>(fnv1a(detail::host_name()));
+  std::vector<int64_t> all(static_cast<size_t>(comm.size()));
+  comm.all_gather(&mine, all.data(), 1, DType::i64);
+  return static_cast<int>(std::count(all.begin(), all.end(), mine));
+}
+
+/// The ranks' node shares and the memory budget of --micro-batch auto: --memory-budget, or the lowest
+/// default budget of all ranks (free device memory differs between GPUs), so every rank picks the same
+/// micro-batch. Collective.
+void agree_on_memory_budget(TrainingRun& run) {
+  run.ranks_on_node = ranks_on_this_node(run.comm);
+  const RunConfig& c = run.c;
+  run.budget = c.memory_budget_gib > 0
+                   ? UsableMemory{static_cast<size_t>(c.memory_budget_gib * 1024.0 * 1024.0 * 1024.0),
+                                  "--memory-budget"}
+                   : default_memory_budget(*run.s.backend, run.ranks_on_node);
+  double lowest = -static_cast<double>(run.budget.bytes);
+  run.comm.all_reduce(std::span<double>(&lowest, 1), ReduceOp::max);
+  if (static_cast<size_t>(-lowest) < run.budget.bytes) {
+    run.budget.bytes = static_cast<size_t>(-lowest);
+    run.budget.source += ", the lowest over the ranks";
+  }
+}
+
+/// Before anything is allocated: --micro-batch auto picks the largest micro-batch that fits the budget and
+/// divides this rank's part of the global batch; then this rank's need is compared with what it can use.
+/// Throws mpt::InputError (one line) when nothing fits or the need is too large.
+void plan_memory(TrainingRun& run) {
+  Session& s = run.s;
+  RunConfig& c = run.c;
+  const int N = run.comm.size();
+  const GPTConfig model = c.model_config(s.data->vocab_size());
+  const EngineConfig engine = c.engine_config();
+  const Recompute mode = parse_recompute(c.recompute);
+  const auto estimate = [&](int64_t B) {
+    return estimate_memory(model, engine, N, mode, B, c.seq_len, *s.backend);
+  };
+  if (c.micro_batch_auto) {
+    MPT_INPUT_CHECK(c.global_batch % N == 0, "--global-batch {} is not divisible by {} ranks", c.global_batch,
+                    N);
+    const int64_t per_rank = c.global_batch / N;
+    const int64_t B = largest_micro_batch(estimate, run.budget.bytes, per_rank, per_rank);
+    const MemoryEstimate one = estimate(1);
+    MPT_INPUT_CHECK(
+        B > 0,
+        "--micro-batch auto: nothing fits the memory budget {} per rank ({}): micro-batch 1 needs "
+        "{} (activations {})",
+        format_gib(static_cast<double>(run.budget.bytes)), run.budget.source,
+        format_gib(static_cast<double>(one.total())), format_gib(static_cast<double>(one.activations)));
+    c.micro_batch = B;
+  }
+  run.usable = usable_memory(*s.backend, run.ranks_on_node);
+  run.estimate = estimate(c.micro_batch);
+  if (run.estimate.total() <= run.usable.bytes) return;
+  const int64_t largest = largest_micro_batch(estimate, run.usable.bytes, c.micro_batch - 1);
+  throw InputError(
+      memory_refusal(fmt::format("--micro-batch {}{}", c.micro_batch, c.micro_batch_auto ? " (auto)" : ""),
+                     run.estimate, run.usable, largest, estimate(1)));
+}
+
 /// The flags, data and checkpoint checks, the model and its weights (initial or resumed): everything that
 /// may fail on some ranks only, agreed by all of them.
 void load_run(TrainingRun& run) {
@@ -447,7 +516,7 @@ void load_run(TrainingRun& run) {
   RunConfig& c = run.c;
   agree_on_setup(run.comm, [&] {
     run.batches = c.batch_schedule();
-    run.batches->check_divisible(c.micro_batch, run.comm.size());
+    if (!c.micro_batch_auto) run.batches->check_divisible(c.micro_batch, run.comm.size());
     MPT_INPUT_CHECK(run.inject.spec.step == 0 || run.inject.spec.rank < run.comm.size(),
                     "--inject-overflow '{}': rank {} does not exist in a run of {} rank(s)",
                     c.inject_overflow, run.inject.spec.rank, run.comm.size());
@@ -455,6 +524,8 @@ void load_run(TrainingRun& run) {
       s.data = std::make_unique<Dataset>(Dataset::load(c.data, c.val_fraction));
       s.data->check_sequence_length(c.seq_len, c.eval_batches > 0);
     });
+    plan_memory(run);  // before the first allocation
+    if (c.micro_batch_auto) run.batches->check_divisible(c.micro_batch, run.comm.size());
     s.build(s.data->vocab_size());
     s.tokenizer = open_tokenizer(c, c.data, s.data->vocab_size());
     s.engine->set_parameters(gpt_init(s.model_config, c.seed));
@@ -553,6 +624,7 @@ void set_up_training(TrainingRun& run) {
   install_stop_handlers();
   run.s.start_runtime();
   lock_run(run);
+  agree_on_memory_budget(run);
   load_run(run);
   run.effective = c.to_json();
   uint64_t hash = fnv1a(run.effective.dump());
@@ -631,6 +703,18 @@ void print_run_header(const TrainingRun& run) {
       m.params_bytes, m.grads_bytes, m.master_bytes + m.adam_m_bytes + m.adam_v_bytes, m.state_bytes(),
       c.precision == "fp32" ? "8P + 12P/N" : "4P + 12P/N", main_grad ? " + 4P main_grad" : "", expected,
       static_cast<double>(m.state_bytes()) - expected);
+  const MemoryEstimate& e = run.estimate;
+  std::printf(
+      "memory model (--recompute %s, micro-batch %lld%s): engine %zu + activations %zu + model %zu = %zu "
+      "bytes allocated per rank, + backend scratch %zu = %s; usable %s (%s)\n",
+      c.recompute.c_str(), static_cast<long long>(c.micro_batch), c.micro_batch_auto ? ", auto" : "",
+      e.engine.state_bytes() + e.engine.scratch_bytes, e.activations, e.model_scratch, e.allocated(),
+      e.workspace, format_gib(static_cast<double>(e.total())).c_str(),
+      format_gib(static_cast<double>(run.usable.bytes)).c_str(), run.usable.source.c_str());
+  if (c.micro_batch_auto)
+    std::printf("micro-batch auto: %lld, the largest dividing %lld sequences per rank within %s (%s)\n",
+                static_cast<long long>(c.micro_batch), static_cast<long long>(G / N),
+                format_gib(static_cast<double>(run.budget.bytes)).c_str(), run.budget.source.c_str());
   std::printf(
       "batch: global %lld sequences x %lld tokens = %lld tokens/step; micro-batch %lld per rank, %lld "
       "accumulation step(s); %lld steps; %s sampling\n",
@@ -717,10 +801,18 @@ void report_step(const TrainingRun& run, int64_t step, const StepResult& r) {
         run.s.engine->loss_scale());
     std::fflush(stdout);
   }
-  if (run.root && step == run.start_step)
-    std::printf("activations per rank: %zu bytes (micro-batch %lld x %lld tokens)\n",
-                run.s.model->activation_bytes(), static_cast<long long>(run.c.micro_batch),
-                static_cast<long long>(run.c.seq_len));
+  if (run.root && step == run.start_step) {
+    const Backend& b = *run.s.backend;
+    const MemoryEstimate& e = run.estimate;
+    std::printf(
+        "activations per rank: %zu bytes (micro-batch %lld x %lld tokens, --recompute %s)\n"
+        "memory after the first step: %zu bytes allocated (backend counters), memory model %zu (%+.2f%%); "
+        "backend scratch %zu held, model %zu\n",
+        run.s.model->activation_bytes(), static_cast<long long>(run.c.micro_batch),
+        static_cast<long long>(run.c.seq_len), run.c.recompute.c_str(), b.bytes_in_use(), e.allocated(),
+        100.0 * (static_cast<double>(e.allocated()) / static_cast<double>(b.bytes_in_use()) - 1.0),
+        b.workspace_bytes_in_use(), e.workspace);
+  }
 }
 
 /// The log line and metrics.jsonl entry of step `step`: the step's mean loss over all ranks (collective),

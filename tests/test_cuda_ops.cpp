@@ -540,7 +540,8 @@ struct GptOn {
   Buffer params, grads;
   std::unique_ptr<GPT> model;
 
-  GptOn(Backend& b, const GPTConfig& c, DType dt, const std::vector<float>& init)
+  GptOn(Backend& b, const GPTConfig& c, DType dt, const std::vector<float>& init,
+        Recompute recompute = Recompute::none)
       : backend(b), layout(gpt_tensors(c), LayoutOptions{}, 1) {
     const size_t bytes = layout.padded_elements() * dtype_size(dt);
     params = backend.allocate(bytes);
@@ -553,7 +554,7 @@ struct GptOn {
         for (size_t i = 0; i < t.spec.num_elements(); ++i) p[t.offset + i] = from_float<S>(init[at++]);
     });
     backend.copy_from_host(params.data(), host.data(), bytes);
-    model = std::make_unique<GPT>(c, layout, backend, dt);
+    model = std::make_unique<GPT>(c, layout, backend, dt, recompute);
   }
   /// The gradient of every tensor, as float, in registration order.
   std::vector<std::vector<float>> gradients(DType dt) {
@@ -607,6 +608,35 @@ TYPED_TEST(CudaOps, WholeGptForwardBackwardMatchesCpu) {
     for (float x : g_cpu[k]) max_abs = std::max(max_abs, static_cast<double>(std::abs(x)));
     expect_close(g_gpu[k], g_cpu[k], {abs_frac * max_abs + 1e-12, rel},
                  "gradient of " + cpu.layout.tensors()[k].spec.name);
+  }
+}
+
+// --recompute on the device: the recomputed activations (cuBLASLt GEMMs, the attention kernels, LayerNorm,
+// GELU) are bitwise those of the forward, so the gradients are bitwise those of keeping everything.
+TYPED_TEST(CudaOps, RecomputedGptGradientsBitwiseEqual) {
+  MPT_REQUIRE_GPU();
+  const DType dt = dtype_of<TypeParam>();
+  GPTConfig c;
+  c.vocab_size = 61;
+  c.max_seq_len = 16;
+  c.num_layers = 3;
+  c.num_heads = 3;
+  c.channels = 72;
+  const int64_t B = 2, T_ = 13;
+  const auto init = gpt_init(c, 7);
+  const auto tokens = random_ints(B * T_, static_cast<int32_t>(c.vocab_size), 72);
+  std::vector<unsigned char> reference;
+  for (Recompute mode : {Recompute::none, Recompute::selective, Recompute::block}) {
+    SCOPED_TRACE(recompute_name(mode));
+    GptOn gpu(*this->gpu_backend, c, dt, init, mode);
+    gpu.model->forward(gpu.params.data(), tokens.data(), tokens.data(), B, T_, 256.0f);
+    gpu.model->backward(gpu.params.data(), gpu.grads.data());
+    std::vector<unsigned char> grads(gpu.grads.num_bytes());
+    gpu.backend.copy_to_host(grads.data(), gpu.grads.data(), grads.size());
+    if (mode == Recompute::none)
+      reference = grads;
+    else
+      EXPECT_TRUE(grads == reference) << "gradients differ from --recompute none";
   }
 }
 

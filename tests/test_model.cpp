@@ -35,7 +35,7 @@ struct ModelSetup {
   Buffer params, grads;
   std::unique_ptr<GPT> model;
 
-  ModelSetup(const GPTConfig& c, DType dt, uint64_t seed = 42)
+  ModelSetup(const GPTConfig& c, DType dt, uint64_t seed = 42, Recompute recompute = Recompute::none)
       : config(c), dtype(dt), layout(gpt_tensors(c), LayoutOptions{}, 1) {
     const size_t es = dtype_size(dt);
     params = backend->allocate(layout.padded_elements() * es);
@@ -47,7 +47,7 @@ struct ModelSetup {
         for (size_t i = 0; i < t.spec.num_elements(); ++i)
           params.as<T>()[t.offset + i] = from_float<T>(values[at++]);
     });
-    model = std::make_unique<GPT>(c, layout, *backend, dt);
+    model = std::make_unique<GPT>(c, layout, *backend, dt, recompute);
   }
   std::vector<float> grads_as_float() const {
     std::vector<float> out;
@@ -333,6 +333,112 @@ TEST(GptForward, DeviceLossScaleAndAccumulatedLoss) {
   const double sum = device.model->take_loss_sum();
   EXPECT_EQ(static_cast<float>(sum / (2 * 27)), loss);
   EXPECT_EQ(device.model->take_loss_sum(), 0.0) << "take_loss_sum clears the accumulator";
+}
+
+// ---- activation recomputation ----------------------------------------------------------------------------
+
+/// The raw bytes of a backend buffer (CPU backend: host memory).
+std::vector<unsigned char> raw(const Buffer& b) {
+  const auto* p = b.as<unsigned char>();
+  return std::vector<unsigned char>(p, p + b.num_bytes());
+}
+
+TEST(GptRecompute, GradientsBitwiseEqualToKeepingEverything) {
+  GPTConfig c = tiny();
+  c.num_layers = 3;
+  const int64_t B = 2, T = 7;
+  const auto tokens = random_tokens(static_cast<size_t>(B * T), c.vocab_size, 5);
+  const auto targets = random_tokens(static_cast<size_t>(B * T), c.vocab_size, 6);
+  const auto tokens2 = random_tokens(static_cast<size_t>(B * T), c.vocab_size, 7);
+  const auto eval_tokens = random_tokens(static_cast<size_t>(3 * T), c.vocab_size, 8);
+  for (DType dt : {DType::f32, DType::f16, DType::bf16}) {
+    std::vector<unsigned char> reference;
+    std::vector<size_t> reference_order;
+    float reference_loss = 0;
+    for (Recompute mode : {Recompute::none, Recompute::selective, Recompute::block}) {
+      SCOPED_TRACE(fmt::format("{} {}", dtype_name(dt), recompute_name(mode)));
+      ModelSetup m(c, dt, 42, mode);
+      m.zero_grads();
+      // Two accumulated micro-batches, the second after an evaluation forward of another shape (the
+      // activations are reallocated in between) and the first loss-scaled like fp16 training.
+      const float loss1 = m.model->forward(m.params.data(), tokens.data(), targets.data(), B, T, 512.0f);
+      m.model->backward(m.params.data(), m.grads.data());
+      m.model->forward(m.params.data(), eval_tokens.data(), nullptr, 3, T);
+      m.model->forward(m.params.data(), tokens2.data(), targets.data(), B, T, 256.0f);
+      std::vector<size_t> order;
+      m.model->backward(m.params.data(), m.grads.data(), [&](size_t i) { order.push_back(i); });
+      const auto grads = raw(m.grads);
+      if (mode == Recompute::none) {
+        reference = grads;
+        reference_order = order;
+        reference_loss = loss1;
+        EXPECT_GT(max_abs(m.grads_as_float()), 0.0);
+        continue;
+      }
+      EXPECT_EQ(loss1, reference_loss);
+      EXPECT_EQ(order, reference_order);
+      ASSERT_EQ(grads.size(), reference.size());
+      size_t first_diff = grads.size();
+      for (size_t i = 0; i < grads.size() && first_diff == grads.size(); ++i)
+        if (grads[i] != reference[i]) first_diff = i;
+      EXPECT_EQ(first_diff, grads.size()) << "first differing gradient byte " << first_diff;
+    }
+  }
+}
+
+TEST(GptRecompute, EveryTensorReportedOnceWithTheTiedWeightLast) {
+  for (Recompute mode : {Recompute::none, Recompute::selective, Recompute::block}) {
+    SCOPED_TRACE(recompute_name(mode));
+    ModelSetup m(tiny(), DType::f32, 42, mode);
+    const auto tokens = random_tokens(18, 37, 3);
+    m.model->forward(m.params.data(), tokens.data(), tokens.data(), 2, 9, 1.0f);
+    std::vector<size_t> order;
+    // wte's gradient must be final when it is reported: snapshot it at that moment.
+    std::vector<float> wte_at_report;
+    m.model->backward(m.params.data(), m.grads.data(), [&](size_t i) {
+      order.push_back(i);
+      if (i == 0) wte_at_report = m.grads_as_float();
+    });
+    const size_t n = m.layout.tensors().size();
+    ASSERT_EQ(order.size(), n);
+    EXPECT_EQ(std::set<size_t>(order.begin(), order.end()).size(), n);
+    EXPECT_EQ(order.back(), 0u);  // the tied embedding / LM head weight, after its last contribution
+    EXPECT_EQ(wte_at_report, m.grads_as_float());
+  }
+}
+
+TEST(GptRecompute, ActivationPlanMatchesTheAllocationAndShrinks) {
+  GPTConfig c = tiny();
+  c.num_layers = 4;
+  const auto backend = make_cpu_backend();
+  for (DType dt : {DType::f32, DType::f16}) {
+    size_t previous = SIZE_MAX;
+    for (Recompute mode : {Recompute::none, Recompute::selective, Recompute::block}) {
+      SCOPED_TRACE(fmt::format("{} {}", dtype_name(dt), recompute_name(mode)));
+      ModelSetup m(c, dt, 42, mode);
+      const auto tokens = random_tokens(27, 37, 3);
+      const size_t before = m.backend->bytes_in_use();
+      m.model->forward(m.params.data(), tokens.data(), tokens.data(), 3, 9, 1.0f);
+      m.model->backward(m.params.data(), m.grads.data());
+      const size_t planned = GPT::activation_bytes_for(c, dt, mode, 3, 9, *backend);
+      EXPECT_EQ(m.model->activation_bytes(), planned);
+      EXPECT_EQ(m.backend->bytes_in_use() - before, planned);
+      EXPECT_LT(planned, previous);
+      previous = planned;
+    }
+  }
+}
+
+TEST(GptRecompute, ParsesTheModeNames) {
+  for (Recompute mode : {Recompute::none, Recompute::selective, Recompute::block})
+    EXPECT_EQ(parse_recompute(recompute_name(mode)), mode);
+  try {
+    parse_recompute("full");
+    ADD_FAILURE() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("--recompute"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("'full'"), std::string::npos);
+  }
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -120,6 +121,24 @@ class Backend {
   virtual Buffer allocate(size_t num_bytes) = 0;
   /// Bytes currently allocated through allocate() and not yet freed (the memory accounting's ground truth).
   virtual size_t bytes_in_use() const = 0;
+  /// Bytes of scratch the backend keeps outside allocate() (so outside bytes_in_use()) for
+  /// matmul_forward/matmul_backward of these sizes: the CPU backend's FP32 copies of fp16/bf16 operands
+  /// (grow-only, shared with attention_backward); 0 where the backend needs none.
+  virtual size_t matmul_workspace_bytes(int64_t rows, int64_t IC, int64_t OC, DType dtype) const {
+    (void)rows, (void)IC, (void)OC, (void)dtype;
+    return 0;
+  }
+  /// The same for attention_forward/attention_backward of this shape (CPU: per-thread FP32 rows; CUDA: the
+  /// fused kernel's gradient staging and workspace).
+  virtual size_t attention_workspace_bytes(int64_t B, int64_t T, int64_t C, int64_t NH, DType dtype) const {
+    (void)B, (void)T, (void)C, (void)NH, (void)dtype;
+    return 0;
+  }
+  /// Bytes of that scratch held now (it grows to the largest need so far and is kept).
+  virtual size_t workspace_bytes_in_use() const { return 0; }
+  /// Free memory of the device (cudaMemGetInfo's free bytes) for a device backend; nullopt for the CPU,
+  /// whose memory is the host's (memory_model.hpp reads /proc/meminfo and the cgroup limit).
+  virtual std::optional<size_t> device_free_bytes() const { return std::nullopt; }
   /// Zeroes `num_bytes` at `dst` (backend memory).
   virtual void fill_zero(void* dst, size_t num_bytes) = 0;
   /// Copies host -> backend memory.

@@ -23,8 +23,11 @@ struct RunConfig {
   int64_t seq_len = 128;  ///< T, tokens per sequence (also the model's maximum)
 
   // Batch.
-  int64_t global_batch = 32;       ///< sequences per optimizer step, over all ranks
-  int64_t micro_batch = 16;        ///< sequences per rank per forward
+  int64_t global_batch = 32;  ///< sequences per optimizer step, over all ranks
+  int64_t micro_batch = 16;   ///< sequences per rank per forward (resolved at start-up when micro_batch_auto)
+  bool micro_batch_auto = false;   ///< --micro-batch auto: the largest that fits --memory-budget
+  double memory_budget_gib = 0.0;  ///< --memory-budget for auto (GiB per rank); 0 = the default budget
+  std::string recompute = "none";  ///< --recompute none|selective|block
   std::string batch_rampup;        ///< "START,INCREMENT,SAMPLES" (Megatron's --rampup-batch-size); "" = none
   std::string sampling = "epoch";  ///< "epoch" (permuted windows) or "random" (hashed window starts)
 
@@ -107,9 +110,6 @@ struct RunConfig {
   DType dtype() const;
   /// Checks values that do not depend on the world size or the data; throws mpt::InputError naming the flag.
   void validate() const;
-  /// Gradient-accumulation steps for `world_size` ranks; throws mpt::InputError when micro_batch x ranks
-  /// does not divide the global batch.
-  int64_t accumulation_steps(int world_size) const;
   /// The effective configuration (flag names as keys).
   nlohmann::json to_json() const;
 };

@@ -250,6 +250,10 @@ class MixedPrecisionEngine {
 
   /// Memory accounting from the allocated buffers.
   MemoryReport memory() const;
+  /// The memory() an engine constructed with these arguments on `world_size` ranks would report, computed
+  /// from the layout alone: nothing is allocated. Throws mpt::InputError for a bad config.
+  static MemoryReport predict_memory(std::vector<TensorSpec> tensors, const EngineConfig& config,
+                                     int world_size);
 
  private:
   /// This rank's shard of a full set of unpadded tensors (registration order), padding zero.

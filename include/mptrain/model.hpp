@@ -3,13 +3,16 @@
 // Token + position embeddings; L pre-LN blocks (LayerNorm -> causal multi-head attention with a fused QKV
 // projection and an output projection -> residual; LayerNorm -> MLP 4C with tanh-GELU -> residual); final
 // LayerNorm; LM head tied to the token embedding; mean cross-entropy. Parameters are views into the engine's
-// flat buffer (ParamLayout); activations are allocated once per (B, T) and reused.
+// flat buffer (ParamLayout); activations are allocated once per (B, T) and reused. With Recompute::selective
+// or ::block the backward recomputes what the forward did not keep, block by block, from the same inputs with
+// the same ops, so the gradients are bitwise those of Recompute::none.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "mptrain/backend.hpp"
@@ -41,6 +44,21 @@ std::vector<TensorSpec> gpt_tensors(const GPTConfig& config);
 /// include/mptrain/random.hpp), so the result is the same at any OpenMP thread count; filled in parallel.
 std::vector<float> gpt_init(const GPTConfig& config, uint64_t seed);
 
+/// What the backward keeps from the forward and what it recomputes (no dropout: every mode gives bitwise the
+/// same gradients, because the recomputation runs the same deterministic ops on the same inputs).
+enum class Recompute : uint8_t {
+  none,       ///< keep every activation of every block (llm.c's default)
+  selective,  ///< per block keep the QKV projection, the MLP input of GELU and both residual streams;
+              ///< recompute the LayerNorm outputs, the attention probabilities and output, and the GELU
+              ///< output (cheap, large; llm.c -r, Megatron --recompute-granularity selective)
+  block,      ///< per block keep only its input; recompute the block's forward inside its backward
+              ///< (Megatron --recompute-granularity full, torch.utils.checkpoint per block)
+};
+/// "none", "selective" or "block".
+const char* recompute_name(Recompute mode);
+/// Parses "none", "selective" or "block"; throws mpt::InputError naming --recompute otherwise.
+Recompute parse_recompute(const std::string& text);
+
 /// FLOPs per token of one training step (forward + backward): 6N + 12 L C T, N = all parameters (PaLM
 /// appendix B's formula with llm.c's choice of N), T the sequence length. For MFU.
 double gpt_flops_per_token(const GPTConfig& config, int64_t T);
@@ -48,13 +66,16 @@ double gpt_flops_per_token(const GPTConfig& config, int64_t T);
 class GPT {
  public:
   /// `layout` must hold gpt_tensors(config) (throws mpt::Error otherwise); `dtype` is the storage type of
-  /// params, grads and activations (f32, f16 or bf16). Validates the config (mpt::InputError).
-  GPT(const GPTConfig& config, const ParamLayout& layout, Backend& backend, DType dtype);
+  /// params, grads and activations (f32, f16 or bf16); `recompute` what backward recomputes. Validates the
+  /// config (mpt::InputError).
+  GPT(const GPTConfig& config, const ParamLayout& layout, Backend& backend, DType dtype,
+      Recompute recompute = Recompute::none);
   ~GPT();
   GPT(const GPT&) = delete;
   GPT& operator=(const GPT&) = delete;
 
   const GPTConfig& config() const { return config_; }
+  Recompute recompute() const { return recompute_; }
 
   /// Runs the model on tokens [B, T] (host int32). With targets [B, T] (host int32) returns the mean
   /// cross-entropy loss over B*T positions (computed in FP64 from FP32 per-position losses); without, NaN.
@@ -92,10 +113,24 @@ class GPT {
   const void* logits() const;
   /// Bytes of activation memory currently allocated (forward activations + backward scratch).
   size_t activation_bytes() const;
+  /// Bytes of activation memory (Backend::allocate) that a GPT with these arguments allocates for
+  /// micro-batch B of T tokens: the same plan the model allocates from, so activation_bytes() equals it
+  /// after the first forward. `backend` answers attention_saved_bytes(); nothing is allocated.
+  static size_t activation_bytes_for(const GPTConfig& config, DType dtype, Recompute recompute, int64_t B,
+                                     int64_t T, const Backend& backend);
+
+  /// The activation buffers and one layer's view of them (opaque: model.cpp).
+  struct Activations;
+  struct LayerActs;
 
  private:
-  struct Activations;
   void ensure_activations(int64_t B, int64_t T);
+  /// Layer l's activation buffers (its own or the shared ones, by recompute mode).
+  LayerActs layer(int64_t l) const;
+  /// The forward of block l into layer(l); with `full` false it stops after GELU (what backward reads).
+  void block_forward(const void* params, int64_t l, bool full);
+  /// Recomputes what the recompute mode dropped of block l, before its backward.
+  void recompute_block(const void* params, int64_t l);
   /// The shared body of forward() and forward_accumulate(): leaves the per-position losses in acts_->losses
   /// when targets are given.
   void run_forward(const void* params, const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
@@ -107,11 +142,14 @@ class GPT {
   const ParamLayout& layout_;
   Backend& backend_;
   DType dtype_;
+  Recompute recompute_;
   std::vector<size_t> offsets_;  // flat offset of every tensor, registration order
   std::unique_ptr<Activations> acts_;
   Buffer loss_sum_;  // one double, backend memory: forward_accumulate's accumulator
   int64_t B_ = 0, T_ = 0;
   bool dlogits_ready_ = false;
+  /// The shared buffers still hold the last block's activations from the forward (its recompute is skipped).
+  bool last_block_live_ = false;
 };
 
 }  // namespace mpt

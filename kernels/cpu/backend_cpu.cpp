@@ -5,6 +5,8 @@
 #include <cstring>
 #include <vector>
 
+#include <omp.h>
+
 #include "cpu/ops.hpp"
 #include "mptrain/error.hpp"
 
@@ -59,6 +61,21 @@ class CpuBackend final : public Backend {
     return Buffer(this, p, num_bytes);
   }
   size_t bytes_in_use() const override { return bytes_in_use_; }
+  // The FP32 staging of matmul.cpp (fp16, and bf16 without native oneDNN BF16: inp, weight, out and bias in
+  // FP32; the backward and the native BF16 path need no more, so this bounds them) and attention.cpp's
+  // backward (per thread q, k, v, dout, dq, dk, dv [T, hs] and two [T, T] tiles; the forward needs less), all
+  // in workspace_.
+  size_t matmul_workspace_bytes(int64_t rows, int64_t IC, int64_t OC, DType dtype) const override {
+    if (dtype == DType::f32 || dtype == DType::f64) return 0;
+    return static_cast<size_t>(rows * IC + OC * IC + rows * OC + OC) * sizeof(float);
+  }
+  size_t attention_workspace_bytes(int64_t /*B*/, int64_t T, int64_t C, int64_t NH,
+                                   DType dtype) const override {
+    if (dtype == DType::f64) return 0;
+    const int64_t per_thread = 7 * T * (C / NH) + 2 * T * T;
+    return static_cast<size_t>(per_thread * omp_get_max_threads()) * sizeof(float);
+  }
+  size_t workspace_bytes_in_use() const override { return workspace_.capacity() * sizeof(float); }
   void release(void* data, size_t num_bytes) noexcept override {
     std::free(data);
     bytes_in_use_ -= num_bytes;

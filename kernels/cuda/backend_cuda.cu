@@ -91,6 +91,19 @@ class CudaBackend final : public Backend {
     return buffer;
   }
   size_t bytes_in_use() const override { return bytes_in_use_; }
+  // cuDNN SDPA's backward stages the dq/dk/dv gradient [B,T,3C] and a workspace of about B*NH*T*T elements
+  // (attention_cudnn.cu); the unfused path needs none.
+  size_t attention_workspace_bytes(int64_t B, int64_t T, int64_t C, int64_t NH, DType dtype) const override {
+    if (force_unfused_) return 0;
+    return static_cast<size_t>(B) * static_cast<size_t>(T) * static_cast<size_t>(3 * C + NH * T) *
+           dtype_size(dtype);
+  }
+  size_t workspace_bytes_in_use() const override { return workspace_.num_bytes(); }
+  std::optional<size_t> device_free_bytes() const override {
+    size_t free_bytes = 0, total_bytes = 0;
+    MPT_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    return free_bytes;
+  }
   void release(void* data, size_t num_bytes) noexcept override {
     if (data) {
       // Work still reading the buffer finishes first (cudaFree waits for the device too, but only

@@ -112,6 +112,34 @@ def _(c):
     return c.train("--micro-batch", "0")
 
 
+@case("micro_batch_does_not_fit", USAGE, "--micro-batch 1000000000 needs", "TiB per rank", "available",
+      "the largest micro-batch that fits is")
+def _(c):
+    # Checked against the memory a rank can use before anything is allocated (tens of TiB here).
+    return c.train("--micro-batch", "1000000000", "--global-batch", "2000000000")
+
+
+@case("micro_batch_auto_nothing_fits", USAGE, "--micro-batch auto: nothing fits", "--memory-budget",
+      "micro-batch 1 needs")
+def _(c):
+    return c.train("--micro-batch", "auto", "--memory-budget", "0.0001")
+
+
+@case("flag_micro_batch_word", USAGE, "--micro-batch", "'lots'")
+def _(c):
+    return c.train("--micro-batch", "lots")
+
+
+@case("flag_memory_budget_without_auto", USAGE, "--memory-budget 2", "--micro-batch auto")
+def _(c):
+    return c.train("--memory-budget", "2")
+
+
+@case("flag_unknown_recompute", USAGE, "--recompute", "full")
+def _(c):
+    return c.train("--recompute", "full")
+
+
 @case("flag_steps_negative", USAGE, "--steps", "got -5")
 def _(c):
     return c.train("--steps", "-5")

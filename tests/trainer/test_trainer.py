@@ -171,6 +171,49 @@ class Trainer(unittest.TestCase):
         self.assertEqual(len(losses), 8)
         self.assertLess(losses[-1], losses[0])
 
+    def run_with(self, name, extra):
+        cwd = os.path.join(self.dir, name)
+        out = self.mptrain(2, "train", "--data", self.corpus, "--run-name", name, "--resume", "none", *TINY, *extra,
+                           cwd=cwd)
+        with open(os.path.join(cwd, "runs", name, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f]
+        return out, lines
+
+    @staticmethod
+    def number_after(text, prefix, suffix):
+        """The integer between `prefix` and `suffix` on the first line that has them so."""
+        import re
+        m = re.search(re.escape(prefix) + r" *(\d+) *" + re.escape(suffix), text)
+        if not m:
+            raise AssertionError(f"no '{prefix} N {suffix}' in:\n{text}")
+        return int(m.group(1))
+
+    def test_recompute_modes_train_bitwise_alike_and_the_memory_model_agrees(self):
+        extra = ["--precision", "fp16", "--layers", "2", "--global-batch", "8", "--micro-batch", "2", "--steps",
+                 "4"]
+        reference, activations = None, {}
+        for mode in ("none", "selective", "block"):
+            out, lines = self.run_with("recompute_" + mode, extra + ["--recompute", mode])
+            allocated = self.number_after(out, "memory after the first step:", "bytes allocated")
+            model = self.number_after(out, "memory model", "(")  # the line after the first step
+            self.assertLessEqual(abs(model / allocated - 1.0), 0.05, out)
+            activations[mode] = self.number_after(out, "activations per rank:", "bytes")
+            steps = [{k: v for k, v in line.items() if k in NON_TIMING} for line in lines]
+            if reference is None:
+                reference = steps
+            self.assertEqual(steps, reference, mode)
+        self.assertLess(activations["selective"], activations["none"])
+        self.assertLess(activations["block"], activations["selective"])
+
+    def test_micro_batch_auto_picks_the_largest_that_fits(self):
+        extra = ["--global-batch", "16", "--steps", "1", "--micro-batch", "auto"]
+        out, _ = self.run_with("auto_roomy", extra + ["--memory-budget", "1"])
+        self.assertEqual(self.number_after(out, "micro-batch auto:", ","), 8)  # all 8 sequences of the rank
+        # A budget between the needs of micro-batch 2 and 4 gives 2 and 2 x 2 accumulation steps per rank.
+        out, _ = self.run_with("auto_tight", extra + ["--memory-budget", "0.0006"])
+        self.assertEqual(self.number_after(out, "micro-batch auto:", ","), 2, out)
+        self.assertIn("micro-batch 2 per rank, 4 accumulation step(s)", out)
+
     def test_pytorch_reproduces_eval_from_the_checkpoint(self):
         import torch
         from gpt_reference import gpt_loss, read_safetensors
