@@ -16,12 +16,17 @@
 #                  that checkpoint and train on
 #   unknown_host   a hostfile naming a host that does not exist: one line naming it, exit non-zero, no hang
 #   no_interface   MPTRAIN_MPI_IFACE names an interface that does not exist: one line, exit non-zero, no hang
+#   link_cut       2 hosts x 1 rank, h1's link cut mid-run (its bridge port set down): every rank exits
+#                  non-zero within --collective-timeout + 10 s with one line naming rank, host and collective
+#                  (each rank's stderr goes to a file on its own host: mpirun cannot hear the cut-off host),
+#                  and so does mpirun, given net.ipv4.tcp_retries2=2 in the hosts (see the case); with the
+#                  link back, --resume auto continues from the newest checkpoint
 #
 # Exit status: 0 passed, 1 failed, 77 skipped (namespaces cannot be made here: not root, no iproute2 or
 # unshare, or the kernel refuses), 2 usage.
 set -euo pipefail
 
-CASES=(placement unknown_host no_interface)
+CASES=(placement unknown_host no_interface link_cut)
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 mptrain=""
 case_name=""
@@ -139,7 +144,7 @@ multinode() {
   mkdir -p "$dir"
   set +e
   # shellcheck disable=SC2016  # $@ is the inner shell's
-  MPTRAIN_HOSTFILE=$hf MPTRAIN_BIN=$mptrain MPTRAIN_MPI_IFACE=${MH_IFACE-$iface} OMP_NUM_THREADS=1 \
+  MPTRAIN_HOSTFILE=$hf MPTRAIN_BIN=${MH_BIN:-$mptrain} MPTRAIN_MPI_IFACE=${MH_IFACE-$iface} OMP_NUM_THREADS=1 \
     MPTRAIN_MPIRUN_ARGS="--mca plm_rsh_agent $work/netns-agent --wdir $dir ${MH_MPIRUN_ARGS:-}" \
     timeout -k 5 "$limit" ip netns exec "$prefix-h0" unshare --uts sh -c 'hostname h0 && shift && exec "$@"' x x \
     bash "$repo/launch/multinode.sh" "${TRAIN[@]}" "$@" >"$work/out" 2>&1
@@ -240,6 +245,79 @@ case_no_interface() {
   grep -q "^multinode: error: MPTRAIN_MPI_IFACE: no network interface 'nosuch0' on h0" "$work/out" ||
     fail "no line naming the interface"
   ! grep -q "^multinode: mpirun" "$work/out" || fail "mpirun was started"
+}
+
+# A small model for the cases that only need steps to go by.
+TINY=(--layers 1 --heads 2 --channels 32 --seq-len 32 --global-batch 8 --micro-batch 4 --warmup-steps 2)
+
+# The number of live mptrain processes in the hosts.
+ranks_alive() {
+  local ns p n=0
+  for ns in "${made[@]}"; do
+    for p in $(ip netns pids "$ns"); do
+      if [ "$(cat "/proc/$p/comm" 2>/dev/null)" = mptrain ]; then n=$((n + 1)); fi
+    done
+  done
+  echo "$n"
+}
+
+case_link_cut() {
+  hosts 2
+  # mpirun learns that a host is gone only when TCP gives up on its connection to that host's orted: after
+  # net.ipv4.tcp_retries2 retransmissions (Linux default 15: about 15 minutes). 2 is a few seconds.
+  local h
+  for h in h0 h1; do ip netns exec "$prefix-$h" sysctl -qw net.ipv4.tcp_retries2=2; done
+  hostfile "$work/hf" h0:1 h1:1
+  # Each rank's stderr goes to a file on its own host.
+  # shellcheck disable=SC2016  # expanded by the wrapper
+  printf '#!/bin/sh\nexec "%s" "$@" 2>"%s/stderr.rank$OMPI_COMM_WORLD_RANK.$(hostname)"\n' "$mptrain" "$work" \
+    >"$work/mptrain-log"
+  chmod +x "$work/mptrain-log"
+  local dir=$work/run ckpts=$work/run/runs/cut/checkpoints timeout_s=4 t0 t_cut gone waited newest r f
+  (
+    MH_BIN=$work/mptrain-log multinode "$work/hf" 90 "$dir" "${TINY[@]}" --steps 100000 --checkpoint-interval 10 \
+      --keep-checkpoints 2 --collective-timeout "$timeout_s" --run-name cut
+    exit "$rc"
+  ) &
+  local job=$!
+  t0=$SECONDS
+  until compgen -G "$ckpts/ckpt_*.safetensors" >/dev/null; do
+    ((SECONDS - t0 < 60)) || fail "no checkpoint within 60 s: $(cat "$work/out")"
+    kill -0 "$job" 2>/dev/null || fail "the job ended before the cut: $(cat "$work/out")"
+    sleep 0.2
+  done
+  ip -n "$prefix-sw" link set port1 down
+  t_cut=$SECONDS
+  while (($(ranks_alive) > 0 && SECONDS - t_cut < 60)); do sleep 0.5; done
+  gone=$((SECONDS - t_cut))
+  set +e
+  wait "$job"
+  rc=$?
+  set -e
+  waited=$((SECONDS - t_cut))
+  note "link of h1 cut: ranks gone after $gone s, mpirun exit $rc after $waited s; the ranks said:"
+  for r in 0 1; do
+    f=$work/stderr.rank$r.h$r
+    [ -f "$f" ] || fail "no stderr of rank $r on h$r: $(ls "$work")"
+    grep "^mptrain: " "$f" | sed "s/^/  | /"
+    [ "$(grep -c "^mptrain: rank $r on h$r: collective .* did not complete within $timeout_s s" "$f")" = 1 ] ||
+      fail "rank $r: not one watchdog line naming rank, host and collective: $(cat "$f")"
+  done
+  ((gone <= timeout_s + 10)) || fail "ranks still alive $gone s after the cut (limit $((timeout_s + 10)) s)"
+  ((rc != 0 && rc != 124 && rc != 137)) || fail "mpirun: expected a non-zero exit, got $rc: $(cat "$work/out")"
+  ((waited <= timeout_s + 10)) || fail "mpirun ended $waited s after the cut (limit $((timeout_s + 10)) s)"
+  ip -n "$prefix-sw" link set port1 up
+  newest=$(find "$ckpts" -name 'ckpt_*.safetensors' | sed -n 's/.*ckpt_0*\([0-9][0-9]*\)\.safetensors$/\1/p' |
+    sort -n | tail -1)
+  t0=$SECONDS
+  multinode "$work/hf" 90 "$dir" "${TINY[@]}" --steps $((newest + 3)) --checkpoint-interval 10 --keep-checkpoints 2 \
+    --collective-timeout "$timeout_s" --run-name cut --resume auto
+  ((rc == 0)) || fail "resume after the link came back: exit $rc: $(cat "$work/out")"
+  grep "^resumed from" "$work/out" | sed 's/^/  | /'
+  grep -q "^resumed from .*ckpt_$(printf %08d "$newest").safetensors at step $newest" "$work/out" ||
+    fail "no resume from step $newest: $(cat "$work/out")"
+  [ -f "$ckpts/ckpt_$(printf %08d $((newest + 3))).safetensors" ] || fail "no checkpoint of step $((newest + 3))"
+  note "link back: --resume auto from step $newest reached step $((newest + 3)) in $((SECONDS - t0)) s"
 }
 
 "case_$case_name"
