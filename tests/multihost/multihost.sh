@@ -89,6 +89,7 @@ hosts() {
   local n=$1 decoy=${2:-} i ns
   ip netns add "$prefix-sw" 2>/dev/null || skip "ip netns add fails here (no CAP_SYS_ADMIN or no netns support)"
   made+=("$prefix-sw")
+  unshare --uts true 2>/dev/null || skip "unshare --uts fails here (hosts need their own hostname)"
   ip -n "$prefix-sw" link add br0 type bridge || skip "no bridge support in this kernel"
   ip -n "$prefix-sw" link set br0 up
   for ((i = 0; i < n; i++)); do
