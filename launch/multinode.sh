@@ -84,6 +84,16 @@ for v in OMP_NUM_THREADS PATH LD_LIBRARY_PATH NCCL_SOCKET_IFNAME NCCL_IB_HCA NCC
   if [ -n "${!v+set}" ]; then cmd+=(-x "$v"); fi
 done
 if [ -n "${MPTRAIN_MPI_IFACE:-}" ]; then
+  # Each named interface must exist here (on the node that runs mpirun); a subnet (a.b.c.d/n) is not checked.
+  # Open MPI's own message for a missing one is a banner per framework; this is one line.
+  IFS=, read -r -a ifaces <<<"$MPTRAIN_MPI_IFACE"
+  for i in "${ifaces[@]}"; do
+    if [ "${MPTRAIN_DRY_RUN:-0}" != 1 ] && [[ "$i" != */* ]] && [ ! -e "/sys/class/net/$i" ]; then
+      # shellcheck disable=SC2012  # interface names are plain
+      echo "multinode: error: MPTRAIN_MPI_IFACE: no network interface '$i' on $(hostname) (there: $(ls /sys/class/net | tr '\n' ' '))" >&2
+      exit 1
+    fi
+  done
   cmd+=(--mca btl_tcp_if_include "$MPTRAIN_MPI_IFACE" --mca oob_tcp_if_include "$MPTRAIN_MPI_IFACE")
 fi
 cmd+=(--mca btl_vader_single_copy_mechanism none)

@@ -19,7 +19,8 @@ packages=(
   clang-format
   universal-ctags  # function extents for tests/tools/function_length.py (CI)
   clang libclang-rt-14-dev libomp-14-dev  # libFuzzer targets (tests/fuzz, .ci/run)
-  util-linux  # setpriv: the bad-input test that drops root's privileges
+  util-linux  # setpriv: the bad-input test that drops root's privileges; unshare: tests/multihost
+  iproute2  # ip netns: the namespace hosts of tests/multihost
   python3-torch
   python3-venv  # launch/hf_venv.sh: transformers/tokenizers (PyPI) over Debian's torch for the interop tests
   bible-kjv gnuplot-nox  # default corpus (launch/corpus.sh), plots (benchmarks/plot.py)
