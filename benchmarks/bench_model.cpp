@@ -5,9 +5,8 @@
 // instead.
 //
 //   build/benchmarks/bench_model --layers 4 --channels 128 --heads 4 --seq 128 --batch 16 --threads 1,2
-//   build/benchmarks/bench_model --init-only --vocab 50304 --layers 24 --channels 2048 --heads 16 --seq 1024
-//   \
-//     --threads 1,2 --iters 1 --warmup 0
+//   build/benchmarks/bench_model --init-only --vocab 50304 --layers 24 --channels 2048 --heads 16
+//     --seq 1024 --threads 1,2 --iters 1 --warmup 0   (one command line)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>

@@ -13,7 +13,7 @@
 namespace mpt {
 
 MemoryEstimate estimate_memory(const GPTConfig& model, const EngineConfig& engine, int world_size,
-                               Recompute recompute, int64_t B, int64_t T, const Backend& backend) {
+                               Recompute recompute, int64_t B, int64_t T, Backend& backend) {
   MemoryEstimate e;
   e.micro_batch = B;
   e.engine = MixedPrecisionEngine::predict_memory(gpt_tensors(model), engine, world_size);

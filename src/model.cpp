@@ -291,10 +291,10 @@ void GPT::ensure_activations(int64_t B, int64_t T) {
 }
 
 size_t GPT::activation_bytes_for(const GPTConfig& config, DType dtype, Recompute recompute, int64_t B,
-                                 int64_t T, const Backend& backend) {
+                                 int64_t T, Backend& backend) {
   Activations a;
   plan_activations(a, config, dtype, recompute, B, T,
-                   backend.attention_saved_bytes(B, T, config.num_heads, dtype),
+                   backend.attention_saved_bytes(B, T, config.channels, config.num_heads, dtype),
                    [](size_t) { return Buffer(); });
   return a.bytes;
 }

@@ -36,7 +36,7 @@ struct MemoryEstimate {
 /// micro-batch B of T tokens, on `backend` (which answers attention_saved_bytes and the workspace sizes;
 /// nothing is allocated). Throws mpt::InputError for a bad config.
 MemoryEstimate estimate_memory(const GPTConfig& model, const EngineConfig& engine, int world_size,
-                               Recompute recompute, int64_t B, int64_t T, const Backend& backend);
+                               Recompute recompute, int64_t B, int64_t T, Backend& backend);
 
 /// The largest micro-batch B in [1, max_B] whose estimate(B).total() is at most `budget_bytes`, or 0 when
 /// none fits; with `must_divide` > 0 only B that divide it count. estimate(B).total() must grow with B.

@@ -117,7 +117,7 @@ class GPT {
   /// micro-batch B of T tokens: the same plan the model allocates from, so activation_bytes() equals it
   /// after the first forward. `backend` answers attention_saved_bytes(); nothing is allocated.
   static size_t activation_bytes_for(const GPTConfig& config, DType dtype, Recompute recompute, int64_t B,
-                                     int64_t T, const Backend& backend);
+                                     int64_t T, Backend& backend);
 
   /// The activation buffers and one layer's view of them (opaque: model.cpp).
   struct Activations;
