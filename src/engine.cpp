@@ -37,6 +37,14 @@ double MemoryReport::padding_bytes(size_t element_bytes) const {
 
 namespace {
 
+/// Norm segments per rank that the LAMB sum buffers hold: the most any rank owns (at least 1), so every
+/// rank's part of the gathered buffer has the same stride.
+size_t lamb_capacity(const std::vector<NormSegment>& segments, int world_size) {
+  std::vector<size_t> count(static_cast<size_t>(world_size), 0);
+  for (const NormSegment& s : segments) ++count[static_cast<size_t>(s.owner)];
+  return std::max<size_t>(*std::max_element(count.begin(), count.end()), 1);
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -133,7 +141,7 @@ void MixedPrecisionEngine::setup_lamb() {
   const auto ranks = static_cast<size_t>(comm_.size());
   std::vector<size_t> count(ranks, 0), local(all.size());
   for (size_t g = 0; g < all.size(); ++g) local[g] = count[static_cast<size_t>(all[g].owner)]++;
-  lamb_capacity_ = std::max<size_t>(*std::max_element(count.begin(), count.end()), 1);
+  lamb_capacity_ = lamb_capacity(all, comm_.size());
   // Segments come grouped by tensor (ParamLayout::norm_segments), so each tensor's run of `order` is
   // contiguous; every tensor has at least one segment (it has at least one element).
   const size_t num_tensors = layout_.tensors().size();
@@ -521,8 +529,13 @@ MemoryReport MixedPrecisionEngine::predict_memory(std::vector<TensorSpec> tensor
   r.params_bytes = layout.padded_elements() * esize;
   r.grads_bytes = layout.padded_elements() * (c.fp32_grad_accumulation ? sizeof(float) + esize : esize);
   r.master_bytes = r.adam_m_bytes = r.adam_v_bytes = shard_bytes;
-  r.scratch_bytes = layout.blocks_per_rank() * (1 + static_cast<size_t>(world_size)) * sizeof(double) +
-                    sizeof(common::AmpState);
+  // Block sums and bucket squares (sums_stride_ per rank), this rank's and gathered from every rank.
+  const auto ranks = static_cast<size_t>(world_size);
+  const size_t stride = layout.blocks_per_rank() + layout.buckets().size();
+  r.scratch_bytes = stride * (1 + ranks) * sizeof(double) + sizeof(common::AmpState);
+  if (c.optimizer == OptimizerKind::lamb)  // setup_lamb: w^2 and r^2 segment sums, gathered; trust ratios
+    r.scratch_bytes += 2 * lamb_capacity(layout.norm_segments(), world_size) * (1 + ranks) * sizeof(double) +
+                       layout.tensors().size() * sizeof(float);
   return r;
 }
 

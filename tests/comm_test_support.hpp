@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 #include <memory>
+#include <random>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -17,6 +18,16 @@
 #include "mptrain/dtype.hpp"
 
 namespace mpt::test {
+
+/// `n` initial weights for the engine tests: N(0, 0.02) from a fixed seed (std::mt19937 1234), the same on
+/// every rank, so each rank's set_parameters agrees.
+inline std::vector<float> initial_values(size_t n) {
+  std::mt19937 rng(1234);
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
 
 /// The storage types every collective is checked in.
 using FloatTypes = ::testing::Types<float, half, bf16>;

@@ -41,13 +41,7 @@ EngineConfig small_config(GradSync sync = GradSync::reduce_scatter, float clip =
   return c;
 }
 
-std::vector<float> initial_values(size_t n) {
-  std::mt19937 rng(1234);
-  std::normal_distribution<float> normal(0.0f, 0.02f);
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng);
-  return v;
-}
+using test::initial_values;
 
 /// Writes grads[tensor element] = half(value(tensor, element) * scale) into the engine's full flat buffer.
 template <typename F>

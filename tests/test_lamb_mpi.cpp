@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include "comm_test_support.hpp"
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/engine.hpp"
 
@@ -38,13 +39,7 @@ EngineConfig lamb_config(DType dtype, float clip, size_t block = 16) {
   return c;
 }
 
-std::vector<float> initial_values(size_t n) {
-  std::mt19937 rng(1234);
-  std::normal_distribution<float> normal(0.0f, 0.02f);
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng);
-  return v;
-}
+using test::initial_values;
 
 float grad_value(int step, size_t tensor, size_t i) {
   return 0.01f * std::sin(0.37f * static_cast<float>(i) + 1.3f * static_cast<float>(tensor) +

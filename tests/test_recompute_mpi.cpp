@@ -101,39 +101,42 @@ TEST(MemoryModelMpi, PredictsTheBytesAllocatedByAStep) {
   const GPTConfig c = tiny_gpt();
   for (DType dtype : {DType::f32, DType::f16, DType::bf16})
     for (bool main_grad : {false, true})
-      for (Recompute mode : {Recompute::none, Recompute::selective, Recompute::block}) {
-        SCOPED_TRACE(fmt::format("{}{} --recompute {} on {} rank(s)", dtype_name(dtype),
-                                 main_grad ? " + FP32 accumulation" : "", recompute_name(mode),
-                                 world.size()));
-        const auto backend = make_cpu_backend();
-        EngineConfig ec;
-        ec.dtype = dtype;
-        ec.bucket_bytes = 1500 * dtype_size(dtype);
-        ec.block_elements = 16;
-        ec.fp32_grad_accumulation = main_grad;
-        const int64_t B = 3, T = c.max_seq_len;
-        const MemoryEstimate e = estimate_memory(c, ec, world.size(), mode, B, T, *backend);
-        EXPECT_EQ(backend->bytes_in_use(), 0u);  // estimating allocates nothing
-        MixedPrecisionEngine engine(gpt_tensors(c), ec, world, *backend);
-        engine.set_parameters(gpt_init(c, 7));
-        GPT model(c, engine.layout(), *backend, dtype, mode);
-        const MemoryReport predicted = MixedPrecisionEngine::predict_memory(gpt_tensors(c), ec, world.size());
-        const MemoryReport actual = engine.memory();
-        EXPECT_EQ(predicted.params_bytes, actual.params_bytes);
-        EXPECT_EQ(predicted.grads_bytes, actual.grads_bytes);
-        EXPECT_EQ(predicted.master_bytes, actual.master_bytes);
-        EXPECT_EQ(predicted.scratch_bytes, actual.scratch_bytes);
-        std::vector<int32_t> tokens(static_cast<size_t>(B * T), 5);
-        engine.zero_grads();
-        model.forward_accumulate(engine.params(), tokens.data(), tokens.data(), B, T, 1.0f,
-                                 engine.loss_scale_device());
-        model.backward(engine.params(), engine.grads());
-        engine.accumulate_micro_batch();
-        engine.step();
-        EXPECT_EQ(e.allocated(), backend->bytes_in_use());
-        EXPECT_GE(e.workspace, dtype == DType::f32 ? 0u : 1u);
-        EXPECT_LE(backend->workspace_bytes_in_use(), 2 * e.workspace);  // grow-only vector: up to 2x
-      }
+      for (Recompute mode : {Recompute::none, Recompute::selective, Recompute::block})
+        for (OptimizerKind optimizer : {OptimizerKind::adamw, OptimizerKind::lamb}) {
+          SCOPED_TRACE(fmt::format("{}{} --recompute {} --optimizer {} on {} rank(s)", dtype_name(dtype),
+                                   main_grad ? " + FP32 accumulation" : "", recompute_name(mode),
+                                   optimizer == OptimizerKind::lamb ? "lamb" : "adamw", world.size()));
+          const auto backend = make_cpu_backend();
+          EngineConfig ec;
+          ec.dtype = dtype;
+          ec.optimizer = optimizer;
+          ec.bucket_bytes = 1500 * dtype_size(dtype);
+          ec.block_elements = 16;
+          ec.fp32_grad_accumulation = main_grad;
+          const int64_t B = 3, T = c.max_seq_len;
+          const MemoryEstimate e = estimate_memory(c, ec, world.size(), mode, B, T, *backend);
+          EXPECT_EQ(backend->bytes_in_use(), 0u);  // estimating allocates nothing
+          MixedPrecisionEngine engine(gpt_tensors(c), ec, world, *backend);
+          engine.set_parameters(gpt_init(c, 7));
+          GPT model(c, engine.layout(), *backend, dtype, mode);
+          const MemoryReport predicted =
+              MixedPrecisionEngine::predict_memory(gpt_tensors(c), ec, world.size());
+          const MemoryReport actual = engine.memory();
+          EXPECT_EQ(predicted.params_bytes, actual.params_bytes);
+          EXPECT_EQ(predicted.grads_bytes, actual.grads_bytes);
+          EXPECT_EQ(predicted.master_bytes, actual.master_bytes);
+          EXPECT_EQ(predicted.scratch_bytes, actual.scratch_bytes);
+          std::vector<int32_t> tokens(static_cast<size_t>(B * T), 5);
+          engine.zero_grads();
+          model.forward_accumulate(engine.params(), tokens.data(), tokens.data(), B, T, 1.0f,
+                                   engine.loss_scale_device());
+          model.backward(engine.params(), engine.grads());
+          engine.accumulate_micro_batch();
+          engine.step();
+          EXPECT_EQ(e.allocated(), backend->bytes_in_use());
+          EXPECT_GE(e.workspace, dtype == DType::f32 ? 0u : 1u);
+          EXPECT_LE(backend->workspace_bytes_in_use(), 2 * e.workspace);  // grow-only vector: up to 2x
+        }
 }
 
 TEST(MemoryModel, LargestMicroBatchFitsAndTheNextDoesNot) {

@@ -86,6 +86,19 @@ void add_column_sums(T* dbias, const opmath_t<T>* x, int64_t rows, int64_t cols)
   }
 }
 
+/// out[rows,OC] = round(out32[r, :] + bias32) to T: the bias added in FP32, then one rounding per output
+/// (bias32 may be null).
+template <typename T>
+void add_bias_and_round(T* out, float* out32, const float* bias32, int64_t rows, int64_t OC) {
+#pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = out32 + r * OC;
+    if (bias32 != nullptr)
+      for (int64_t j = 0; j < OC; ++j) o[j] += bias32[j];
+    convert(o, out + r * OC, static_cast<size_t>(OC));
+  }
+}
+
 /// Shapes must be non-negative and fit BLAS's int.
 void check_sizes(const char* op, int64_t rows, int64_t IC, int64_t OC) {
   MPT_CHECK(rows >= 0 && rows <= INT_MAX, "{}: rows = {} is outside [0, INT_MAX] (BLAS takes int sizes)", op,
@@ -121,13 +134,7 @@ void matmul_forward_native_bf16(bf16* out, const bf16* inp, const bf16* weight, 
   float* bias32 = out32 + rows * OC;
   if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
   onednn_gemm<bf16>(false, true, rows, OC, IC, inp, IC, weight, IC, 0.0f, out32, OC);
-#pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
-  for (int64_t r = 0; r < rows; ++r) {
-    float* o = out32 + r * OC;
-    if (bias != nullptr)
-      for (int64_t j = 0; j < OC; ++j) o[j] += bias32[j];
-    convert(o, out + r * OC, static_cast<size_t>(OC));
-  }
+  add_bias_and_round(out, out32, bias != nullptr ? bias32 : nullptr, rows, OC);
 }
 
 /// matmul_backward for BF16 storage on oneDNN's native BF16 matmul: FP32 results in the workspace, then one
@@ -224,13 +231,7 @@ void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int64_
     if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
     gemm<float>(CblasNoTrans, CblasTrans, rows, OC, IC, inp32, IC, weight32, IC, 0.0f, out32, OC);
     // Bias added in FP32, then one rounding per output.
-#pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
-    for (int64_t r = 0; r < rows; ++r) {
-      float* o = out32 + r * OC;
-      if (bias != nullptr)
-        for (int64_t j = 0; j < OC; ++j) o[j] += bias32[j];
-      convert(o, out + r * OC, static_cast<size_t>(OC));
-    }
+    add_bias_and_round(out, out32, bias != nullptr ? bias32 : nullptr, rows, OC);
   }
 }
 

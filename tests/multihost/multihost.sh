@@ -135,7 +135,7 @@ hostfile() {
 corpus="$work/corpus.txt"
 python3 -c "import sys; sys.path.insert(0, '$repo/tests/trainer'); from test_trainer import write_corpus; \
 write_corpus('$corpus')"
-TRAIN=(--device cpu --threads 1 --data "$corpus" --precision fp16 --global-batch 32 --micro-batch 8
+TRAIN=(--device cpu --threads 1 --data "$corpus" --precision fp16 --global-batch 24 --micro-batch 6
        --eval-batches 1 --eval-interval 0 --sample-tokens 0 --log-interval 1 --checkpoint-interval 0
        --keep-checkpoints 10)
 
@@ -216,9 +216,9 @@ $(diff <(echo "$a") <(echo "$b"))"
   rm -f "$resumed/runs/multi/lock"
   hostfile "$work/hf3" h0:1 h1:1 h2:1
   t0=$SECONDS
-  # 3 ranks: the global batch must split into whole micro-batches per rank (3 x 4 x 2 = 24).
-  multinode "$work/hf3" 120 "$resumed" --steps $((steps + 2)) --run-name multi --resume auto \
-    --global-batch 24 --micro-batch 4
+  # The same global batch (a checkpoint resumes only with the batch it was trained with), now in whole
+  # micro-batches of 3 ranks: 3 x 4 x 2 = 24 (4 ranks: 4 x 6).
+  multinode "$work/hf3" 120 "$resumed" --steps $((steps + 2)) --run-name multi --resume auto --micro-batch 4
   ((rc == 0)) || fail "3 hosts x 1 rank resume: exit $rc: $(cat "$work/out")"
   grep -q "3 node(s) x 1 GPU(s) = 3 ranks" "$work/out" || fail "multinode.sh did not start 3 x 1: $(cat "$work/out")"
   grep -qi "resum" "$work/out" || fail "no resume in the output: $(cat "$work/out")"
