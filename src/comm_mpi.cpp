@@ -231,23 +231,41 @@ Plan plan_all_gather(const void* send, void* recv, size_t send_count, DType t, i
 
 using WatchdogClock = std::chrono::steady_clock;
 
-/// What a collective is, for the watchdog's line: name, elements and dtype.
+/// What a collective is, for the watchdog's line: name, elements and dtype. `startup` marks the duplication
+/// of the communicator, the first collective, which is where Open MPI opens its connections between ranks.
 struct CollectiveInfo {
   const char* name = "";
   size_t count = 0;
   DType dtype = DType::u8;
+  bool startup = false;
 };
 
 /// Ends the job: one line naming this rank, its host, the collective and the timeout, then MPI_Abort (which
-/// makes mpirun kill every rank, the frozen one included).
+/// makes mpirun kill every rank, the frozen one included). MPI_Abort goes to the local Open MPI daemon, not
+/// over the ranks' own connections, so it works when those never came up.
 [[noreturn]] void watchdog_abort(MPI_Comm comm, int rank, const CollectiveInfo& what, double timeout) {
   const std::string host = detail::host_name();
-  std::fprintf(stderr,
-               "mptrain: rank %d on %s: collective %s of %zu %s elements did not complete within %g s "
-               "(--collective-timeout); a rank is frozen or gone, aborting the job\n",
-               rank, host.c_str(), what.name, what.count, std::string(dtype_name(what.dtype)).c_str(),
-               timeout);
-  std::fflush(stderr);
+  if (what.startup) {
+    std::fprintf(stderr,
+                 "mptrain: rank %d on %s: start-up: the first collective (%s, where Open MPI connects the "
+                 "ranks) did not complete within %g s (--collective-timeout); a rank did not start or cannot "
+                 "be reached: if the hosts share an address on some interface (docker0, virbr0), name the "
+                 "one that connects them (mpirun --mca btl_tcp_if_include IF; MPTRAIN_MPI_IFACE in "
+                 "launch/multinode.sh), aborting the job\n",
+                 rank, host.c_str(), what.name, timeout);
+    std::fflush(stderr);
+    // Every rank stuck in the first collective started waiting when MPI_Init's closing fence let them go,
+    // within milliseconds of each other, so their deadlines pass together. A second before aborting lets
+    // each of them print its line before mpirun kills it.
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+  } else {
+    std::fprintf(stderr,
+                 "mptrain: rank %d on %s: collective %s of %zu %s elements did not complete within %g s "
+                 "(--collective-timeout); a rank is frozen or gone, aborting the job\n",
+                 rank, host.c_str(), what.name, what.count, std::string(dtype_name(what.dtype)).c_str(),
+                 timeout);
+    std::fflush(stderr);
+  }
   MPI_Abort(comm, 1);
   std::_Exit(1);  // MPI_Abort does not return; never continue past a failed collective
 }
@@ -350,8 +368,19 @@ MpiSession::~MpiSession() {
 
 // ---- MpiCommunicator --------------------------------------------------------------------------------------
 
-MpiCommunicator::MpiCommunicator(MPI_Comm comm) {
-  MPT_MPI_CHECK(MPI_Comm_dup(comm, &comm_));
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, double timeout_seconds) {
+  set_timeout_seconds(timeout_seconds);
+  if (timeout_seconds_ > 0) {
+    int rank = 0;
+    MPT_MPI_CHECK(MPI_Comm_rank(comm, &rank));
+    const auto issued = std::chrono::steady_clock::now();
+    MPI_Request r = MPI_REQUEST_NULL;
+    MPT_MPI_CHECK(MPI_Comm_idup(comm, &comm_, &r));
+    wait_with_deadline(&r, comm, rank, CollectiveInfo{"MPI_Comm_idup", 0, DType::u8, true}, timeout_seconds_,
+                       issued);
+  } else {
+    MPT_MPI_CHECK(MPI_Comm_dup(comm, &comm_));
+  }
   MPT_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
   MPT_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
   MPT_MPI_CHECK(MPI_Comm_size(comm_, &size_));

@@ -5,34 +5,78 @@
 // not fitting the run) or a run that cannot continue (loss scale stuck at its minimum). Input errors are
 // reported in one line by one rank (rank 0 when it sees the problem), every rank exiting together. A failure
 // only one rank sees mid-run (an I/O error) aborts the whole job through MPI_Abort, as does the collective
-// watchdog (--collective-timeout) when a rank freezes. SIGUSR1 (and SIGTERM under srun) stops training
-// gracefully: a checkpoint at the next step boundary, exit 0.
+// watchdog (--collective-timeout) when a rank freezes; it guards the first collective too, where Open MPI
+// connects the ranks and hangs when it picks an interface that does not connect the hosts. SIGUSR1 (and
+// SIGTERM under srun) stops training gracefully: a checkpoint at the next step boundary, exit 0.
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
+#include <string>
+#include <thread>
 
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/error.hpp"
 #include "mptrain/hash.hpp"
 #include "mptrain/trainer.hpp"
 
+namespace {
+
+/// Debug hook for the start-up watchdog's test: MPTRAIN_DEBUG_DELAY_FIRST_COLLECTIVE=RANK:SECONDS makes that
+/// rank sleep before the first collective, as a rank that starts late or cannot be reached would look to
+/// the others. Throws mpt::InputError for a malformed value.
+void debug_delay_first_collective(int rank) {
+  const char* spec = std::getenv("MPTRAIN_DEBUG_DELAY_FIRST_COLLECTIVE");
+  if (!spec) return;
+  const std::string text = spec;
+  const auto colon = text.find(':');
+  int delayed_rank = -1;
+  double seconds = -1;
+  try {
+    size_t used_rank = 0, used_seconds = 0;
+    if (colon != std::string::npos) {
+      delayed_rank = std::stoi(text.substr(0, colon), &used_rank);
+      seconds = std::stod(text.substr(colon + 1), &used_seconds);
+    }
+    if (used_rank != colon || used_seconds != text.size() - colon - 1) seconds = -1;
+  } catch (const std::exception&) {
+    seconds = -1;
+  }
+  MPT_INPUT_CHECK(delayed_rank >= 0 && seconds >= 0 && seconds < 1e6,
+                  "MPTRAIN_DEBUG_DELAY_FIRST_COLLECTIVE must be RANK:SECONDS, got '{}'", text);
+  if (rank == delayed_rank) std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   mpt::MpiSession mpi(&argc, &argv);
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  // Parse on every rank alone first: the flags hold the watchdog's timeout, which already guards the first
+  // collective (the communicator's duplication, where Open MPI connects the ranks). An error waits for the
+  // agreement below, so a bad flag or --help given to some ranks only does not leave the others waiting.
+  mpt::RunConfig config;
+  bool help = false;
+  std::exception_ptr setup_error;
   try {
-    mpt::MpiCommunicator comm;
-    mpt::RunConfig config;
-    // Parse on every rank and agree before anything else: a bad flag or --help given to some ranks only
-    // must not leave the others waiting in a collective.
-    bool help = false;
+    help = !mpt::parse_command_line(argc, argv, config);
+    if (!help) config.validate();
+    debug_delay_first_collective(rank);
+  } catch (...) {
+    setup_error = std::current_exception();
+  }
+  const double first_timeout =
+      setup_error || help ? mpt::RunConfig{}.collective_timeout : config.collective_timeout;
+  try {
+    mpt::MpiCommunicator comm(MPI_COMM_WORLD, first_timeout);
     mpt::agree_on_setup(comm, [&] {
-      help = !mpt::parse_command_line(argc, argv, config);
-      if (!help) config.validate();
+      if (setup_error) std::rethrow_exception(setup_error);
     });
     mpt::check_ranks_agree(comm, help ? 0 : mpt::fnv1a(config.to_json().dump()),
                            "command line or config file");
     if (help) return 0;
-    // The collective watchdog guards everything after the agreed set-up.
+    // The agreed timeout from here on (the same value: the ranks agree on the flags).
     comm.set_timeout_seconds(config.collective_timeout);
     if (config.command == "eval") return mpt::run_eval(config, comm);
     if (config.command == "sample") return mpt::run_sample(config, comm);

@@ -255,6 +255,28 @@ TEST(CommWatchdog, SameResultsWithTheWatchdogOn) {
   guarded.barrier();
 }
 
+// A timeout given to the constructor guards the duplication itself (MPI_Comm_idup polled under the deadline):
+// the result is a communicator congruent with the parent but distinct from it, with the watchdog armed. Its
+// firing (a rank that never reaches the first collective) is tested end to end in
+// tests/reliability/faults.py (startup_watchdog) and tests/multihost (decoy_interface).
+TEST(CommWatchdog, TheConstructorsTimeoutGuardsTheDuplication) {
+  MpiCommunicator guarded(MPI_COMM_WORLD, 120.0);
+  EXPECT_EQ(guarded.timeout_seconds(), 120.0);
+  int relation = MPI_UNEQUAL;
+  ASSERT_EQ(MPI_Comm_compare(guarded.handle(), MPI_COMM_WORLD, &relation), MPI_SUCCESS);
+  EXPECT_EQ(relation, MPI_CONGRUENT);
+  int world_rank = -1, world_size = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+  EXPECT_EQ(guarded.rank(), world_rank);
+  EXPECT_EQ(guarded.size(), world_size);
+  std::vector<int64_t> v = {guarded.rank() + 1};
+  guarded.all_reduce(std::span<int64_t>(v), ReduceOp::sum);
+  EXPECT_EQ(v[0], static_cast<int64_t>(world_size) * (world_size + 1) / 2);
+  EXPECT_THROW(MpiCommunicator(MPI_COMM_WORLD, -1.0), Error);
+  EXPECT_THROW(MpiCommunicator(MPI_COMM_WORLD, NAN), Error);
+}
+
 TEST(CommWatchdog, RejectsANegativeOrNonFiniteTimeout) {
   MpiCommunicator comm;
   EXPECT_THROW(comm.set_timeout_seconds(-1.0), Error);

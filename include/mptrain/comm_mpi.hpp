@@ -4,7 +4,8 @@
 // fp16/bf16 reductions use custom commutative MPI_Ops that compute each combine in FP32 and round to the
 // storage type once (NCCL's half add). avg pre-multiplies by the storage type's 1/N (NCCL's PreMulSum).
 // MPI counts are int: a call with more than INT_MAX elements throws mpt::Error rather than truncating.
-// The collective watchdog (set_timeout_seconds) turns a frozen or dead peer into MPI_Abort instead of a hang.
+// The collective watchdog (set_timeout_seconds, or the constructor's timeout, which also guards the first
+// collective) turns a frozen, dead or unreachable peer into MPI_Abort instead of a hang.
 #pragma once
 
 #include <mpi.h>
@@ -34,8 +35,14 @@ class MpiSession {
 class MpiCommunicator final : public Communicator {
  public:
   /// Duplicates `comm` (so mptrain's traffic never mixes with the caller's) and sets MPI_ERRORS_RETURN on the
-  /// duplicate so failures become mpt::LibraryError. Collective over `comm`.
-  explicit MpiCommunicator(MPI_Comm comm = MPI_COMM_WORLD);
+  /// duplicate so failures become mpt::LibraryError. Collective over `comm`. `timeout_seconds` > 0 arms the
+  /// watchdog (set_timeout_seconds) already for the duplication, as MPI_Comm_idup polled under the deadline:
+  /// for a new job that is the first collective, where Open MPI opens its TCP connections between the ranks
+  /// and where it hangs when it picks an interface that does not connect them (a docker0 with the same
+  /// address on every host). Its line says so and names the interface flag; then, after a second that lets
+  /// every rank stuck there print its own line, MPI_Abort. Throws mpt::Error for a negative or non-finite
+  /// timeout.
+  explicit MpiCommunicator(MPI_Comm comm = MPI_COMM_WORLD, double timeout_seconds = 0);
   ~MpiCommunicator() override;
   MpiCommunicator(const MpiCommunicator&) = delete;
   MpiCommunicator& operator=(const MpiCommunicator&) = delete;

@@ -8,6 +8,9 @@
   watchdog_sigstop                 a rank frozen with SIGSTOP: the collective watchdog ends the job within
                                    timeout + 10 s; --resume auto continues from the last good checkpoint
   sigkill_rank                     a rank killed: mpirun ends the job; --resume auto continues
+  startup_watchdog                 a rank that never reaches the first collective (a debug delay): the
+                                   watchdog ends the job within timeout + 10 s, one start-up line naming the
+                                   interface flag, nothing of the run written
   sigusr1_graceful_stop            SIGUSR1 to mpirun: the ranks agree in the step, write a checkpoint, exit 0
   sigterm_under_srun               SIGTERM to the ranks with SLURM_JOB_ID/SLURM_STEP_ID set: the same
   sigterm_without_srun             SIGTERM to a rank under plain mpirun: the default action (the job dies)
@@ -252,6 +255,28 @@ def watchdog_sigstop(ctx):
 def sigkill_rank(ctx):
     job, seconds, last, _ = crash(ctx, signal.SIGKILL, 30)
     return [f"job ended {seconds:.1f} s after SIGKILL, exit {job.proc.returncode}", resume_after_crash(ctx, last)]
+
+
+@case
+def startup_watchdog(ctx):
+    # Rank 1 sleeps before the first collective, as a rank the others cannot reach looks to them (the docker0
+    # case of tests/multihost): rank 0's watchdog already guards that collective.
+    timeout_s = 2
+    delay = {"MPTRAIN_DEBUG_DELAY_FIRST_COLLECTIVE": "1:60"}
+    job = Job(ctx, ctx.cmd("--steps", "5", "--collective-timeout", str(timeout_s),
+                           mpi=("-x", "MPTRAIN_DEBUG_DELAY_FIRST_COLLECTIVE")), extra_env=delay)
+    code = job.finish(timeout=timeout_s + 30)
+    seconds = time.monotonic() - job.started
+    check(code != 0, "the job exited 0 with a rank held before the first collective\n" + job.describe())
+    check(seconds <= timeout_s + 10, f"the job took {seconds:.1f} s to end (> {timeout_s} + 10)\n" + job.describe())
+    left = processes_in(ctx.dir)
+    check(not left, f"processes left behind: {left}")
+    lines = [l for l in job.stderr().splitlines() if l.startswith("mptrain: ")]
+    check(len(lines) == 1 and re.match(r"mptrain: rank 0 on \S+: start-up: the first collective \(MPI_Comm_idup, .*\) "
+                                       rf"did not complete within {timeout_s} s .*btl_tcp_if_include", lines[0]),
+          f"expected one start-up watchdog line from rank 0, got {lines}\n" + job.describe())
+    check(not os.path.exists(os.path.join(ctx.dir, "runs")), "the run was started before the ranks agreed")
+    return [f"job ended {seconds:.1f} s after its start, exit {code}", lines[0]]
 
 
 def graceful(ctx, send, label, mpi=()):
