@@ -21,11 +21,11 @@
 #                  (each rank's stderr goes to a file on its own host: mpirun cannot hear the cut-off host),
 #                  and so does mpirun, given net.ipv4.tcp_retries2=2 in the hosts (see the case); with the
 #                  link back, --resume auto continues from the newest checkpoint
-#   decoy_interface  a decoy bridge with the same address on every host (the docker0 case): without the
-#                  interface flag the first collective hangs in Open MPI's TCP wire-up and the watchdog ends
-#                  the job (every rank exits non-zero within --collective-timeout + 10 s, one start-up line
-#                  per rank naming its host and the interface flag); with the test interface named
-#                  (MPTRAIN_MPI_IFACE), the same job runs
+#   decoy_interface  3 hosts x 1 rank with a decoy bridge of the same address on every host (the docker0
+#                  case): without the interface flag the first collective hangs in Open MPI's TCP wire-up and
+#                  the watchdog ends the job (every rank exits non-zero within --collective-timeout + 10 s,
+#                  one start-up line per rank naming its host and the interface flag); with the test interface
+#                  named (MPTRAIN_MPI_IFACE), the same job runs
 #
 # Exit status: 0 passed, 1 failed, 77 skipped (namespaces cannot be made here: not root, no iproute2 or
 # unshare, or the kernel refuses), 2 usage.
@@ -327,32 +327,34 @@ case_link_cut() {
 }
 
 case_decoy_interface() {
-  hosts 2 decoy
-  hostfile "$work/hf" h0:1 h1:1
-  # Without the interface named, Open MPI offers both addresses of each host and h0 may connect to
-  # 172.31.254.1, which is its own decoy0: the first collective never completes. The watchdog guards it.
+  hosts 3 decoy
+  hostfile "$work/hf" h0:1 h1:1 h2:1
+  # Without the interface named, Open MPI offers both addresses of each host and a rank may connect to
+  # 172.31.254.1, which is its own host's decoy0: the first collective never completes. The watchdog guards
+  # it: one start-up line per rank. (The global batch in whole micro-batches of 3 ranks: 3 x 4 = 12.)
   local timeout_s=4 t0 took r
   t0=$SECONDS
-  MH_IFACE='' multinode "$work/hf" 60 "$work/run" "${TINY[@]}" --steps 5 --collective-timeout "$timeout_s" \
-    --run-name decoy
+  MH_IFACE='' multinode "$work/hf" 60 "$work/run" "${TINY[@]}" --global-batch 12 --steps 5 \
+    --collective-timeout "$timeout_s" --run-name decoy
   took=$((SECONDS - t0))
   while (($(ranks_alive) > 0 && SECONDS - t0 < timeout_s + 10)); do sleep 0.2; done
-  note "decoy0 ($decoy_addr) on both hosts, no MPTRAIN_MPI_IFACE: exit $rc after $took s; the ranks said:"
+  note "decoy0 ($decoy_addr) on all 3 hosts, no MPTRAIN_MPI_IFACE: exit $rc after $took s; the ranks said:"
   sed "s/^/  | /" "$work/out"
   ((rc != 0 && rc != 124 && rc != 137)) || fail "without the interface: expected a non-zero exit, got $rc: $(cat "$work/out")"
   ((took <= timeout_s + 10)) || fail "without the interface: mpirun ended after $took s (limit $((timeout_s + 10)) s)"
   (($(ranks_alive) == 0)) || fail "without the interface: $(ranks_alive) ranks still alive $((SECONDS - t0)) s after the start"
-  for r in 0 1; do
+  for r in 0 1 2; do
     [ "$(grep -c "^mptrain: rank $r on h$r: start-up: the first collective .* did not complete within $timeout_s s" \
       "$work/out")" = 1 ] || fail "rank $r: not one start-up watchdog line: $(cat "$work/out")"
   done
-  [ "$(grep -c "^mptrain: " "$work/out")" = 2 ] || fail "more mptrain lines than one per rank: $(cat "$work/out")"
+  [ "$(grep -c "^mptrain: " "$work/out")" = 3 ] || fail "more mptrain lines than one per rank: $(cat "$work/out")"
   # With the test interface named, the same job runs.
   t0=$SECONDS
-  multinode "$work/hf" 60 "$work/run" "${TINY[@]}" --steps 5 --collective-timeout "$timeout_s" --run-name decoy
+  multinode "$work/hf" 60 "$work/run" "${TINY[@]}" --global-batch 12 --steps 5 --collective-timeout "$timeout_s" \
+    --run-name decoy
   ((rc == 0)) || fail "with the decoy and MPTRAIN_MPI_IFACE=$iface: exit $rc: $(cat "$work/out")"
   [ -f "$work/run/runs/decoy/checkpoints/ckpt_00000005.safetensors" ] || fail "no checkpoint of step 5"
-  note "decoy0 ($decoy_addr) on both hosts, MPTRAIN_MPI_IFACE=$iface: 5 steps, exit 0 after $((SECONDS - t0)) s"
+  note "decoy0 ($decoy_addr) on all 3 hosts, MPTRAIN_MPI_IFACE=$iface: 5 steps, exit 0 after $((SECONDS - t0)) s"
 }
 
 "case_$case_name"
