@@ -71,29 +71,20 @@ EngineConfig effective(EngineConfig c) {
   return c;
 }
 
-/// Capacities (elements) of the stage-2 pool: buffer i holds the i-th largest padded bucket.
+/// Capacities (elements) of the stage-2 pool: buffer i holds the i-th largest padded bucket; never more
+/// buffers than buckets (no more can be in use at once).
 std::vector<size_t> staging_capacities(const ParamLayout& layout, int buffers) {
   std::vector<size_t> sizes;
   for (const Bucket& b : layout.buckets()) sizes.push_back(b.padded_elements);
   std::sort(sizes.begin(), sizes.end(), std::greater<>());
-  std::vector<size_t> capacity;
-  for (int i = 0; i < buffers; ++i)
-    capacity.push_back(sizes[std::min(static_cast<size_t>(i), sizes.size() - 1)]);
-  return capacity;
+  sizes.resize(std::min(sizes.size(), static_cast<size_t>(buffers)));
+  return sizes;
 }
 
-/// Bytes of one stage-2 pool entry of `capacity` elements: the staging buffer (dtype), with fp32 accumulation
-/// its FP32 copy, and the receive slice of later micro-batches (the largest slice, grad dtype).
-size_t staging_entry_bytes(const EngineConfig& c, size_t capacity, size_t max_slice) {
-  const size_t gsize = c.fp32_grad_accumulation ? sizeof(float) : dtype_size(c.dtype);
-  return capacity * dtype_size(c.dtype) + (c.fp32_grad_accumulation ? capacity * sizeof(float) : 0) +
-         max_slice * gsize;
-}
-
-size_t max_slice_elements(const ParamLayout& layout) {
-  size_t m = 0;
-  for (const Bucket& b : layout.buckets()) m = std::max(m, b.slice_elements);
-  return m;
+/// Bytes of one stage-2 pool entry of `capacity` elements: the staging buffer (dtype) and, with fp32
+/// accumulation, its FP32 copy (what is reduced).
+size_t staging_entry_bytes(const EngineConfig& c, size_t capacity) {
+  return capacity * dtype_size(c.dtype) + (c.fp32_grad_accumulation ? capacity * sizeof(float) : 0);
 }
 
 LayoutOptions layout_options(const EngineConfig& c) {
@@ -186,14 +177,11 @@ void MixedPrecisionEngine::setup_stage2() {
   std::vector<ElementRange> slices;
   for (const Bucket& b : buckets) slices.push_back({b.shard_offset, b.slice_elements});
   shard_slices_ = backend_.register_table<ElementRange>(slices);
-  const size_t max_slice = max_slice_elements(layout_);
-  const size_t gsize = dtype_size(grad_dtype());
   for (const size_t capacity : staging_capacities(layout_, config_.staging_buffers)) {
     Staging entry;
     entry.capacity = capacity;
     entry.data = backend_.allocate(capacity * dtype_size(config_.dtype));
     if (config_.fp32_grad_accumulation) entry.wire = backend_.allocate(capacity * sizeof(float));
-    entry.recv = backend_.allocate(max_slice * gsize);
     pool_.push_back(std::move(entry));
   }
   bucket_staging_.assign(buckets.size(), -1);
@@ -460,11 +448,14 @@ void MixedPrecisionEngine::complete_oldest() {
   entry.request.reset();
   const Bucket& b = layout_.buckets()[static_cast<size_t>(entry.bucket)];
   if (entry.add_recv) {
-    // Micro-batches after the first add their reduced slice into the shard, in issue order: bucket b's
-    // rounds complete one after the other, so the sum's order is the micro-batches' on every rank.
-    const DType gdt = grad_dtype();
-    backend_.accumulate(static_cast<std::byte*>(grads_.data()) + b.shard_offset * dtype_size(gdt),
-                        entry.recv.data(), static_cast<int64_t>(b.slice_elements), gdt);
+    // Micro-batches after the first add their reduced slice (left in place in the buffer reduced) into the
+    // shard, in issue order: bucket b's rounds complete one after the other, so the sum's order is the
+    // micro-batches' on every rank.
+    const size_t gsize = dtype_size(grad_dtype());
+    const auto* reduced = static_cast<const std::byte*>(entry.reduced) +
+                          static_cast<size_t>(comm_.rank()) * b.slice_elements * gsize;
+    backend_.accumulate(static_cast<std::byte*>(grads_.data()) + b.shard_offset * gsize, reduced,
+                        static_cast<int64_t>(b.slice_elements), grad_dtype());
   }
   entry.in_flight = false;
   entry.add_recv = false;
@@ -483,7 +474,7 @@ void MixedPrecisionEngine::stage2_bucket_ready(size_t bucket) {
   bucket_staging_[bucket] = -1;
   micro_batch_open_ = true;
   const DType gdt = grad_dtype();
-  const void* send = entry.data.data();
+  void* send = entry.data.data();
   if (config_.fp32_grad_accumulation) {  // main_grad: reduced in FP32, as stage 1 reduces its FP32 sums
     backend_.fill_zero(entry.wire.data(), b.padded_elements * sizeof(float));
     backend_.accumulate_f32(entry.wire.as<float>(), entry.data.data(),
@@ -495,9 +486,13 @@ void MixedPrecisionEngine::stage2_bucket_ready(size_t bucket) {
   if (config_.noise_scale && comm_.size() > 1 && round == 0)
     backend_.sum_squares(send, gdt, 0, b.padded_elements,
                          block_sums_.as<double>() + layout_.blocks_per_rank() + bucket);
-  // The step's first round lands in the shard directly; later ones in the entry's slice, added on completion.
-  void* recv = round == 0 ? static_cast<std::byte*>(grads_.data()) + b.shard_offset * dtype_size(gdt)
-                          : entry.recv.data();
+  // The step's first round lands in the shard directly; later ones in place (this rank's slice of the
+  // buffer reduced), added into the shard on completion.
+  const size_t gsize = dtype_size(gdt);
+  void* recv = round == 0 ? static_cast<std::byte*>(grads_.data()) + b.shard_offset * gsize
+                          : static_cast<std::byte*>(send) +
+                                static_cast<size_t>(comm_.rank()) * b.slice_elements * gsize;
+  entry.reduced = send;
   entry.add_recv = round > 0;
   entry.in_flight = true;
   entry.request = comm_.ireduce_scatter(send, recv, b.slice_elements, gdt, ReduceOp::avg);
@@ -725,8 +720,7 @@ MemoryReport MixedPrecisionEngine::memory() const {
   r.world_size = comm_.size();
   r.params_bytes = params_.num_bytes();
   r.grads_bytes = grads_.num_bytes() + micro_grads_.num_bytes();
-  for (const Staging& entry : pool_)
-    r.staging_bytes += entry.data.num_bytes() + entry.wire.num_bytes() + entry.recv.num_bytes();
+  for (const Staging& entry : pool_) r.staging_bytes += entry.data.num_bytes() + entry.wire.num_bytes();
   r.zero_stage = config_.zero_stage;
   r.grad_element_bytes = dtype_size(grad_dtype());
   r.fp32_grad_accumulation = config_.fp32_grad_accumulation;
@@ -755,7 +749,7 @@ MemoryReport MixedPrecisionEngine::predict_memory(std::vector<TensorSpec> tensor
   if (c.zero_stage == 2) {
     r.grads_bytes = layout.shard_elements() * r.grad_element_bytes;
     for (const size_t capacity : staging_capacities(layout, c.staging_buffers))
-      r.staging_bytes += staging_entry_bytes(c, capacity, max_slice_elements(layout));
+      r.staging_bytes += staging_entry_bytes(c, capacity);
   } else {
     r.grads_bytes = layout.padded_elements() * (c.fp32_grad_accumulation ? sizeof(float) + esize : esize);
   }

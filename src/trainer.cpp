@@ -688,7 +688,6 @@ void print_run_header(const TrainingRun& run) {
   const Session& s = run.s;
   const int64_t G = c.global_batch, T = c.seq_len, N = run.comm.size();
   const MemoryReport m = s.engine->memory();
-  const double P = static_cast<double>(m.num_parameters);
   std::printf("mptrain train: %d rank(s) x %d thread(s), backend %s, precision %s\n", static_cast<int>(N),
               omp_get_max_threads(), s.backend->name().c_str(), c.precision.c_str());
   std::printf("config: %s\n", run.effective.dump().c_str());

@@ -75,9 +75,10 @@ struct EngineConfig {
   /// ZeRO stage: 1 keeps a full gradient buffer on every rank; 2 keeps only this rank's reduced shard and
   /// stages backward's buckets in `staging_buffers` pool buffers (reduce-scatter only).
   int zero_stage = 1;
-  /// Stage 2: buffers of the staging pool (>= 1). Buffer i holds the i-th largest bucket, so any bucket fits
-  /// buffer 0; backward needs as many as buckets it writes at once (GPT: 2, the tied wte's and the current
-  /// one), and one more lets a bucket's reduce-scatter overlap the next bucket's backward.
+  /// Stage 2: buffers of the staging pool (>= 1; at most one per bucket). Buffer i holds the i-th largest
+  /// bucket, so any bucket fits buffer 0; backward needs as many as buckets it writes at once (GPT: 2, the
+  /// tied wte's and the current one), and one more lets a bucket's reduce-scatter overlap the next bucket's
+  /// backward.
   int staging_buffers = 3;
 
   /// Throws mpt::InputError naming the first bad field.
@@ -129,8 +130,8 @@ struct MemoryReport {
   size_t master_bytes = 0;    ///< FP32 master shard
   size_t adam_m_bytes = 0;    ///< FP32 Adam m shard
   size_t adam_v_bytes = 0;    ///< FP32 Adam v shard
-  /// ZeRO stage 2: the staging pool (its buffers, and per buffer the FP32 copy that is reduced with
-  /// fp32_grad_accumulation and the receive slice of the micro-batches after the first); 0 for stage 1.
+  /// ZeRO stage 2: the staging pool (its buffers, and with fp32_grad_accumulation per buffer the FP32 copy
+  /// that is reduced); 0 for stage 1.
   size_t staging_bytes = 0;
   int zero_stage = 1;                   ///< the engine's ZeRO stage
   size_t grad_element_bytes = 2;        ///< bytes per reduced gradient element (grad_dtype())
@@ -310,8 +311,8 @@ class MixedPrecisionEngine {
   /// Stage 2: a pool buffer for `bucket` (waiting for reductions in issue order until one that fits is free),
   /// zeroed; returns its index.
   size_t acquire_staging(size_t bucket);
-  /// Stage 2: waits for the oldest reduction in flight, adds its receive slice into the shard (micro-batches
-  /// after the first) and returns its buffer to the pool.
+  /// Stage 2: waits for the oldest reduction in flight, adds its slice (reduced in place) into the shard
+  /// (micro-batches after the first) and returns its buffer to the pool.
   void complete_oldest();
   /// Stage 2: bucket_ready() with the bucket in a pool buffer.
   void stage2_bucket_ready(size_t bucket);
@@ -362,14 +363,15 @@ class MixedPrecisionEngine {
   std::vector<size_t> bucket_tensors_, bucket_done_;
   std::vector<char> tensor_done_;
   // ZeRO stage 2. A pool entry: its staging buffer (dtype; capacity in elements), with fp32 accumulation the
-  // FP32 copy that is reduced, the receive slice of later micro-batches (grad dtype), and while a reduction
-  // reads it, that reduction. The in-flight queue holds entries in issue order.
+  // FP32 copy that is reduced, and while a reduction reads it, that reduction (the micro-batches after a
+  // step's first reduce in place). The in-flight queue holds entries in issue order.
   struct Staging {
-    Buffer data, wire, recv;
+    Buffer data, wire;
+    void* reduced = nullptr;  // what the reduction in flight reads (data or wire); later rounds land in it
     size_t capacity = 0;
     int bucket = -1;         // the bucket it holds (written or in flight), -1 when free
     bool in_flight = false;  // its reduce-scatter was issued and not yet completed
-    bool add_recv = false;   // on completion add recv into the shard (not the step's first round)
+    bool add_recv = false;   // on completion add its slice into the shard (not the step's first round)
     std::unique_ptr<CommRequest> request;
   };
   std::vector<Staging> pool_;
