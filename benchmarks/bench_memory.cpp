@@ -1,5 +1,6 @@
-// bench_memory: bytes per rank of a training set-up for each --recompute mode: the engine's buffers (weights,
-// gradients, FP32 master/m/v shard) against the ZeRO-1 formula 2·e·P + 12P/N, the activations per sequence,
+// bench_memory: bytes per rank of a training set-up for each ZeRO stage and --recompute mode: the engine's
+// buffers (weights, gradients, FP32 master/m/v shard; stage 2: the gradient shard and the staging pool)
+// against the formula (stage 1 2·e·P + 12P/N, stage 2 e·P + 14P/N in 16 bits), the activations per sequence,
 // and the largest micro-batch that fits a memory budget per rank, all from the memory model
 // (include/mptrain/memory_model.hpp), which the trainer uses for --micro-batch auto and its start-up check.
 //
@@ -13,6 +14,7 @@
 //   build/benchmarks/bench_memory --predict-only --ranks 8 --layers 24 --channels 2048 --heads 16
 //       --seq-len 1024 --vocab 50304 --micro-batch 8 --budget-mib 81920   (one command line)
 #include <cstdio>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -49,7 +51,14 @@ std::pair<size_t, size_t> measure_activations(const mpt::GPTConfig& cfg, mpt::Mi
   std::vector<int32_t> tokens(static_cast<size_t>(B * T));
   for (auto& x : tokens) x = static_cast<int32_t>(rng() % static_cast<uint32_t>(cfg.vocab_size));
   model.forward(engine.params(), tokens.data(), tokens.data(), B, T, 1.0f);
-  model.backward(engine.params(), engine.grads());
+  if (engine.config().zero_stage == 2) {
+    model.backward(
+        engine.params(), [&](size_t t) { return engine.grad_address(t); },
+        [&](size_t t) { engine.grad_done(t); });
+    engine.sync_grads();
+  } else {
+    model.backward(engine.params(), engine.grads());
+  }
   return {model.activation_bytes(), backend.bytes_in_use() - before - sizeof(double)};  // - loss accumulator
 }
 
@@ -57,10 +66,12 @@ std::pair<size_t, size_t> measure_activations(const mpt::GPTConfig& cfg, mpt::Mi
 
 int main(int argc, char** argv) {
   CLI::App app{
-      "Memory per rank per --recompute mode (engine buffers vs 4P + 12P/N, activations per sequence, largest "
-      "micro-batch in a budget) from the memory model, measured against the allocation; JSON"};
+      "Memory per rank per ZeRO stage and --recompute mode (engine buffers vs 4P + 12P/N or 2P + 14P/N, "
+      "activations per sequence, largest micro-batch in a budget) from the memory model, measured against "
+      "the "
+      "allocation; JSON"};
   mpt::RunConfig rc;
-  std::string device = "cpu", modes = "none,selective,block";
+  std::string device = "cpu", modes = "none,selective,block", stages = "1,2";
   int64_t vocab = 256;
   double budget_mib = 512;
   bool predict_only = false;
@@ -68,6 +79,8 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "backend")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   mpt::bench::add_model_flags(app, rc, vocab, "micro-batch whose bytes per rank are reported");
   app.add_option("--recompute", modes, "comma-separated recompute modes")->capture_default_str();
+  app.add_option("--zero-stages", stages, "comma-separated ZeRO stages (1, 2)")->capture_default_str();
+  app.add_option("--bucket-mib", rc.bucket_mib, "gradient bucket size in MiB")->capture_default_str();
   app.add_option("--budget-mib", budget_mib, "memory budget per rank (MiB) for the largest micro-batch")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -85,53 +98,73 @@ int main(int argc, char** argv) {
     mpt::Runtime runtime = mpt::bench::make_bench_runtime(device);
     mpt::Backend& backend = *runtime.backend;
     const int N = predict_only && ranks > 0 ? ranks : runtime.grad_comm->size();
-    const mpt::EngineConfig ec = rc.engine_config();
-    const mpt::MemoryReport m = mpt::MixedPrecisionEngine::predict_memory(mpt::gpt_tensors(cfg), ec, N);
-    std::unique_ptr<mpt::MixedPrecisionEngine> engine;
-    size_t engine_in_use = 0;
-    if (!predict_only) {
-      engine =
-          std::make_unique<mpt::MixedPrecisionEngine>(mpt::gpt_tensors(cfg), ec, *runtime.grad_comm, backend);
-      engine->set_parameters(mpt::gpt_init(cfg, rc.seed));
-      engine_in_use = backend.bytes_in_use();
-    }
     const double budget = budget_mib * 1024.0 * 1024.0;
-    const double P = static_cast<double>(m.num_parameters);
-    const double e = static_cast<double>(mpt::dtype_size(rc.dtype()));
-    const double formula = 2.0 * e * P + 12.0 * P / N;
-    nlohmann::json rows = nlohmann::json::array();
-    for (const std::string& name : split_commas(modes)) {
-      const mpt::Recompute mode = mpt::parse_recompute(name);
-      const auto estimate = [&](int64_t B) {
-        return mpt::estimate_memory(cfg, ec, N, mode, B, rc.seq_len, backend);
-      };
-      const mpt::MemoryEstimate e1 = estimate(1), e2 = estimate(2), eb = estimate(rc.micro_batch);
-      const double per_sequence = static_cast<double>(e2.activations) - static_cast<double>(e1.activations);
-      const int64_t largest =
-          mpt::largest_micro_batch(estimate, static_cast<size_t>(budget), int64_t{1} << 30);
-      nlohmann::json row = {{"recompute", name},
-                            {"stage", 1},  // ZeRO stage of the engine's buffers
-                            {"activations_per_sequence_bytes", per_sequence},
-                            {"activations_fixed_bytes", static_cast<double>(e1.activations) - per_sequence},
-                            {"activations_at_micro_batch", eb.activations},
-                            {"workspace_at_micro_batch", eb.workspace},
-                            {"bytes_per_rank_at_micro_batch", eb.total()},
-                            {"largest_micro_batch", largest}};
+    nlohmann::json rows = nlohmann::json::array(), engines = nlohmann::json::array();
+    for (const std::string& stage_text : split_commas(stages)) {
+      mpt::EngineConfig ec = rc.engine_config();
+      ec.zero_stage = std::stoi(stage_text);
+      const mpt::MemoryReport m = mpt::MixedPrecisionEngine::predict_memory(mpt::gpt_tensors(cfg), ec, N);
+      std::unique_ptr<mpt::MixedPrecisionEngine> engine;
+      size_t engine_in_use = 0;
       if (!predict_only) {
-        const auto [a_model, a_backend] =
-            measure_activations(cfg, *engine, backend, rc.dtype(), mode, rc.micro_batch, rc.seq_len);
-        row["measured_activations_at_micro_batch"] = a_model;
-        row["backend_bytes_at_micro_batch"] = engine_in_use + a_backend + sizeof(double);
-        row["model_allocated_at_micro_batch"] = eb.allocated();
+        engine = std::make_unique<mpt::MixedPrecisionEngine>(mpt::gpt_tensors(cfg), ec, *runtime.grad_comm,
+                                                             backend);
+        engine->set_parameters(mpt::gpt_init(cfg, rc.seed));
+        engine_in_use = backend.bytes_in_use();
       }
-      if (world_rank == 0)
-        std::fprintf(stderr,
-                     "N=%d %-9s: state %zu B per rank (formula %.0f); activations %.0f B/sequence, %zu at "
-                     "B=%lld; %.0f MiB budget: largest B %lld\n",
-                     N, name.c_str(), m.state_bytes(), formula, per_sequence, eb.activations,
-                     static_cast<long long>(rc.micro_batch), budget_mib, static_cast<long long>(largest));
-      rows.push_back(row);
+      const double formula = m.formula_bytes(mpt::dtype_size(rc.dtype()));
+      engines.push_back({{"stage", ec.zero_stage},
+                         {"params", m.params_bytes},
+                         {"grads", m.grads_bytes},
+                         {"master", m.master_bytes},
+                         {"adam_m", m.adam_m_bytes},
+                         {"adam_v", m.adam_v_bytes},
+                         {"staging", m.staging_bytes},
+                         {"state", m.state_bytes()},
+                         {"scratch", m.scratch_bytes},
+                         {"backend_in_use", engine_in_use},
+                         {"formula_bytes", formula},
+                         {"padding_bytes", m.padding_bytes(mpt::dtype_size(rc.dtype()))}});
+      for (const std::string& name : split_commas(modes)) {
+        const mpt::Recompute mode = mpt::parse_recompute(name);
+        const auto estimate = [&](int64_t B) {
+          return mpt::estimate_memory(cfg, ec, N, mode, B, rc.seq_len, backend);
+        };
+        const mpt::MemoryEstimate e1 = estimate(1), e2 = estimate(2), eb = estimate(rc.micro_batch);
+        const double per_sequence = static_cast<double>(e2.activations) - static_cast<double>(e1.activations);
+        const int64_t largest =
+            mpt::largest_micro_batch(estimate, static_cast<size_t>(budget), int64_t{1} << 30);
+        nlohmann::json row = {{"recompute", name},
+                              {"stage", ec.zero_stage},
+                              {"state_bytes", m.state_bytes()},
+                              {"staging_bytes", m.staging_bytes},
+                              {"grads_bytes", m.grads_bytes},
+                              {"activations_per_sequence_bytes", per_sequence},
+                              {"activations_fixed_bytes", static_cast<double>(e1.activations) - per_sequence},
+                              {"activations_at_micro_batch", eb.activations},
+                              {"workspace_at_micro_batch", eb.workspace},
+                              {"bytes_per_rank_at_micro_batch", eb.total()},
+                              {"largest_micro_batch", largest}};
+        if (!predict_only) {
+          const auto [a_model, a_backend] =
+              measure_activations(cfg, *engine, backend, rc.dtype(), mode, rc.micro_batch, rc.seq_len);
+          row["measured_activations_at_micro_batch"] = a_model;
+          row["backend_bytes_at_micro_batch"] = engine_in_use + a_backend + sizeof(double);
+          row["model_allocated_at_micro_batch"] = eb.allocated();
+        }
+        if (world_rank == 0)
+          std::fprintf(
+              stderr,
+              "N=%d stage %d %-9s: state %zu B per rank (formula %.0f, staging %zu); activations %.0f "
+              "B/sequence, %zu at B=%lld; %.0f MiB budget: largest B %lld\n",
+              N, ec.zero_stage, name.c_str(), m.state_bytes(), formula, m.staging_bytes, per_sequence,
+              eb.activations, static_cast<long long>(rc.micro_batch), budget_mib,
+              static_cast<long long>(largest));
+        rows.push_back(row);
+      }
     }
+    const mpt::MemoryReport m =
+        mpt::MixedPrecisionEngine::predict_memory(mpt::gpt_tensors(cfg), rc.engine_config(), N);
     if (world_rank == 0) {
       report["benchmark"] = "memory_per_rank";
       report["config"] = {{"device", device},
@@ -142,17 +175,15 @@ int main(int argc, char** argv) {
                           {"seq_len", rc.seq_len},
                           {"vocab", cfg.vocab_size},
                           {"micro_batch", rc.micro_batch},
+                          {"bucket_mib", rc.bucket_mib},
                           {"ranks", N},
                           {"predict_only", predict_only}};
       report["machine"] = mpt::bench::machine_json(N, 1);
       report["parameters"] = m.num_parameters;
-      report["bytes_per_rank"] = {{"params", m.params_bytes},   {"grads", m.grads_bytes},
-                                  {"master", m.master_bytes},   {"adam_m", m.adam_m_bytes},
-                                  {"adam_v", m.adam_v_bytes},   {"state", m.state_bytes()},
-                                  {"scratch", m.scratch_bytes}, {"backend_in_use", engine_in_use}};
-      report["formula"] = "2*e*P + 12P/N (e = storage bytes/element; 4P + 12P/N in fp16)";
-      report["formula_bytes"] = formula;
-      report["padding_bytes"] = static_cast<double>(m.state_bytes()) - formula;
+      report["engine_bytes_per_rank"] = engines;  // per ZeRO stage
+      report["formula"] =
+          "stage 1: 2*e*P + 12P/N; stage 2: e*P + e*P/N + 12P/N (e = storage bytes/element; 4P + 12P/N and "
+          "2P + 14P/N in fp16), plus bucket padding, plus the stage-2 staging pool";
       report["budget_bytes_per_rank"] = budget;
       report["modes"] = rows;
     }

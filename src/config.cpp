@@ -40,6 +40,7 @@ EngineConfig RunConfig::engine_config() const {
   e.noise_scale_ema = noise_scale_ema;
   e.grad_clip = grad_clip;
   e.fp32_grad_accumulation = fp32_grad_accumulation;
+  e.zero_stage = zero_stage;
   LossScalerConfig& s = e.scaler;
   s.dynamic = static_loss_scale <= 0.0f;
   s.init_scale = s.dynamic ? loss_scale_init : static_loss_scale;
@@ -134,6 +135,11 @@ void RunConfig::validate() const {
   MPT_INPUT_CHECK(log_interval >= 1, "--log-interval must be >= 1, got {}", log_interval);
   MPT_INPUT_CHECK(bucket_mib > 0.0 && bucket_mib <= 65536.0, "--bucket-mib must be in (0, 65536], got {}",
                   bucket_mib);
+  MPT_INPUT_CHECK(zero_stage == 1 || zero_stage == 2, "--zero-stage must be 1 or 2, got {}", zero_stage);
+  MPT_INPUT_CHECK(zero_stage == 1 || grad_sync == "reduce-scatter",
+                  "--zero-stage 2 needs --grad-sync reduce-scatter (all-reduce keeps every gradient on every "
+                  "rank), got --grad-sync {}",
+                  grad_sync);
   MPT_INPUT_CHECK(threads >= 0, "--threads must be >= 0, got {}", threads);
   MPT_INPUT_CHECK(peak_tflops >= 0.0, "--peak-tflops must be >= 0, got {}", peak_tflops);
   MPT_INPUT_CHECK(std::isfinite(temperature) && temperature > 0.0f, "--temperature must be > 0, got {}",
@@ -271,6 +277,7 @@ nlohmann::json RunConfig::to_json() const {
           {"fp32-grad-accumulation", fp32_grad_accumulation},
           {"grad-sync", grad_sync},
           {"bucket-mib", bucket_mib},
+          {"zero-stage", zero_stage},
           {"data", data},
           {"val-fraction", val_fraction},
           {"eval-interval", eval_interval},
@@ -422,6 +429,8 @@ void add_train(CLI::App* app, RunConfig& c, std::string& micro_batch_text) {
       ->check(CLI::IsMember({"reduce-scatter", "all-reduce"}))
       ->capture_default_str();
   app->add_option("--bucket-mib", c.bucket_mib, "gradient bucket size in MiB")->capture_default_str();
+  app->add_option("--zero-stage", c.zero_stage, "ZeRO: 1 shards the optimizer state, 2 the gradients too")
+      ->capture_default_str();
   app->add_option("--eval-interval", c.eval_interval,
                   "optimizer steps between validations (0: only at the end)")
       ->capture_default_str();

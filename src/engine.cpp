@@ -25,14 +25,29 @@ void EngineConfig::validate() const {
   schedule.validate(adamw.lr);
   MPT_INPUT_CHECK(noise_scale_ema >= 0.0 && noise_scale_ema < 1.0,
                   "engine: noise_scale_ema must be in [0, 1), got {}", noise_scale_ema);
+  MPT_INPUT_CHECK(zero_stage == 1 || zero_stage == 2, "engine: --zero-stage must be 1 or 2, got {}",
+                  zero_stage);
+  // All-reduce leaves every gradient on every rank: nothing for stage 2 to free.
+  MPT_INPUT_CHECK(zero_stage == 1 || grad_sync == GradSync::reduce_scatter,
+                  "engine: --zero-stage 2 needs --grad-sync reduce-scatter (all-reduce keeps every gradient "
+                  "on every rank)");
+  MPT_INPUT_CHECK(staging_buffers >= 1, "engine: staging_buffers must be >= 1, got {}", staging_buffers);
   if (dtype == DType::f16)
     scaler.validate();  // bf16/fp32 run with the scaler disabled; its options are unused
 }
 
+double MemoryReport::formula_bytes(size_t element_bytes) const {
+  const double p = static_cast<double>(num_parameters), n = world_size;
+  const double weights = static_cast<double>(element_bytes) * p;
+  const double grad = static_cast<double>(grad_element_bytes) * p;
+  if (zero_stage == 2) return weights + grad / n + 12.0 * p / n;
+  // Stage 1 with fp32 accumulation also holds the micro-batch buffer in the storage dtype.
+  const double micro = fp32_grad_accumulation ? weights : 0.0;
+  return weights + grad + micro + 12.0 * p / n;
+}
+
 double MemoryReport::padding_bytes(size_t element_bytes) const {
-  const double p = static_cast<double>(num_parameters);
-  const double formula = 2.0 * static_cast<double>(element_bytes) * p + 12.0 * p / world_size;
-  return static_cast<double>(state_bytes()) - formula;
+  return static_cast<double>(state_bytes() - staging_bytes) - formula_bytes(element_bytes);
 }
 
 namespace {
@@ -56,6 +71,22 @@ EngineConfig effective(EngineConfig c) {
   return c;
 }
 
+/// Capacities (elements) of the stage-2 pool: buffer i holds the i-th largest padded bucket; never more
+/// buffers than buckets (no more can be in use at once).
+std::vector<size_t> staging_capacities(const ParamLayout& layout, int buffers) {
+  std::vector<size_t> sizes;
+  for (const Bucket& b : layout.buckets()) sizes.push_back(b.padded_elements);
+  std::sort(sizes.begin(), sizes.end(), std::greater<>());
+  sizes.resize(std::min(sizes.size(), static_cast<size_t>(buffers)));
+  return sizes;
+}
+
+/// Bytes of one stage-2 pool entry of `capacity` elements: the staging buffer (dtype) and, with fp32
+/// accumulation, its FP32 copy (what is reduced).
+size_t staging_entry_bytes(const EngineConfig& c, size_t capacity) {
+  return capacity * dtype_size(c.dtype) + (c.fp32_grad_accumulation ? capacity * sizeof(float) : 0);
+}
+
 LayoutOptions layout_options(const EngineConfig& c) {
   LayoutOptions o;
   o.bucket_elements = c.bucket_bytes / dtype_size(c.dtype);
@@ -74,9 +105,12 @@ MixedPrecisionEngine::MixedPrecisionEngine(std::vector<TensorSpec> tensors, cons
       scaler_(config_.scaler) {
   const size_t esize = dtype_size(config_.dtype);
   const size_t shard = layout_.shard_elements();
+  const bool stage2 = config_.zero_stage == 2;
   params_ = backend_.allocate(layout_.padded_elements() * esize);
-  grads_ = backend_.allocate(layout_.padded_elements() * dtype_size(grad_dtype()));
-  if (config_.fp32_grad_accumulation) micro_grads_ = backend_.allocate(layout_.padded_elements() * esize);
+  // Stage 2: only this rank's shard of the reduced gradients (the pool comes in setup_stage2).
+  grads_ = backend_.allocate((stage2 ? shard : layout_.padded_elements()) * dtype_size(grad_dtype()));
+  if (config_.fp32_grad_accumulation && !stage2)
+    micro_grads_ = backend_.allocate(layout_.padded_elements() * esize);
   master_ = backend_.allocate(shard * sizeof(float));
   adam_m_ = backend_.allocate(shard * sizeof(float));
   adam_v_ = backend_.allocate(shard * sizeof(float));
@@ -86,8 +120,9 @@ MixedPrecisionEngine::MixedPrecisionEngine(std::vector<TensorSpec> tensors, cons
     slices.push_back({layout_.slice_offset(b, comm_.rank()), layout_.buckets()[b].slice_elements});
   my_slices_ = backend_.register_table<ElementRange>(slices);
   std::vector<AdamWSegment> segments;
+  // The optimizer reads the gradient at flat_offset: in the flat buffer (stage 1) or in the shard (stage 2).
   for (const ShardSegment& s : layout_.shard_segments(comm_.rank()))
-    segments.push_back({s.shard_offset, s.flat_offset, s.num_elements, s.decay});
+    segments.push_back({s.shard_offset, stage2 ? s.shard_offset : s.flat_offset, s.num_elements, s.decay});
   my_segments_ = backend_.register_table<AdamWSegment>(segments);
   // Block sums and bucket squares, gathered rank-major with sums_stride_ per rank: block k of rank r sits at
   // r * stride + k, rank r's square of bucket b at r * stride + blocks_per_rank + b.
@@ -134,6 +169,24 @@ MixedPrecisionEngine::MixedPrecisionEngine(std::vector<TensorSpec> tensors, cons
       }
   }
   reset_grad_done();
+  if (stage2) setup_stage2();
+}
+
+void MixedPrecisionEngine::setup_stage2() {
+  const auto& buckets = layout_.buckets();
+  std::vector<ElementRange> slices;
+  for (const Bucket& b : buckets) slices.push_back({b.shard_offset, b.slice_elements});
+  shard_slices_ = backend_.register_table<ElementRange>(slices);
+  for (const size_t capacity : staging_capacities(layout_, config_.staging_buffers)) {
+    Staging entry;
+    entry.capacity = capacity;
+    entry.data = backend_.allocate(capacity * dtype_size(config_.dtype));
+    if (config_.fp32_grad_accumulation) entry.wire = backend_.allocate(capacity * sizeof(float));
+    pool_.push_back(std::move(entry));
+  }
+  bucket_staging_.assign(buckets.size(), -1);
+  bucket_started_.assign(buckets.size(), 0);
+  bucket_rounds_.assign(buckets.size(), 0);
 }
 
 void MixedPrecisionEngine::setup_lamb() {
@@ -154,9 +207,9 @@ void MixedPrecisionEngine::setup_lamb() {
   for (size_t g = 0; g < all.size(); ++g) {
     const NormSegment& s = all[g];
     order[fill[s.tensor]++] = static_cast<size_t>(s.owner) * lamb_capacity_ + local[g];
-    if (s.owner == comm_.rank())
-      mine.push_back({s.shard_offset, s.flat_offset, s.num_elements, static_cast<uint32_t>(s.tensor),
-                      s.decay ? 1u : 0u});
+    if (s.owner == comm_.rank())  // the gradient read at flat_offset: in the shard for stage 2
+      mine.push_back({s.shard_offset, config_.zero_stage == 2 ? s.shard_offset : s.flat_offset,
+                      s.num_elements, static_cast<uint32_t>(s.tensor), s.decay ? 1u : 0u});
   }
   lamb_segments_ = backend_.register_table<LambSegment>(mine);
   lamb_order_ = backend_.register_table<size_t>(order);
@@ -198,7 +251,10 @@ const float* MixedPrecisionEngine::loss_scale_device() const {
                                         offsetof(common::ScalerState, scale));
 }
 
-MixedPrecisionEngine::~MixedPrecisionEngine() = default;
+MixedPrecisionEngine::~MixedPrecisionEngine() {
+  // Reductions still reading pool buffers finish before the buffers go (CommRequest's destructor waits).
+  for (const size_t i : in_flight_) pool_[i].request.reset();
+}
 
 std::vector<float> MixedPrecisionEngine::shard_of(std::span<const float> values) const {
   MPT_CHECK(values.size() == layout_.num_parameters(), "got {} values, the model has {}", values.size(),
@@ -329,8 +385,125 @@ void MixedPrecisionEngine::load_state(const std::vector<std::vector<float>>& mas
 }
 
 void MixedPrecisionEngine::zero_grads() {
+  // Stage 2: nothing of a previous step may still write into the shard or hold a pool buffer.
+  while (!in_flight_.empty()) complete_oldest();
+  for (Staging& entry : pool_) entry.bucket = -1;
+  std::fill(bucket_staging_.begin(), bucket_staging_.end(), -1);
+  std::fill(bucket_started_.begin(), bucket_started_.end(), 0);
+  std::fill(bucket_rounds_.begin(), bucket_rounds_.end(), 0);
+  micro_batch_open_ = false;
   backend_.fill_zero(grads_.data(), grads_.num_bytes());
   if (micro_grads_.data()) backend_.fill_zero(micro_grads_.data(), micro_grads_.num_bytes());
+  reset_grad_done();
+}
+
+void* MixedPrecisionEngine::grad_address(size_t tensor_index) {
+  MPT_CHECK(tensor_index < layout_.tensors().size(), "grad_address: tensor {} out of range ({} tensors)",
+            tensor_index, layout_.tensors().size());
+  const TensorPlacement& t = layout_.tensors()[tensor_index];
+  const size_t esize = dtype_size(config_.dtype);
+  if (config_.zero_stage == 1) return static_cast<std::byte*>(grads()) + t.offset * esize;
+  MPT_CHECK(!bucket_started_[t.bucket],
+            "grad_address: tensor '{}' written after its bucket {} was reduced in this micro-batch",
+            t.spec.name, t.bucket);
+  if (bucket_staging_[t.bucket] < 0) bucket_staging_[t.bucket] = static_cast<int>(acquire_staging(t.bucket));
+  micro_batch_open_ = true;
+  const Bucket& b = layout_.buckets()[t.bucket];
+  return static_cast<std::byte*>(pool_[static_cast<size_t>(bucket_staging_[t.bucket])].data.data()) +
+         (t.offset - b.offset) * esize;
+}
+
+size_t MixedPrecisionEngine::acquire_staging(size_t bucket) {
+  const size_t need = layout_.buckets()[bucket].padded_elements;
+  for (;;) {
+    // The smallest free buffer that holds the bucket.
+    size_t best = pool_.size();
+    for (size_t i = 0; i < pool_.size(); ++i)
+      if (pool_[i].bucket < 0 && pool_[i].capacity >= need &&
+          (best == pool_.size() || pool_[i].capacity < pool_[best].capacity))
+        best = i;
+    if (best < pool_.size()) {
+      Staging& entry = pool_[best];
+      entry.bucket = static_cast<int>(bucket);
+      // Backward accumulates into it; the padding must be zero for the reduction.
+      backend_.fill_zero(entry.data.data(), need * dtype_size(config_.dtype));
+      return best;
+    }
+    // None free: a reduction in flight on a buffer that fits will free one (completed in issue order).
+    const bool coming = std::any_of(in_flight_.begin(), in_flight_.end(),
+                                    [&](size_t i) { return pool_[i].capacity >= need; });
+    MPT_CHECK(coming,
+              "ZeRO-2 staging pool: bucket {} ({} elements) finds every buffer that holds it being written; "
+              "raise staging_buffers (now {})",
+              bucket, need, pool_.size());
+    complete_oldest();
+  }
+}
+
+void MixedPrecisionEngine::complete_oldest() {
+  const size_t i = in_flight_.front();
+  in_flight_.erase(in_flight_.begin());
+  Staging& entry = pool_[i];
+  entry.request->wait();  // MPI: the request completed; CUDA: what follows on the stream waits for it
+  entry.request.reset();
+  const Bucket& b = layout_.buckets()[static_cast<size_t>(entry.bucket)];
+  if (entry.add_recv) {
+    // Micro-batches after the first add their reduced slice (left in place in the buffer reduced) into the
+    // shard, in issue order: bucket b's rounds complete one after the other, so the sum's order is the
+    // micro-batches' on every rank.
+    const size_t gsize = dtype_size(grad_dtype());
+    const auto* reduced = static_cast<const std::byte*>(entry.reduced) +
+                          static_cast<size_t>(comm_.rank()) * b.slice_elements * gsize;
+    backend_.accumulate(static_cast<std::byte*>(grads_.data()) + b.shard_offset * gsize, reduced,
+                        static_cast<int64_t>(b.slice_elements), grad_dtype());
+  }
+  entry.in_flight = false;
+  entry.add_recv = false;
+  entry.bucket = -1;
+}
+
+void MixedPrecisionEngine::stage2_bucket_ready(size_t bucket) {
+  MPT_CHECK(!bucket_started_[bucket], "bucket_ready: bucket {} reported twice in one micro-batch", bucket);
+  // A bucket that backward never wrote in this micro-batch contributes zeros.
+  if (bucket_staging_[bucket] < 0) bucket_staging_[bucket] = static_cast<int>(acquire_staging(bucket));
+  const auto index = static_cast<size_t>(bucket_staging_[bucket]);
+  Staging& entry = pool_[index];
+  const Bucket& b = layout_.buckets()[bucket];
+  const int round = bucket_rounds_[bucket]++;
+  bucket_started_[bucket] = 1;
+  bucket_staging_[bucket] = -1;
+  micro_batch_open_ = true;
+  const DType gdt = grad_dtype();
+  void* send = entry.data.data();
+  if (config_.fp32_grad_accumulation) {  // main_grad: reduced in FP32, as stage 1 reduces its FP32 sums
+    backend_.fill_zero(entry.wire.data(), b.padded_elements * sizeof(float));
+    backend_.accumulate_f32(entry.wire.as<float>(), entry.data.data(),
+                            static_cast<int64_t>(b.padded_elements), config_.dtype);
+    send = entry.wire.data();
+  }
+  // The noise scale's small batch: this rank's gradient of the step's first micro-batch (the whole local
+  // gradient without accumulation, squared as stage 1 squares it).
+  if (config_.noise_scale && comm_.size() > 1 && round == 0)
+    backend_.sum_squares(send, gdt, 0, b.padded_elements,
+                         block_sums_.as<double>() + layout_.blocks_per_rank() + bucket);
+  // The step's first round lands in the shard directly; later ones in place (this rank's slice of the
+  // buffer reduced), added into the shard on completion.
+  const size_t gsize = dtype_size(gdt);
+  void* recv = round == 0 ? static_cast<std::byte*>(grads_.data()) + b.shard_offset * gsize
+                          : static_cast<std::byte*>(send) +
+                                static_cast<size_t>(comm_.rank()) * b.slice_elements * gsize;
+  entry.reduced = send;
+  entry.add_recv = round > 0;
+  entry.in_flight = true;
+  entry.request = comm_.ireduce_scatter(send, recv, b.slice_elements, gdt, ReduceOp::avg);
+  in_flight_.push_back(index);
+}
+
+void MixedPrecisionEngine::end_micro_batch() {
+  for (size_t b = 0; b < bucket_started_.size(); ++b)
+    if (!bucket_started_[b]) stage2_bucket_ready(b);
+  std::fill(bucket_started_.begin(), bucket_started_.end(), 0);
+  micro_batch_open_ = false;
   reset_grad_done();
 }
 
@@ -342,6 +515,17 @@ void MixedPrecisionEngine::set_batch(const StepBatch& batch) {
 }
 
 void MixedPrecisionEngine::sample_micro_batch() {
+  if (config_.zero_stage == 2) {
+    // The micro-batch's reduced gradient is in the shard once its reductions are done; with one rank the
+    // shard is the flat vector (slice = bucket), so these are stage 1's squares.
+    if (micro_batch_open_) end_micro_batch();
+    while (!in_flight_.empty()) complete_oldest();
+    for (size_t b = 0; b < layout_.buckets().size(); ++b)
+      backend_.sum_squares(grads_.data(), grad_dtype(), layout_.buckets()[b].shard_offset,
+                           layout_.buckets()[b].slice_elements,
+                           block_sums_.as<double>() + layout_.blocks_per_rank() + b);
+    return;
+  }
   for (size_t b = 0; b < layout_.buckets().size(); ++b)
     backend_.sum_squares(grads_.data(), grad_dtype(), layout_.buckets()[b].offset,
                          layout_.buckets()[b].padded_elements,
@@ -349,6 +533,10 @@ void MixedPrecisionEngine::sample_micro_batch() {
 }
 
 void MixedPrecisionEngine::accumulate_micro_batch() {
+  if (config_.zero_stage == 2) {
+    end_micro_batch();
+    return;
+  }
   if (!config_.fp32_grad_accumulation) return;  // backward accumulated into grads() directly
   backend_.accumulate_f32(grads_.as<float>(), micro_grads_.data(),
                           static_cast<int64_t>(layout_.padded_elements()), config_.dtype);
@@ -358,6 +546,10 @@ void MixedPrecisionEngine::accumulate_micro_batch() {
 void MixedPrecisionEngine::bucket_ready(size_t bucket) {
   MPT_CHECK(bucket < pending_.size(), "bucket_ready: bucket {} out of range ({} buckets)", bucket,
             pending_.size());
+  if (config_.zero_stage == 2) {
+    stage2_bucket_ready(bucket);
+    return;
+  }
   MPT_CHECK(!pending_[bucket], "bucket_ready: bucket {} reported twice in one step", bucket);
   const Bucket& b = layout_.buckets()[bucket];
   const DType gdt = grad_dtype();
@@ -378,8 +570,8 @@ void MixedPrecisionEngine::bucket_ready(size_t bucket) {
 void MixedPrecisionEngine::grad_done(size_t tensor_index) {
   MPT_CHECK(tensor_index < tensor_done_.size(), "grad_done: tensor {} out of range ({} tensors)",
             tensor_index, tensor_done_.size());
-  // main_grad: what is reduced is the FP32 buffer, final only after accumulate_micro_batch().
-  if (config_.fp32_grad_accumulation) return;
+  // main_grad: what is reduced is the FP32 buffer, final only after accumulate_micro_batch() (stage 1).
+  if (config_.fp32_grad_accumulation && config_.zero_stage == 1) return;
   MPT_CHECK(!tensor_done_[tensor_index], "grad_done: tensor '{}' reported twice in one step",
             layout_.tensors()[tensor_index].spec.name);
   tensor_done_[tensor_index] = 1;
@@ -388,12 +580,32 @@ void MixedPrecisionEngine::grad_done(size_t tensor_index) {
 }
 
 void MixedPrecisionEngine::sync_grads() {
+  if (config_.zero_stage == 2) {
+    // The open micro-batch ends here; a step whose backward never ran reduces zeros once.
+    const bool none_yet =
+        std::all_of(bucket_rounds_.begin(), bucket_rounds_.end(), [](int r) { return r == 0; });
+    if (micro_batch_open_ || none_yet) end_micro_batch();
+    while (!in_flight_.empty()) complete_oldest();
+    return;
+  }
   for (size_t b = 0; b < pending_.size(); ++b)
     if (!pending_[b]) bucket_ready(b);
   for (auto& request : pending_) request->wait();
 }
 
 void MixedPrecisionEngine::check_grads(bool stop_requested) {
+  if (config_.zero_stage == 2) {
+    // Every reduction must have landed in the shard (sync_grads(), or the micro-batches already ended).
+    if (micro_batch_open_ || !in_flight_.empty()) sync_grads();
+    std::fill(bucket_rounds_.begin(), bucket_rounds_.end(), 0);
+    reset_grad_done();
+    timings_ = StepResult{};
+    const auto t0 = std::chrono::steady_clock::now();
+    backend_.grad_check(grads_.data(), grad_dtype(), shard_slices_, config_.block_elements,
+                        block_sums_.as<double>(), state(), stop_requested);
+    timings_.check_seconds = seconds_since(t0);
+    return;
+  }
   // Either no bucket was started (gradients already reduced by the caller, or one rank) or all were.
   size_t started = 0;
   for (const auto& request : pending_) started += request ? 1 : 0;
@@ -508,6 +720,10 @@ MemoryReport MixedPrecisionEngine::memory() const {
   r.world_size = comm_.size();
   r.params_bytes = params_.num_bytes();
   r.grads_bytes = grads_.num_bytes() + micro_grads_.num_bytes();
+  for (const Staging& entry : pool_) r.staging_bytes += entry.data.num_bytes() + entry.wire.num_bytes();
+  r.zero_stage = config_.zero_stage;
+  r.grad_element_bytes = dtype_size(grad_dtype());
+  r.fp32_grad_accumulation = config_.fp32_grad_accumulation;
   r.master_bytes = master_.num_bytes();
   r.adam_m_bytes = adam_m_.num_bytes();
   r.adam_v_bytes = adam_v_.num_bytes();
@@ -527,7 +743,16 @@ MemoryReport MixedPrecisionEngine::predict_memory(std::vector<TensorSpec> tensor
   r.num_parameters = layout.num_parameters();
   r.world_size = world_size;
   r.params_bytes = layout.padded_elements() * esize;
-  r.grads_bytes = layout.padded_elements() * (c.fp32_grad_accumulation ? sizeof(float) + esize : esize);
+  r.zero_stage = c.zero_stage;
+  r.grad_element_bytes = c.fp32_grad_accumulation ? sizeof(float) : esize;
+  r.fp32_grad_accumulation = c.fp32_grad_accumulation;
+  if (c.zero_stage == 2) {
+    r.grads_bytes = layout.shard_elements() * r.grad_element_bytes;
+    for (const size_t capacity : staging_capacities(layout, c.staging_buffers))
+      r.staging_bytes += staging_entry_bytes(c, capacity);
+  } else {
+    r.grads_bytes = layout.padded_elements() * (c.fp32_grad_accumulation ? sizeof(float) + esize : esize);
+  }
   r.master_bytes = r.adam_m_bytes = r.adam_v_bytes = shard_bytes;
   // Block sums and bucket squares (sums_stride_ per rank), this rank's and gathered from every rank.
   const auto ranks = static_cast<size_t>(world_size);

@@ -437,6 +437,11 @@ void GPT::run_forward(const void* params, const int32_t* tokens, const int32_t* 
 }
 
 void GPT::backward(const void* params, void* grads, const std::function<void(size_t)>& on_grad_done) {
+  backward(params, GradAddress([&](size_t index) { return grad(grads, index); }), on_grad_done);
+}
+
+void GPT::backward(const void* params, const GradAddress& grads,
+                   const std::function<void(size_t)>& on_grad_done) {
   MPT_CHECK(dlogits_ready_,
             "GPT::backward: the last forward did not prepare a backward (backward_factor > 0)");
   dlogits_ready_ = false;  // dlogits are consumed: a second backward would need a new forward

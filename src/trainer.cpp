@@ -98,14 +98,18 @@ const char* signal_label(int signal_number) {
   return "signal";
 }
 
-/// Writes +inf or NaN of the gradients' storage dtype into the first gradient element of the first tensor
-/// (the --inject-overflow fault), through the backend so it works wherever the gradients live.
+/// Writes +inf or NaN into one gradient element (the --inject-overflow fault), through the backend so it
+/// works wherever the gradients live: stage 1 the first element of the first tensor in the full gradients,
+/// after backward; stage 2 the first element of this rank's reduced shard, after the reduction (no full
+/// gradient exists there).
 void poison_gradient(Backend& backend, const MixedPrecisionEngine& engine, bool nan) {
-  const size_t offset = engine.layout().tensors().front().offset;
+  const bool stage2 = engine.config().zero_stage == 2;
+  const size_t offset = stage2 ? 0 : engine.layout().tensors().front().offset;
   const float value = nan ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
-  dispatch_float_dtype(engine.config().dtype, [&]<typename S>() {
+  dispatch_float_dtype(stage2 ? engine.grad_dtype() : engine.config().dtype, [&]<typename S>() {
     const S poisoned = from_float<S>(value);
-    backend.copy_from_host(static_cast<S*>(engine.grads()) + offset, &poisoned, sizeof(S));
+    backend.copy_from_host(static_cast<S*>(stage2 ? engine.reduced_grads() : engine.grads()) + offset,
+                           &poisoned, sizeof(S));
   });
 }
 
@@ -369,9 +373,11 @@ struct OverflowInjection {
   /// same (non-overlapped) bucket order on that step: collectives must be issued in one order everywhere.
   bool poisons(int64_t step) const { return spec.step > 0 && spec.hits(step + 1, spec.rank); }
 
-  /// Poisons this rank's gradients when `step` is chosen for it, and says so on stdout.
-  void after_backward(Session& s, int64_t step) const {
+  /// Poisons this rank's gradients when `step` is chosen for it, and says so on stdout: after the last
+  /// backward (stage 1) or after the reduction (stage 2, `reduced`).
+  void after_backward(Session& s, int64_t step, bool reduced = false) const {
     if (!poisons(step) || s.comm.rank() != spec.rank) return;
+    if (reduced != (s.engine->config().zero_stage == 2)) return;
     poison_gradient(*s.backend, *s.engine, spec.nan);
     std::printf("step %6lld/%lld | rank %d: --inject-overflow: gradient element set to %s\n",
                 static_cast<long long>(step + 1), static_cast<long long>(s.config.steps), s.comm.rank(),
@@ -431,9 +437,9 @@ struct TrainingRun {
     accumulation = batch / (N * c.micro_batch);
     StepBatch b;
     b.samples = batch;
-    if (N > 1) {
+    if (N > 1 && (accumulation == 1 || c.zero_stage == 1)) {
       b.small_samples = static_cast<double>(batch / N);
-    } else if (accumulation > 1) {
+    } else if (accumulation > 1) {  // one rank, or stage 2 (no rank holds its whole local gradient)
       b.small_samples = static_cast<double>(c.micro_batch);
       b.small_grad_factor = static_cast<double>(accumulation);
     }
@@ -682,7 +688,6 @@ void print_run_header(const TrainingRun& run) {
   const Session& s = run.s;
   const int64_t G = c.global_batch, T = c.seq_len, N = run.comm.size();
   const MemoryReport m = s.engine->memory();
-  const double P = static_cast<double>(m.num_parameters);
   std::printf("mptrain train: %d rank(s) x %d thread(s), backend %s, precision %s\n", static_cast<int>(N),
               omp_get_max_threads(), s.backend->name().c_str(), c.precision.c_str());
   std::printf("config: %s\n", run.effective.dump().c_str());
@@ -692,17 +697,20 @@ void print_run_header(const TrainingRun& run) {
               static_cast<long long>(c.heads), static_cast<long long>(T),
               static_cast<long long>(s.model_config.vocab_size),
               static_cast<long long>(s.model_config.padded_vocab_size()), m.num_parameters);
-  // The ZeRO-1 contract: 2 x element size x P (weights + gradients) + 12P/N (FP32 master, m, v shard), plus
-  // 4P for the FP32 accumulation buffer when it is on; the rest is bucket padding.
+  // The ZeRO contract (MemoryReport::formula_bytes): stage 1 2 x element size x P (weights + gradients) +
+  // 12P/N (FP32 master, m, v shard), plus 4P for the FP32 accumulation buffer when it is on; stage 2 element
+  // size x P + the gradient shard + 12P/N (2P + 14P/N in fp16), plus the staging pool. The rest is padding.
   const bool main_grad = c.fp32_grad_accumulation;
-  const double expected = 2.0 * static_cast<double>(dtype_size(c.dtype())) * P + (main_grad ? 4.0 * P : 0.0) +
-                          12.0 * P / static_cast<double>(N);
+  const size_t esize = dtype_size(c.dtype());
+  const char* formula = c.zero_stage == 2 ? (c.precision == "fp32" ? "4P + 16P/N" : "2P + 14P/N")
+                                          : (c.precision == "fp32" ? "8P + 12P/N" : "4P + 12P/N");
   std::printf(
-      "memory per rank: weights %zu + grads %zu + FP32 master/m/v shard %zu = %zu bytes (%s%s: %.0f, "
-      "padding %.0f)\n",
-      m.params_bytes, m.grads_bytes, m.master_bytes + m.adam_m_bytes + m.adam_v_bytes, m.state_bytes(),
-      c.precision == "fp32" ? "8P + 12P/N" : "4P + 12P/N", main_grad ? " + 4P main_grad" : "", expected,
-      static_cast<double>(m.state_bytes()) - expected);
+      "memory per rank (ZeRO-%d): weights %zu + grads %zu + FP32 master/m/v shard %zu%s = %zu bytes (%s%s: "
+      "%.0f, padding %.0f)\n",
+      c.zero_stage, m.params_bytes, m.grads_bytes, m.master_bytes + m.adam_m_bytes + m.adam_v_bytes,
+      m.staging_bytes > 0 ? fmt::format(" + staging pool {}", m.staging_bytes).c_str() : "", m.state_bytes(),
+      formula, main_grad ? (c.zero_stage == 2 ? " + 2P/N FP32 grad shard" : " + 4P main_grad") : "",
+      m.formula_bytes(esize), m.padding_bytes(esize));
   const MemoryEstimate& e = run.estimate;
   std::printf(
       "memory model (--recompute %s, micro-batch %lld%s): engine %zu + activations %zu + model %zu = %zu "
@@ -763,7 +771,11 @@ void micro_batch(TrainingRun& run, int64_t step, int64_t k) {
   s.model->forward_accumulate(s.engine->params(), s.tokens.data(), s.targets.data(), mb, T, factor,
                               s.engine->loss_scale_device());
   const bool last = k + 1 == run.accumulation;
-  if (last && !c.fp32_grad_accumulation && !run.inject.poisons(step))
+  if (c.zero_stage == 2)  // every micro-batch's buckets are reduced as backward finishes them
+    s.model->backward(
+        s.engine->params(), [&](size_t tensor) { return s.engine->grad_address(tensor); },
+        [&](size_t tensor) { s.engine->grad_done(tensor); });
+  else if (last && !c.fp32_grad_accumulation && !run.inject.poisons(step))
     s.model->backward(s.engine->params(), s.engine->grads(),
                       [&](size_t tensor) { s.engine->grad_done(tensor); });
   else
@@ -782,7 +794,8 @@ StepResult train_step(TrainingRun& run, int64_t step) {
   engine.zero_grads();                            // 1. grads = 0
   for (int64_t k = 0; k < run.accumulation; ++k)  // 2. forward + backward of every micro-batch; the last
     micro_batch(run, step, k);                    //    one starts 3 bucket by bucket as backward fills them
-  engine.sync_grads();                     // 3. reduce-scatter (or all-reduce) of the buckets not started yet
+  engine.sync_grads();  // 3. reduce-scatter (or all-reduce) of the buckets not started yet
+  run.inject.after_backward(run.s, step, /*reduced=*/true);
   engine.check_grads(g_stop_signal != 0);  // 4. found_inf and block sums of my shard (and my stop request)
   engine.agree();                          // 5. found_inf and the stop request agreed by all ranks
   engine.update();                         // 6. norm, clip, AdamW, loss scale (skip on found_inf)

@@ -56,6 +56,8 @@ struct RunConfig {
   bool fp32_grad_accumulation = false;  ///< Megatron main_grad: accumulate and reduce gradients in FP32
   std::string grad_sync = "reduce-scatter";
   double bucket_mib = 25.0;
+  int zero_stage =
+      1;  ///< --zero-stage 1|2: 2 keeps only this rank's gradient shard (EngineConfig::zero_stage)
 
   // Data and evaluation.
   std::string data = "data/kjv.txt";

@@ -4,6 +4,13 @@
 //   grads   : gradients in the storage dtype, full copy on every rank (loss-scaled in fp16 mode)
 //   shard   : this rank's FP32 master weights, Adam m and v (slice r of every bucket: ZeRO-1)
 //
+// ZeRO stage 2 (EngineConfig::zero_stage = 2) drops the full gradient copy: backward writes each bucket into
+// a staging buffer taken from a small pool (grad_address()), the bucket's reduce-scatter lands this rank's
+// slice in a gradient shard (storage dtype, or FP32 with fp32_grad_accumulation), and the staging buffer
+// returns to the pool only once that collective has completed (CommRequest::wait: the MPI request, or on CUDA
+// the collective's event made a dependency of the compute stream). With accumulation every micro-batch's
+// buckets are reduce-scattered and added into the shard (K x the gradient traffic, as DeepSpeed ZeRO-2).
+//
 // Phase 3 reduces each bucket (reduce-scatter by default, all-reduce as an option) as soon as the caller
 // reports it ready; phase 4 checks this rank's reduced shard for inf/NaN and sums squares per fixed block;
 // phase 5 agrees on found_inf with a MAX all-reduce, so every rank takes the same decision in phase 6 (skip
@@ -65,6 +72,14 @@ struct EngineConfig {
   /// NoiseBatch to step_async().
   bool noise_scale = true;
   double noise_scale_ema = 0.95;  ///< EMA factor of the estimators, in [0, 1)
+  /// ZeRO stage: 1 keeps a full gradient buffer on every rank; 2 keeps only this rank's reduced shard and
+  /// stages backward's buckets in `staging_buffers` pool buffers (reduce-scatter only).
+  int zero_stage = 1;
+  /// Stage 2: buffers of the staging pool (>= 1; at most one per bucket). Buffer i holds the i-th largest
+  /// bucket, so any bucket fits buffer 0; backward needs as many as buckets it writes at once (GPT: 2, the
+  /// tied wte's and the current one), and one more lets a bucket's reduce-scatter overlap the next bucket's
+  /// backward.
+  int staging_buffers = 3;
 
   /// Throws mpt::InputError naming the first bad field.
   void validate() const;
@@ -115,14 +130,25 @@ struct MemoryReport {
   size_t master_bytes = 0;    ///< FP32 master shard
   size_t adam_m_bytes = 0;    ///< FP32 Adam m shard
   size_t adam_v_bytes = 0;    ///< FP32 Adam v shard
+  /// ZeRO stage 2: the staging pool (its buffers, and with fp32_grad_accumulation per buffer the FP32 copy
+  /// that is reduced); 0 for stage 1.
+  size_t staging_bytes = 0;
+  int zero_stage = 1;                   ///< the engine's ZeRO stage
+  size_t grad_element_bytes = 2;        ///< bytes per reduced gradient element (grad_dtype())
+  bool fp32_grad_accumulation = false;  ///< stage 1 then also holds the micro-batch buffer (storage dtype)
   /// Grad-norm block sums (local and gathered), the step state (AmpState), and with LAMB its segment sums
   /// (local and gathered) and trust ratios.
   size_t scratch_bytes = 0;
-  /// params + grads + master + m + v (the ZeRO-1 state: 4P + 12P/N plus padding in fp16 mode).
+  /// params + grads + master + m + v + staging (ZeRO-1: 4P + 12P/N plus padding in fp16 mode; ZeRO-2:
+  /// 2P + 14P/N plus padding plus the staging pool).
   size_t state_bytes() const {
-    return params_bytes + grads_bytes + master_bytes + adam_m_bytes + adam_v_bytes;
+    return params_bytes + grads_bytes + master_bytes + adam_m_bytes + adam_v_bytes + staging_bytes;
   }
-  /// state_bytes() minus the unpadded formula 2*esize*P + 12P/N (may be fractional: returned as double).
+  /// The unpadded formula of the stage: ZeRO-1 esize*P + grad_element_bytes*P (+ esize*P for the micro-batch
+  /// buffer of fp32 accumulation) + 12P/N; ZeRO-2 esize*P + grad_element_bytes*P/N + 12P/N (the ZeRO paper's
+  /// P_os+g: 2P + 14P/N in fp16). `element_bytes` is the storage dtype's size.
+  double formula_bytes(size_t element_bytes) const;
+  /// state_bytes() minus staging_bytes minus formula_bytes() (may be fractional: returned as double).
   double padding_bytes(size_t element_bytes) const;
 };
 
@@ -158,7 +184,18 @@ class MixedPrecisionEngine {
   /// Flat gradients, padded_elements() of dtype, backend memory: where backward accumulates. With
   /// fp32_grad_accumulation this is the micro-batch buffer; call accumulate_micro_batch() after each
   /// backward.
+  /// ZeRO stage 2 has no such buffer: nullptr (backward writes through grad_address()).
   void* grads() const { return micro_grads_.data() ? micro_grads_.data() : grads_.data(); }
+  /// Where backward writes the gradient of tensor `tensor_index` (registration order), in dtype, backend
+  /// memory: inside grads() for stage 1. Stage 2: inside the staging buffer of the tensor's bucket; the
+  /// bucket's first address request of a micro-batch takes a buffer from the pool, waiting (in issue order)
+  /// for earlier reduce-scatters to complete until one that fits is free, and zeroes it. Throws mpt::Error
+  /// when the tensor's bucket was already reduced in this micro-batch, or when every buffer that could hold
+  /// the bucket is being written (raise staging_buffers).
+  void* grad_address(size_t tensor_index);
+  /// The reduced gradients this rank's phases 4-6 read (grad_dtype()): stage 1 the flat buffer (grads_,
+  /// flat offsets), stage 2 the shard (shard_elements(), bucket b's slice at Bucket::shard_offset).
+  void* reduced_grads() const { return grads_.data(); }
   /// Storage type of the gradients that are reduced, checked and read by AdamW: f32 with
   /// fp32_grad_accumulation, else dtype.
   DType grad_dtype() const { return config_.fp32_grad_accumulation ? DType::f32 : config_.dtype; }
@@ -194,7 +231,9 @@ class MixedPrecisionEngine {
   /// Phase 1: grads = 0 (padding included), the FP32 accumulation buffer too; resets grad_done()'s counts.
   void zero_grads();
   /// After each micro-batch's backward: with fp32_grad_accumulation, adds grads() into the FP32 buffer and
-  /// zeroes grads(); otherwise nothing (backward already accumulated in place).
+  /// zeroes grads(); otherwise nothing (backward already accumulated in place). Stage 2: ends the
+  /// micro-batch: starts the reduce-scatter of every bucket not reported yet (the rest of the gradients
+  /// are zero), so the next micro-batch's backward starts every bucket afresh.
   void accumulate_micro_batch();
   /// Phase 3 for one bucket: starts its non-blocking collective now (backward has finished writing it).
   /// Buckets may be reported in any order, each at most once per step.
@@ -206,7 +245,9 @@ class MixedPrecisionEngine {
   /// tensor at most once per step (throws mpt::Error otherwise), and only during the LAST micro-batch's
   /// backward (earlier micro-batches still add into the buckets). With fp32_grad_accumulation it does
   /// nothing: the reduced buffer is final only after accumulate_micro_batch(), so sync_grads() starts every
-  /// bucket then (no overlap). Counts reset in zero_grads() and after each step.
+  /// bucket then (no overlap). Counts reset in zero_grads() and after each step. Stage 2: report every
+  /// micro-batch's tensors (each micro-batch's buckets are reduced; with fp32_grad_accumulation too), counts
+  /// reset by accumulate_micro_batch().
   void grad_done(size_t tensor_index);
   /// The noise scale's small batch with one rank: squares the gradients as they stand (call it after the
   /// first micro-batch's backward and accumulate_micro_batch(), when they hold that micro-batch alone), for
@@ -215,6 +256,8 @@ class MixedPrecisionEngine {
   void sample_micro_batch();
   /// Phase 3: starts the buckets not reported yet and waits for all. After it, this rank's slices of grads
   /// hold the average over ranks (reduce-scatter mode: other slices are unspecified; all-reduce: all valid).
+  /// Stage 2: ends the open micro-batch as accumulate_micro_batch() does, then waits for every reduction and
+  /// its addition into the shard.
   void sync_grads();
   /// Phase 4 on the gradients as they stand: the read-only pass over this rank's shard (Backend::grad_check:
   /// found_inf and the FP64 block sums), which also records this rank's `stop_requested`. In data-parallel
@@ -263,6 +306,19 @@ class MixedPrecisionEngine {
   common::AmpState* state() const { return state_.as<common::AmpState>(); }
   /// Resets grad_done()'s per-step counts.
   void reset_grad_done();
+  /// Stage 2: the pool, the shard's tables, the buffers that each pool entry owns.
+  void setup_stage2();
+  /// Stage 2: a pool buffer for `bucket` (waiting for reductions in issue order until one that fits is free),
+  /// zeroed; returns its index.
+  size_t acquire_staging(size_t bucket);
+  /// Stage 2: waits for the oldest reduction in flight, adds its slice (reduced in place) into the shard
+  /// (micro-batches after the first) and returns its buffer to the pool.
+  void complete_oldest();
+  /// Stage 2: bucket_ready() with the bucket in a pool buffer.
+  void stage2_bucket_ready(size_t bucket);
+  /// Stage 2: starts every bucket of the open micro-batch not started yet and resets the per-micro-batch
+  /// counts.
+  void end_micro_batch();
   /// LAMB's tables and buffers: this rank's norm segments, the order of the gathered segment sums per tensor.
   void setup_lamb();
   /// Phase 6 with LAMB: pass 1, the segment-sum all-gather, the trust ratios, pass 2.
@@ -306,6 +362,25 @@ class MixedPrecisionEngine {
   std::vector<std::vector<size_t>> tensor_buckets_;
   std::vector<size_t> bucket_tensors_, bucket_done_;
   std::vector<char> tensor_done_;
+  // ZeRO stage 2. A pool entry: its staging buffer (dtype; capacity in elements), with fp32 accumulation the
+  // FP32 copy that is reduced, and while a reduction reads it, that reduction (the micro-batches after a
+  // step's first reduce in place). The in-flight queue holds entries in issue order.
+  struct Staging {
+    Buffer data, wire;
+    void* reduced = nullptr;  // what the reduction in flight reads (data or wire); later rounds land in it
+    size_t capacity = 0;
+    int bucket = -1;         // the bucket it holds (written or in flight), -1 when free
+    bool in_flight = false;  // its reduce-scatter was issued and not yet completed
+    bool add_recv = false;   // on completion add its slice into the shard (not the step's first round)
+    std::unique_ptr<CommRequest> request;
+  };
+  std::vector<Staging> pool_;
+  std::vector<size_t> in_flight_;     // pool indices in issue order
+  std::vector<int> bucket_staging_;   // per bucket: the pool entry being written this micro-batch, or -1
+  std::vector<char> bucket_started_;  // per bucket: reduced in this micro-batch
+  std::vector<int> bucket_rounds_;    // per bucket: reductions issued this step
+  bool micro_batch_open_ = false;     // some bucket was written or started since the last end
+  Table<ElementRange> shard_slices_;  // this rank's slices inside the shard (stage 2 grad_check)
 };
 
 }  // namespace mpt

@@ -19,7 +19,9 @@ namespace mpt {
 /// Bytes per rank of one training set-up at one micro-batch.
 struct MemoryEstimate {
   int64_t micro_batch = 0;
-  MemoryReport engine;       ///< weights, gradients (+ FP32 accumulation), master/m/v shard, engine scratch
+  /// weights, gradients (+ FP32 accumulation; ZeRO-2: the gradient shard and the staging pool),
+  /// master/m/v shard, engine scratch
+  MemoryReport engine;
   size_t activations = 0;    ///< GPT::activation_bytes_for (forward activations + backward scratch)
   size_t model_scratch = 0;  ///< the model's own buffers outside the activations (loss accumulator)
   size_t workspace = 0;  ///< backend scratch outside allocate(): the largest op's need (not in bytes_in_use)

@@ -108,6 +108,14 @@ class GPT {
   /// LM head). Throws mpt::Error when the last forward was not run with backward_factor > 0.
   void backward(const void* params, void* grads,
                 const std::function<void(size_t tensor_index)>& on_grad_done = {});
+  /// Where backward writes a tensor's gradient: called with the registration index right before each op
+  /// that accumulates into it (a tensor's first request may come before its last write, e.g. the tied wte's
+  /// at the LM head), returning backend memory in the storage dtype. MixedPrecisionEngine::grad_address.
+  using GradAddress = std::function<void*(size_t tensor_index)>;
+  /// backward() with each tensor's gradient at `grad_address(index)` instead of inside one flat buffer (ZeRO
+  /// stage 2's staging buffers). Same order of writes and of on_grad_done calls.
+  void backward(const void* params, const GradAddress& grad_address,
+                const std::function<void(size_t tensor_index)>& on_grad_done = {});
 
   /// Logits [B, T, Vp] of the last forward (backend memory; dlogits after a forward with backward_factor).
   const void* logits() const;
@@ -137,6 +145,7 @@ class GPT {
                    float backward_factor, const float* loss_scale_device);
   const void* param(const void* base, size_t index) const;
   void* grad(void* base, size_t index) const;
+  void* grad(const GradAddress& at, size_t index) const { return at(index); }
 
   GPTConfig config_;
   const ParamLayout& layout_;

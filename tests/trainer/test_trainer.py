@@ -205,6 +205,46 @@ class Trainer(unittest.TestCase):
         self.assertLess(activations["selective"], activations["none"])
         self.assertLess(activations["block"], activations["selective"])
 
+    def test_zero_stage_2_trains_as_stage_1_and_resumes_across_stages(self):
+        # One micro-batch per rank: stage 2 takes stage 1's steps bitwise, the injected overflow on rank 1
+        # included (skipped on every rank); each stage resumes the other's checkpoint bitwise.
+        extra = ["--precision", "fp16", "--global-batch", "8", "--micro-batch", "4", "--steps", "8",
+                 "--checkpoint-interval", "4", "--keep-checkpoints", "5", "--inject-overflow", "3:1"]
+        runs = {}
+        for stage in (1, 2):
+            cwd = os.path.join(self.dir, f"zero{stage}")
+            out = self.mptrain(2, "train", "--data", self.corpus, "--run-name", "z", "--resume", "none", *TINY,
+                               *extra, "--zero-stage", str(stage), cwd=cwd)
+            self.assertIn(f"memory per rank (ZeRO-{stage})", out)
+            with open(os.path.join(cwd, "runs", "z", "metrics.jsonl")) as f:
+                runs[stage] = (cwd, [json.loads(line) for line in f], out)
+        grads = {stage: self.number_after(runs[stage][2], "+ grads", "+") for stage in (1, 2)}
+        self.assertLess(grads[2], grads[1] / 2 + 1024)  # the shard: half of the gradients on 2 ranks
+        self.assertTrue(any(skip for _, skip in self.after(runs[2][1], 0, "step_skipped")), "no skipped step")
+        for key in NON_TIMING:
+            self.assertEqual(self.after(runs[1][1], 0, key), self.after(runs[2][1], 0, key), key)
+        for stage, other in ((1, 2), (2, 1)):
+            ckpt = os.path.join(runs[other][0], "runs", "z", "checkpoints", "ckpt_00000004.safetensors")
+            _, resumed = self.train(f"zero_resume_{stage}", 2, extra + ["--zero-stage", str(stage)], resume=ckpt)
+            for key in NON_TIMING:
+                self.assertEqual(self.after(runs[stage][1], 4, key), self.after(resumed, 4, key), key)
+        # With accumulation (3 micro-batches per rank) every micro-batch is reduce-scattered: the same losses
+        # within rounding; resumed by stage 1 on 3 ranks, as any checkpoint resumes on another rank count.
+        acc = ["--precision", "fp32", "--global-batch", "12", "--micro-batch", "2", "--steps", "8",
+               "--checkpoint-interval", "4", "--keep-checkpoints", "5"]
+        _, one = self.train("zero_acc_1", 2, acc)
+        cwd, two = self.train("zero_acc_2", 2, acc + ["--zero-stage", "2"])
+        _, three = self.train("zero_acc_3", 3, acc, resume=os.path.join(
+            cwd, "runs", "zero_acc_2", "checkpoints", "ckpt_00000004.safetensors"))
+        for other in (one, three):
+            a, b = self.after(two, 4, "train_loss"), self.after(other, 4, "train_loss")
+            self.assertEqual([s for s, _ in a], [s for s, _ in b])
+            for (step, x), (_, y) in zip(a, b):
+                self.assertLessEqual(abs(x - y), 1e-4 * abs(x), f"step {step}: {x} vs {y}")
+        cwd = os.path.join(self.dir, "zero_bad")
+        self.expect_error(2, "train", "--data", self.corpus, "--run-name", "bad", "--resume", "none", *TINY,
+                          "--zero-stage", "2", "--grad-sync", "all-reduce", cwd=cwd, needle="--zero-stage 2")
+
     def test_micro_batch_auto_picks_the_largest_that_fits(self):
         extra = ["--global-batch", "16", "--steps", "1", "--micro-batch", "auto"]
         out, _ = self.run_with("auto_roomy", extra + ["--memory-budget", "1"])
