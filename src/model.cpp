@@ -171,7 +171,8 @@ Recompute parse_recompute(const std::string& text) {
 //              attproj (also holding fcproj), ln2, fch_gelu.
 //   block:     per layer residual3 (the next block's input); everything else shared.
 // In the recompute modes backward writes its gradients into the shared buffers that are dead by then
-// (GPT::backward names them), so only dresidual and dfch_gelu are scratch of their own.
+// (GPT::backward names them), so only dresidual is scratch of its own. The GELU's input gradient needs no
+// buffer: the c_proj backward applies GELU' to it as it writes dfch (Backend::matmul_backward_gelu).
 struct GPT::Activations {
   Buffer tokens, targets;  // int32 [B,T]
   Buffer encoded;          // [B,T,C]
@@ -181,7 +182,7 @@ struct GPT::Activations {
   Buffer logits;                   // [B,T,Vp] (dlogits in place)
   Buffer losses;                   // FP32 [B,T]
   // Backward scratch, reused by every layer (dln, datty, dqkv, dfch only with Recompute::none).
-  Buffer dresidual, dln, datty, dqkv, dfch, dfch_gelu;
+  Buffer dresidual, dln, datty, dqkv, dfch;
   size_t bytes = 0;
 };
 
@@ -235,7 +236,6 @@ void plan_activations(GPT::Activations& a, const GPTConfig& config, DType dtype,
   a.logits = alloc(BT * Vp * es);
   a.losses = alloc(BT * sizeof(float));
   a.dresidual = alloc(BT * C * es);
-  a.dfch_gelu = alloc(BT * 4 * C * es);
   if (none) {
     a.dln = alloc(BT * C * es);
     a.datty = alloc(BT * C * es);
@@ -326,17 +326,30 @@ void GPT::block_forward(const void* params, int64_t l, bool full) {
   const LayerActs x = layer(l);
   const int64_t B = B_, T = T_, BT = B * T, C = config_.channels, NH = config_.num_heads;
   const DType dt = dtype_;
-  backend_.layernorm_forward(x.ln1, x.ln1_mean, x.ln1_rstd, x.input, p(kLn1W), p(kLn1B), BT, C, dt);
+  if (!full)
+    backend_.layernorm_forward(x.ln1, x.ln1_mean, x.ln1_rstd, x.input, p(kLn1W), p(kLn1B), BT, C, dt);
   backend_.matmul_forward(x.qkv, x.ln1, p(kQkvW), p(kQkvB), BT, C, 3 * C, dt);
   backend_.attention_forward(x.atty, x.att, x.qkv, B, T, C, NH, dt);
   backend_.matmul_forward(x.attproj, x.atty, p(kAttProjW), p(kAttProjB), BT, C, C, dt);
-  backend_.residual_forward(x.residual2, x.input, x.attproj, BT * C, dt);
-  backend_.layernorm_forward(x.ln2, x.ln2_mean, x.ln2_rstd, x.residual2, p(kLn2W), p(kLn2B), BT, C, dt);
-  backend_.matmul_forward(x.fch, x.ln2, p(kFcW), p(kFcB), BT, C, 4 * C, dt);
-  backend_.gelu_forward(x.fch_gelu, x.fch, BT * 4 * C, dt);
+  backend_.residual_layernorm_forward(x.residual2, x.ln2, x.ln2_mean, x.ln2_rstd, x.input, x.attproj,
+                                      p(kLn2W), p(kLn2B), BT, C, dt);
+  backend_.matmul_gelu_forward(x.fch, x.fch_gelu, x.ln2, p(kFcW), p(kFcB), BT, C, 4 * C, dt);
   if (!full) return;  // backward reads nothing after GELU
   backend_.matmul_forward(x.fcproj, x.fch_gelu, p(kFcProjW), p(kFcProjB), BT, 4 * C, C, dt);
-  backend_.residual_forward(x.residual3, x.residual2, x.fcproj, BT * C, dt);
+  // residual3, fused with the LayerNorm that reads it: the next block's ln_1, or ln_f after the last block.
+  // (The next block's ln_1 may be a shared buffer: this block no longer reads its own.)
+  if (l + 1 < config_.num_layers) {
+    const LayerActs next = layer(l + 1);
+    const size_t ln1 = layer_index(l + 1, kLn1W);
+    backend_.residual_layernorm_forward(x.residual3, next.ln1, next.ln1_mean, next.ln1_rstd, x.residual2,
+                                        x.fcproj, param(params, ln1), param(params, ln1 + 1), BT, C, dt);
+  } else {
+    Activations& a = *acts_;
+    const size_t lnf = layer_index(config_.num_layers, kLn1W);  // ln_f.weight follows the last layer
+    backend_.residual_layernorm_forward(x.residual3, a.lnf.data(), a.lnf_mean.as<float>(),
+                                        a.lnf_rstd.as<float>(), x.residual2, x.fcproj, param(params, lnf),
+                                        param(params, lnf + 1), BT, C, dt);
+  }
 }
 
 void GPT::recompute_block(const void* params, int64_t l) {
@@ -355,7 +368,7 @@ void GPT::recompute_block(const void* params, int64_t l) {
   backend_.layernorm_forward(x.ln1, x.ln1_mean, x.ln1_rstd, x.input, p(kLn1W), p(kLn1B), BT, C, dt);
   backend_.attention_forward(x.atty, x.att, x.qkv, B, T, C, NH, dt);
   backend_.layernorm_forward(x.ln2, x.ln2_mean, x.ln2_rstd, x.residual2, p(kLn2W), p(kLn2B), BT, C, dt);
-  backend_.gelu_forward(x.fch_gelu, x.fch, BT * 4 * C, dt);
+  backend_.gelu_forward(x.fch_gelu, x.fch, BT * 4 * C, dt);  // bitwise what matmul_gelu_forward wrote
 }
 
 size_t GPT::activation_bytes() const {
@@ -416,12 +429,15 @@ void GPT::run_forward(const void* params, const int32_t* tokens, const int32_t* 
 
   backend_.embedding_forward(a.encoded.data(), a.tokens.as<int32_t>(), param(params, 0), param(params, 1), B,
                              T, C, dt);
+  {
+    const LayerActs x = layer(0);
+    const size_t ln1 = layer_index(0, kLn1W);
+    backend_.layernorm_forward(x.ln1, x.ln1_mean, x.ln1_rstd, x.input, param(params, ln1),
+                               param(params, ln1 + 1), BT, C, dt);
+  }
+  // Each block writes the next LayerNorm's output (the last one ln_f's) with its residual.
   for (int64_t l = 0; l < config_.num_layers; ++l) block_forward(params, l, /*full=*/true);
   last_block_live_ = true;
-  const size_t lnf = layer_index(config_.num_layers, kLn1W);  // ln_f.weight follows the last layer
-  backend_.layernorm_forward(a.lnf.data(), a.lnf_mean.as<float>(), a.lnf_rstd.as<float>(),
-                             a.residual3.back().data(), param(params, lnf), param(params, lnf + 1), BT, C,
-                             dt);
   backend_.matmul_forward(a.logits.data(), a.lnf.data(), param(params, 0), nullptr, BT, C, Vp, dt);
 
   dlogits_ready_ = false;
@@ -482,18 +498,16 @@ void GPT::backward(const void* params, const GradAddress& grads,
     // Gradient buffers: scratch of their own (none), else activations of this block that are dead when the
     // gradient is written: fch_gelu after the c_proj backward, attproj (never read), ln2 after the c_fc
     // backward, fch after the GELU backward.
-    void* dfch = own_scratch ? a.dfch.data() : x.fch_gelu;
+    void* dfch = own_scratch ? a.dfch.data() : x.fch_gelu;  // the c_proj backward reads fch_gelu first
     void* dln_mlp = own_scratch ? a.dln.data() : x.attproj;
     void* datty = own_scratch ? a.datty.data() : x.ln2;
     void* dqkv = own_scratch ? a.dqkv.data() : x.fch;
     void* dln_attn = dln_mlp;
-    // residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))): dresidual flows to both terms.
-    backend_.fill_zero(a.dfch_gelu.data(), bytes(BT * 4 * C));
-    backend_.matmul_backward(a.dfch_gelu.data(), g(kFcProjW), g(kFcProjB), a.dresidual.data(), x.fch_gelu,
-                             p(kFcProjW), BT, 4 * C, C, dt);
+    // residual3 = residual2 + fcproj(gelu(fc(ln2(residual2)))): dresidual flows to both terms. The c_proj
+    // backward overwrites dfch with the GELU's input gradient.
+    backend_.matmul_backward_gelu(dfch, g(kFcProjW), g(kFcProjB), a.dresidual.data(), x.fch_gelu, p(kFcProjW),
+                                  x.fch, BT, 4 * C, C, dt);
     finished(kFcProjW, kFcProjB);
-    backend_.fill_zero(dfch, bytes(BT * 4 * C));
-    backend_.gelu_backward(dfch, x.fch, a.dfch_gelu.data(), BT * 4 * C, dt);
     backend_.fill_zero(dln_mlp, bytes(BT * C));
     backend_.matmul_backward(dln_mlp, g(kFcW), g(kFcB), dfch, x.ln2, p(kFcW), BT, C, 4 * C, dt);
     finished(kFcW, kFcB);

@@ -403,6 +403,85 @@ TYPED_TEST(CudaOps, MatmulThroughTheBackend) {
   expect_close(dbias.download(gpu), dbias.host, over_rows, "matmul_backward dbias");
 }
 
+/// Bitwise equality of two downloads (the fused CUDA ops against the CUDA op sequences they replace).
+template <typename T>
+void expect_same_bits(const std::vector<T>& got, const std::vector<T>& ref, const std::string& what) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i)
+    if (std::memcmp(&got[i], &ref[i], sizeof(T)) != 0) {
+      ADD_FAILURE() << what << ": first difference at index " << i << ": fused " << as_double(got[i])
+                    << " vs unfused " << as_double(ref[i]);
+      return;
+    }
+}
+
+TYPED_TEST(CudaOps, FusedOpsAreTheUnfusedSequencesAndMatchCpu) {
+  MPT_REQUIRE_GPU();
+  using T = TypeParam;
+  Backend& cpu = *this->cpu_backend;
+  Backend& gpu = *this->gpu_backend;
+  const DType dt = dtype_of<T>();
+  const int64_t rows = 39, C = 37, H = 4 * C;  // T = 13, B = 3; odd channels
+  const Tol t = sum_tol<T>();
+  const Tol gemm{t.abs * std::sqrt(static_cast<double>(H)), t.rel};
+
+  // residual + LayerNorm
+  Mirror<T> a(gpu, random_vector<T>(rows * C, 90, 2.0f)), b(gpu, random_vector<T>(rows * C, 91));
+  Mirror<T> lnw(gpu, random_vector<T>(C, 92, 0.2f, 1.0f)), lnb(gpu, random_vector<T>(C, 93, 0.2f));
+  Mirror<T> res(gpu, std::vector<T>(rows * C)), ln(gpu, std::vector<T>(rows * C));
+  Mirror<T> res_ref(gpu, std::vector<T>(rows * C)), ln_ref(gpu, std::vector<T>(rows * C));
+  Mirror<float> mean(gpu, std::vector<float>(rows)), rstd(gpu, std::vector<float>(rows));
+  Mirror<float> mean_ref(gpu, std::vector<float>(rows)), rstd_ref(gpu, std::vector<float>(rows));
+  gpu.residual_layernorm_forward(res.dev(), ln.dev(), mean.dev(), rstd.dev(), a.dev(), b.dev(), lnw.dev(),
+                                 lnb.dev(), rows, C, dt);
+  gpu.residual_forward(res_ref.dev(), a.dev(), b.dev(), rows * C, dt);
+  gpu.layernorm_forward(ln_ref.dev(), mean_ref.dev(), rstd_ref.dev(), res_ref.dev(), lnw.dev(), lnb.dev(),
+                        rows, C, dt);
+  expect_same_bits(res.download(gpu), res_ref.download(gpu), "residual_layernorm_forward residual");
+  expect_same_bits(ln.download(gpu), ln_ref.download(gpu), "residual_layernorm_forward out");
+  expect_same_bits(mean.download(gpu), mean_ref.download(gpu), "residual_layernorm_forward mean");
+  expect_same_bits(rstd.download(gpu), rstd_ref.download(gpu), "residual_layernorm_forward rstd");
+  cpu.residual_layernorm_forward(res.cpu(), ln.cpu(), mean.cpu(), rstd.cpu(), a.cpu(), b.cpu(), lnw.cpu(),
+                                 lnb.cpu(), rows, C, dt);
+  expect_close(res.download(gpu), res.host, elem_tol<T>(), "residual_layernorm_forward residual vs cpu");
+  expect_close(ln.download(gpu), ln.host, sum_tol<T>(), "residual_layernorm_forward out vs cpu");
+
+  // c_fc + GELU
+  Mirror<T> w(gpu, random_vector<T>(H * C, 94, 0.2f)), bias(gpu, random_vector<T>(H, 95));
+  Mirror<T> pre(gpu, std::vector<T>(rows * H)), act(gpu, std::vector<T>(rows * H));
+  Mirror<T> pre_ref(gpu, std::vector<T>(rows * H)), act_ref(gpu, std::vector<T>(rows * H));
+  gpu.matmul_gelu_forward(pre.dev(), act.dev(), ln.dev(), w.dev(), bias.dev(), rows, C, H, dt);
+  gpu.matmul_forward(pre_ref.dev(), ln.dev(), w.dev(), bias.dev(), rows, C, H, dt);
+  gpu.gelu_forward(act_ref.dev(), pre_ref.dev(), rows * H, dt);
+  expect_same_bits(pre.download(gpu), pre_ref.download(gpu), "matmul_gelu_forward pre");
+  expect_same_bits(act.download(gpu), act_ref.download(gpu), "matmul_gelu_forward out");
+  ln.host = ln.download(gpu);  // the CPU reads the same inputs
+  cpu.matmul_gelu_forward(pre.cpu(), act.cpu(), ln.cpu(), w.cpu(), bias.cpu(), rows, C, H, dt);
+  expect_close(pre.download(gpu), pre.host, gemm, "matmul_gelu_forward pre vs cpu");
+
+  // c_proj backward through the GELU, dpre over inp as the recompute modes use it
+  act.host = act.download(gpu);
+  pre.host = pre.download(gpu);
+  Mirror<T> w2(gpu, random_vector<T>(C * H, 96, 0.1f)), dout(gpu, random_vector<T>(rows * C, 97, 4.0f));
+  Mirror<T> dw(gpu, random_vector<T>(C * H, 98, 0.1f)), db(gpu, random_vector<T>(C, 99, 0.1f));
+  Mirror<T> dw_ref(gpu, dw.host), db_ref(gpu, db.host);
+  Mirror<T> dpre(gpu, act.host);  // overwritten; also the layer input it aliases
+  Mirror<T> g(gpu, std::vector<T>(rows * H)), dpre_ref(gpu, std::vector<T>(rows * H));
+  gpu.matmul_backward_gelu(dpre.dev(), dw.dev(), db.dev(), dout.dev(), dpre.dev(), w2.dev(), pre.dev(), rows,
+                           H, C, dt);
+  gpu.matmul_backward(g.dev(), dw_ref.dev(), db_ref.dev(), dout.dev(), act.dev(), w2.dev(), rows, H, C, dt);
+  gpu.gelu_backward(dpre_ref.dev(), pre.dev(), g.dev(), rows * H, dt);
+  expect_same_bits(dpre.download(gpu), dpre_ref.download(gpu), "matmul_backward_gelu dpre");
+  expect_same_bits(dw.download(gpu), dw_ref.download(gpu), "matmul_backward_gelu dweight");
+  expect_same_bits(db.download(gpu), db_ref.download(gpu), "matmul_backward_gelu dbias");
+  cpu.matmul_backward_gelu(dpre.cpu(), dw.cpu(), db.cpu(), dout.cpu(), dpre.cpu(), w2.cpu(), pre.cpu(), rows,
+                           H, C, dt);
+  expect_close(dpre.download(gpu), dpre.host, gemm, "matmul_backward_gelu dpre vs cpu");
+  const Tol over_rows{t.abs * std::sqrt(static_cast<double>(rows)), t.rel};
+  expect_close(dw.download(gpu), dw.host, over_rows, "matmul_backward_gelu dweight vs cpu");
+  expect_close(db.download(gpu), db.host, over_rows, "matmul_backward_gelu dbias vs cpu");
+}
+
 /// Sets MPTRAIN_ATTENTION for the lifetime of the object (the backend reads it when constructed).
 struct ScopedAttentionEnv {
   explicit ScopedAttentionEnv(const char* value) {

@@ -184,6 +184,13 @@ class Backend {
                                   const void* weight, const float* mean, const float* rstd, int64_t rows,
                                   int64_t C, DType dtype) = 0;
 
+  /// residual[rows,C] = a + b (as residual_forward: FP32 add, one rounding to dtype), then layernorm_forward
+  /// of the stored residual into out, mean and rstd: one pass over the residual stream instead of two.
+  /// Bitwise the same as residual_forward followed by layernorm_forward. residual may alias a or b, not out.
+  virtual void residual_layernorm_forward(void* residual, void* out, float* mean, float* rstd, const void* a,
+                                          const void* b, const void* weight, const void* bias, int64_t rows,
+                                          int64_t C, DType dtype) = 0;
+
   /// torch.nn.Linear: out[rows,OC] = inp[rows,IC] @ weight[OC,IC]^T + bias[OC] (bias may be null).
   virtual void matmul_forward(void* out, const void* inp, const void* weight, const void* bias, int64_t rows,
                               int64_t IC, int64_t OC, DType dtype) = 0;
@@ -191,6 +198,22 @@ class Backend {
   /// may be null). dinp may be null when the input needs no gradient.
   virtual void matmul_backward(void* dinp, void* dweight, void* dbias, const void* dout, const void* inp,
                                const void* weight, int64_t rows, int64_t IC, int64_t OC, DType dtype) = 0;
+
+  /// Linear layer then GELU (the MLP's c_fc): pre[rows,OC] = matmul_forward's output (bias may be null) and
+  /// out[rows,OC] = GELU(pre) (tanh approximation, from the stored pre), the GELU applied while the GEMM's
+  /// output rows are written. Bitwise the same as matmul_forward followed by gelu_forward. out must not alias
+  /// pre (the backward reads pre).
+  virtual void matmul_gelu_forward(void* pre, void* out, const void* inp, const void* weight,
+                                   const void* bias, int64_t rows, int64_t IC, int64_t OC, DType dtype) = 0;
+  /// matmul_backward of a linear layer whose input is inp = GELU(pre) (the MLP's c_proj), with the GELU's
+  /// backward applied to the input gradient: dpre[rows,IC] = GELU'(pre) * round(dout @ weight) (OVERWRITTEN:
+  /// not accumulated, so no zero-fill is needed), dweight[OC,IC] +=, dbias[OC] += (dbias may be null).
+  /// Bitwise the same as matmul_backward into a zeroed g, then gelu_backward into a zeroed dpre (the input
+  /// gradient rounded to dtype before the product, so FP16 overflow gives inf as it did). dpre may alias inp
+  /// (the weight gradient is computed first), not pre.
+  virtual void matmul_backward_gelu(void* dpre, void* dweight, void* dbias, const void* dout, const void* inp,
+                                    const void* weight, const void* pre, int64_t rows, int64_t IC, int64_t OC,
+                                    DType dtype) = 0;
 
   /// Causal multi-head self-attention (GPT-2, scale 1/sqrt(C/NH)). qkv[B,T,3C] holds q, k, v (each [NH, hs]
   /// per position, hs = C/NH); out[B,T,C]; saves the softmax probabilities att[B,NH,T,T] (entries above the

@@ -57,6 +57,14 @@ void matmul_backward(BlasContext& ctx, void* dinp, void* dweight, void* dbias, c
                      const void* inp, const void* weight, int64_t rows, int64_t IC, int64_t OC, DType dtype,
                      cudaStream_t stream);
 
+/// The backward of a linear layer whose input is inp = GELU(pre) (Backend::matmul_backward_gelu): dweight +=,
+/// dbias += as matmul_backward (first, so dpre may alias inp), then dpre[rows,IC] = dout @ weight (beta = 0,
+/// one rounding) and cuda::gelu_backward_inplace on it: bitwise matmul_backward into a zeroed buffer followed
+/// by gelu_backward into a zeroed dpre.
+void matmul_backward_gelu(BlasContext& ctx, void* dpre, void* dweight, void* dbias, const void* dout,
+                          const void* inp, const void* weight, const void* pre, int64_t rows, int64_t IC,
+                          int64_t OC, DType dtype, cudaStream_t stream);
+
 /// Bytes that attention_forward saves in `att` for `impl`: B*NH*T*T elements of dtype (unfused) or the
 /// softmax statistics B*NH*T FP32 (cudnn).
 size_t attention_saved_bytes(AttentionImpl impl, int64_t B, int64_t T, int64_t NH, DType dtype);

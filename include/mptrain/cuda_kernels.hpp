@@ -54,6 +54,13 @@ template <typename T>
 void layernorm_forward(T* out, float* mean, float* rstd, const T* inp, const T* weight, const T* bias,
                        int64_t rows, int64_t C, cudaStream_t stream);
 
+/// residual[rows,C] = a + b (FP32 add, one rounding), then layernorm_forward of the stored residual, in one
+/// kernel (one warp per row): bitwise residual_forward followed by layernorm_forward. residual may alias a or
+/// b, not out.
+template <typename T>
+void residual_layernorm_forward(T* residual, T* out, float* mean, float* rstd, const T* a, const T* b,
+                                const T* weight, const T* bias, int64_t rows, int64_t C, cudaStream_t stream);
+
 /// Bytes of FP32 device workspace layernorm_backward needs (per-row-block partial sums of dweight/dbias).
 size_t layernorm_backward_workspace_bytes(int64_t rows, int64_t C);
 
@@ -77,6 +84,11 @@ void gelu_forward(T* out, const T* inp, int64_t n, cudaStream_t stream);
 /// dinp[n] += dout * GELU'(inp) (kernels/common/gelu.hpp), FP32 compute, one rounding.
 template <typename T>
 void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n, cudaStream_t stream);
+
+/// The GELU backward applied in place to an input gradient g just written by a GEMM (beta = 0) into
+/// dpre[n]: dpre = round(0 + g * GELU'(pre)), bitwise gelu_backward into a zeroed buffer from g.
+template <typename T>
+void gelu_backward_inplace(T* dpre, const T* pre, int64_t n, cudaStream_t stream);
 
 /// out[n] = a + b (FP32 add, one rounding). out may alias a or b.
 template <typename T>

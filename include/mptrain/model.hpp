@@ -135,7 +135,10 @@ class GPT {
   void ensure_activations(int64_t B, int64_t T);
   /// Layer l's activation buffers (its own or the shared ones, by recompute mode).
   LayerActs layer(int64_t l) const;
-  /// The forward of block l into layer(l); with `full` false it stops after GELU (what backward reads).
+  /// The forward of block l into layer(l). With `full` (the forward pass) ln_1 is already written (by the
+  /// previous block's fused residual, or the embedding's LayerNorm for block 0) and the block ends with its
+  /// residual fused into the next LayerNorm (block l + 1's ln_1, or ln_f after the last block); without it
+  /// (the recomputation) it computes ln_1 and stops after GELU (what backward reads).
   void block_forward(const void* params, int64_t l, bool full);
   /// Recomputes what the recompute mode dropped of block l, before its backward.
   void recompute_block(const void* params, int64_t l);

@@ -171,9 +171,17 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int6
         load_n(dsrc + t * C, dy + t * hs, hs);
       }
       const T* att_bh = att + pair * T_ * T_;
-      for (int64_t t = 0; t < T_; ++t) {
-        load_n(att_bh + t * T_, p + t * T_, t + 1);
-        std::fill(p + t * T_ + t + 1, p + (t + 1) * T_, A(0));
+      // P in opmath: the saved probabilities themselves when they are stored in opmath (float, double: the
+      // forward wrote zeros above the diagonal), else a widened copy.
+      const A* pm = nullptr;
+      if constexpr (std::is_same_v<T, A>) {
+        pm = att_bh;
+      } else {
+        for (int64_t t = 0; t < T_; ++t) {
+          load_n(att_bh + t * T_, p + t * T_, t + 1);
+          std::fill(p + t * T_ + t + 1, p + (t + 1) * T_, A(0));
+        }
+        pm = p;
       }
       for (int64_t r0 = 0; r0 < T_; r0 += kTile) {
         const int64_t r1 = std::min(T_, r0 + kTile);
@@ -181,7 +189,7 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int6
         // closed form dS = P (dP - P . dP) scale, zero above the diagonal.
         blas_gemm<A>(false, true, r1 - r0, r1, hs, A(1), dy + r0 * hs, hs, v, hs, A(0), ds + r0 * T_, T_);
         for (int64_t t = r0; t < r1; ++t) {
-          const A* pr = p + t * T_;
+          const A* pr = pm + t * T_;
           A* dr = ds + t * T_;
           A sum_p_dp = 0;
           for (int64_t j = 0; j <= t; ++j) sum_p_dp += pr[j] * dr[j];
@@ -195,18 +203,30 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int6
       // dk[c0:c1] = dS[c0:, c0:c1]^T q[c0:].
       for (int64_t c0 = 0; c0 < T_; c0 += kTile) {
         const int64_t c1 = std::min(T_, c0 + kTile);
-        blas_gemm<A>(true, false, c1 - c0, hs, T_ - c0, A(1), p + c0 * T_ + c0, T_, dy + c0 * hs, hs, A(0),
+        blas_gemm<A>(true, false, c1 - c0, hs, T_ - c0, A(1), pm + c0 * T_ + c0, T_, dy + c0 * hs, hs, A(0),
                      dv + c0 * hs, hs);
         blas_gemm<A>(true, false, c1 - c0, hs, T_ - c0, A(1), ds + c0 * T_ + c0, T_, q + c0 * hs, hs, A(0),
                      dk + c0 * hs, hs);
       }
-      // One rounding per gradient element: dqkv = round(dqkv + opmath result).
+      // One rounding per gradient element: dqkv = round(dqkv + opmath result), 16-bit storage through the
+      // SIMD bulk converters (bit-identical to the scalar load/store) in pieces of a stack buffer.
       T* dst = dqkv + b * T_ * C3 + h * hs;
       for (int64_t t = 0; t < T_; ++t) {
         for (int64_t part = 0; part < 3; ++part) {
           T* g = dst + t * C3 + part * C;
           const A* r = dq + part * T_ * hs + t * hs;
-          for (int64_t i = 0; i < hs; ++i) g[i] = store<T>(load<T>(g[i]) + r[i]);
+          if constexpr (std::is_same_v<T, A>) {
+            for (int64_t i = 0; i < hs; ++i) g[i] += r[i];
+          } else {
+            constexpr int64_t kPiece = 256;
+            for (int64_t i0 = 0; i0 < hs; i0 += kPiece) {
+              const int64_t n = std::min(kPiece, hs - i0);
+              A sum[kPiece];
+              load_n(g + i0, sum, n);
+              for (int64_t i = 0; i < n; ++i) sum[i] += r[i0 + i];
+              store_n(sum, g + i0, n);
+            }
+          }
         }
       }
     }

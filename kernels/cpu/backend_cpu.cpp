@@ -129,6 +129,33 @@ class CpuBackend final : public Backend {
                               static_cast<const S*>(weight), mean, rstd, rows, C);
     });
   }
+  void residual_layernorm_forward(void* residual, void* out, float* mean, float* rstd, const void* a,
+                                  const void* b, const void* weight, const void* bias, int64_t rows,
+                                  int64_t C, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::residual_layernorm_forward(static_cast<S*>(residual), static_cast<S*>(out), mean, rstd,
+                                      static_cast<const S*>(a), static_cast<const S*>(b),
+                                      static_cast<const S*>(weight), static_cast<const S*>(bias), rows, C);
+    });
+  }
+  void matmul_gelu_forward(void* pre, void* out, const void* inp, const void* weight, const void* bias,
+                           int64_t rows, int64_t IC, int64_t OC, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::matmul_gelu_forward(static_cast<S*>(pre), static_cast<S*>(out), static_cast<const S*>(inp),
+                               static_cast<const S*>(weight), static_cast<const S*>(bias), rows, IC, OC,
+                               workspace_);
+    });
+  }
+  void matmul_backward_gelu(void* dpre, void* dweight, void* dbias, const void* dout, const void* inp,
+                            const void* weight, const void* pre, int64_t rows, int64_t IC, int64_t OC,
+                            DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cpu::matmul_backward_gelu(static_cast<S*>(dpre), static_cast<S*>(dweight), static_cast<S*>(dbias),
+                                static_cast<const S*>(dout), static_cast<const S*>(inp),
+                                static_cast<const S*>(weight), static_cast<const S*>(pre), rows, IC, OC,
+                                workspace_);
+    });
+  }
   void matmul_forward(void* out, const void* inp, const void* weight, const void* bias, int64_t rows,
                       int64_t IC, int64_t OC, DType dtype) override {
     dispatch_float_dtype(dtype, [&]<typename S>() {

@@ -8,6 +8,13 @@
 // g = round(g + result), so FP16 results with |x| >= 65520 become inf exactly as on a GPU). The bias gradient
 // is a column sum in FP32 (FP64 for double) over fixed column chunks, each summed in row order, so it does
 // not depend on the thread count.
+//
+// Fused GELU (the MLP's c_fc and c_proj): matmul_gelu_forward applies the GELU in the bias pass over each
+// output row, and matmul_backward_gelu multiplies the input-gradient GEMM result by GELU' in one chunked pass
+// that overwrites dpre. Both keep every rounding of the unfused sequence (output rounded to the storage type,
+// GELU from the stored value; the FP16 input gradient rounded before the GELU' product, so |x| >= 65520 still
+// becomes inf there), so the results are bitwise those of the separate ops, minus two passes over [rows, OC]
+// forward and a zero-fill, a read-modify-write and a buffer of [rows, IC] backward.
 #include <omp.h>
 
 #include <algorithm>
@@ -19,8 +26,10 @@
 
 #include <cblas.h>
 
+#include "common/gelu.hpp"
 #include "cpu/onednn_gemm.hpp"
 #include "cpu/ops.hpp"
+#include "cpu/vecmath.hpp"
 #include "mptrain/error.hpp"
 
 namespace mpt::cpu {
@@ -87,15 +96,56 @@ void add_column_sums(T* dbias, const opmath_t<T>* x, int64_t rows, int64_t cols)
 }
 
 /// out[rows,OC] = round(out32[r, :] + bias32) to T: the bias added in FP32, then one rounding per output
-/// (bias32 may be null).
+/// (bias32 may be null). With gelu_out, also gelu_out = round(GELU(out)) from the stored (rounded) out, in
+/// the same pass over the row while it is in cache (out32 is clobbered).
 template <typename T>
-void add_bias_and_round(T* out, float* out32, const float* bias32, int64_t rows, int64_t OC) {
+void add_bias_and_round(T* out, float* out32, const float* bias32, int64_t rows, int64_t OC,
+                        T* gelu_out = nullptr) {
 #pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
   for (int64_t r = 0; r < rows; ++r) {
     float* o = out32 + r * OC;
     if (bias32 != nullptr)
       for (int64_t j = 0; j < OC; ++j) o[j] += bias32[j];
     convert(o, out + r * OC, static_cast<size_t>(OC));
+    if (gelu_out != nullptr) {
+      convert(out + r * OC, o, static_cast<size_t>(OC));
+      gelu_forward_f32(o, o, OC);
+      convert(o, gelu_out + r * OC, static_cast<size_t>(OC));
+    }
+  }
+}
+
+/// The GELU backward on the dinp GEMM result r[n] (opmath; the epilogue of matmul_backward_gelu): dpre =
+/// round(0 + round(0 + r) * GELU'(pre)), exactly the unfused sequence on zeroed buffers (matmul_backward
+/// into g, gelu_backward into dpre), in fixed chunks. r may alias dpre (float and double storage).
+template <typename T>
+void gelu_backward_epilogue(T* dpre, const opmath_t<T>* r, const T* pre, int64_t n) {
+  using F = opmath_t<T>;
+  constexpr int64_t kChunk = 1024;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (n >= kParallelMinElements)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t begin = c * kChunk;
+    const int64_t count = std::min(kChunk, n - begin);
+    F dy[kChunk], acc[kChunk];
+    for (int64_t i = 0; i < count; ++i) dy[i] = F(0) + r[begin + i];
+    if constexpr (std::is_same_v<T, double>) {
+      for (int64_t i = 0; i < count; ++i)
+        dpre[begin + i] = F(0) + dy[i] * common::gelu_tanh_derivative(pre[begin + i]);
+    } else if constexpr (std::is_same_v<T, float>) {
+      std::fill_n(acc, count, 0.0f);
+      gelu_backward_f32(acc, pre + begin, dy, count);
+      std::copy_n(acc, count, dpre + begin);
+    } else {
+      T rounded[kChunk];
+      float x[kChunk];
+      convert(dy, rounded, static_cast<size_t>(count));  // g = round(0 + r)
+      convert(rounded, dy, static_cast<size_t>(count));
+      convert(pre + begin, x, static_cast<size_t>(count));
+      std::fill_n(acc, count, 0.0f);
+      gelu_backward_f32(acc, x, dy, count);
+      convert(acc, dpre + begin, static_cast<size_t>(count));
+    }
   }
 }
 
@@ -129,28 +179,36 @@ float* workspace_for(std::vector<float>& workspace, int64_t n) {
 /// matmul_forward for BF16 storage on oneDNN's native BF16 matmul: FP32 result in the workspace, bias added
 /// in FP32, one rounding per output.
 void matmul_forward_native_bf16(bf16* out, const bf16* inp, const bf16* weight, const bf16* bias,
-                                int64_t rows, int64_t IC, int64_t OC, std::vector<float>& workspace) {
+                                int64_t rows, int64_t IC, int64_t OC, std::vector<float>& workspace,
+                                bf16* gelu_out) {
   float* out32 = workspace_for(workspace, rows * OC + OC);
   float* bias32 = out32 + rows * OC;
   if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
   onednn_gemm<bf16>(false, true, rows, OC, IC, inp, IC, weight, IC, 0.0f, out32, OC);
-  add_bias_and_round(out, out32, bias != nullptr ? bias32 : nullptr, rows, OC);
+  add_bias_and_round(out, out32, bias != nullptr ? bias32 : nullptr, rows, OC, gelu_out);
 }
 
 /// matmul_backward for BF16 storage on oneDNN's native BF16 matmul: FP32 results in the workspace, then one
-/// rounding per gradient element.
+/// rounding per gradient element (dinp through the GELU backward when gelu_pre is given).
 void matmul_backward_native_bf16(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp,
                                  const bf16* weight, int64_t rows, int64_t IC, int64_t OC,
-                                 std::vector<float>& workspace) {
+                                 std::vector<float>& workspace, const bf16* gelu_pre) {
   // dweight32 [OC,IC] | dinp32 [rows,IC] | dout32 [rows,OC] (the bias gradient's column sums only).
   float* dweight32 = workspace_for(workspace, OC * IC + rows * IC + (dbias != nullptr ? rows * OC : 0));
   float* dinp32 = dweight32 + OC * IC;
-  if (dinp != nullptr) {
+  // With the GELU epilogue the weight gradient goes first, so dinp may alias inp.
+  const auto input_gradient = [&] {
+    if (dinp == nullptr) return;
     onednn_gemm<bf16>(false, false, rows, IC, OC, dout, OC, weight, IC, 0.0f, dinp32, IC);
-    accumulate_rounded(dinp, dinp32, rows * IC);
-  }
+    if (gelu_pre != nullptr)
+      gelu_backward_epilogue(dinp, dinp32, gelu_pre, rows * IC);
+    else
+      accumulate_rounded(dinp, dinp32, rows * IC);
+  };
+  if (gelu_pre == nullptr) input_gradient();
   onednn_gemm<bf16>(true, false, OC, IC, rows, dout, OC, inp, IC, 0.0f, dweight32, IC);
   accumulate_rounded(dweight, dweight32, OC * IC);
+  if (gelu_pre != nullptr) input_gradient();
   if (dbias != nullptr) {
     float* dout32 = dinp32 + rows * IC;
     widen(dout, dout32, rows * OC);
@@ -200,27 +258,32 @@ template void blas_gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, con
 template void blas_gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
                                 const double*, int64_t, double, double*, int64_t);
 
-template <typename T>
-void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int64_t rows, int64_t IC,
-                    int64_t OC, std::vector<float>& workspace) {
-  check_sizes("matmul_forward", rows, IC, OC);
-  if (rows == 0 || OC == 0) return;
-  MPT_CHECK(out != nullptr, "matmul_forward: out is null");
-  MPT_CHECK(inp != nullptr, "matmul_forward: inp is null");
-  MPT_CHECK(weight != nullptr, "matmul_forward: weight is null");
+namespace {
 
+/// matmul_forward, and with gelu_out also the GELU of the stored output in the same pass over the rows.
+template <typename T>
+void matmul_forward_impl(T* out, const T* inp, const T* weight, const T* bias, int64_t rows, int64_t IC,
+                         int64_t OC, std::vector<float>& workspace, T* gelu_out) {
   if constexpr (kNativeBlas<T>) {
     gemm<T>(CblasNoTrans, CblasTrans, rows, OC, IC, inp, IC, weight, IC, T(0), out, OC);
-    if (bias != nullptr) {
+    if (bias != nullptr || gelu_out != nullptr) {
 #pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
       for (int64_t r = 0; r < rows; ++r) {
         T* o = out + r * OC;
-        for (int64_t j = 0; j < OC; ++j) o[j] += bias[j];
+        if (bias != nullptr)
+          for (int64_t j = 0; j < OC; ++j) o[j] += bias[j];
+        if (gelu_out != nullptr) {
+          T* g = gelu_out + r * OC;
+          if constexpr (std::is_same_v<T, float>)
+            gelu_forward_f32(g, o, OC);
+          else
+            for (int64_t j = 0; j < OC; ++j) g[j] = common::gelu_tanh(o[j]);
+        }
       }
     }
   } else if (use_native_bf16<T>(IC)) {
     if constexpr (std::is_same_v<T, bf16>)
-      matmul_forward_native_bf16(out, inp, weight, bias, rows, IC, OC, workspace);
+      matmul_forward_native_bf16(out, inp, weight, bias, rows, IC, OC, workspace, gelu_out);
   } else {
     float* inp32 = workspace_for(workspace, rows * IC + OC * IC + rows * OC + OC);
     float* weight32 = inp32 + rows * IC;
@@ -231,8 +294,81 @@ void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int64_
     if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
     gemm<float>(CblasNoTrans, CblasTrans, rows, OC, IC, inp32, IC, weight32, IC, 0.0f, out32, OC);
     // Bias added in FP32, then one rounding per output.
-    add_bias_and_round(out, out32, bias != nullptr ? bias32 : nullptr, rows, OC);
+    add_bias_and_round(out, out32, bias != nullptr ? bias32 : nullptr, rows, OC, gelu_out);
   }
+}
+
+/// matmul_backward; with gelu_pre, dinp is overwritten with the GELU backward of the dinp GEMM result, and
+/// the weight gradient is computed first, so dinp may alias inp (the two results do not depend on the order).
+template <typename T>
+void matmul_backward_impl(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
+                          int64_t rows, int64_t IC, int64_t OC, std::vector<float>& workspace,
+                          const T* gelu_pre) {
+  const bool gelu = gelu_pre != nullptr;
+  if constexpr (kNativeBlas<T>) {
+    // beta = 1: BLAS adds into the existing gradients; beta = 0 for the GELU epilogue, which reads the
+    // product alone and overwrites dinp.
+    const auto input_gradient = [&] {
+      if (dinp == nullptr) return;
+      gemm<T>(CblasNoTrans, CblasNoTrans, rows, IC, OC, dout, OC, weight, IC, T(gelu ? 0 : 1), dinp, IC);
+      if (gelu) gelu_backward_epilogue(dinp, dinp, gelu_pre, rows * IC);
+    };
+    if (!gelu) input_gradient();
+    gemm<T>(CblasTrans, CblasNoTrans, OC, IC, rows, dout, OC, inp, IC, T(1), dweight, IC);
+    if (gelu) input_gradient();
+    if (dbias != nullptr) add_column_sums(dbias, dout, rows, OC);
+  } else if (use_native_bf16<T>(IC)) {
+    if constexpr (std::is_same_v<T, bf16>)
+      matmul_backward_native_bf16(dinp, dweight, dbias, dout, inp, weight, rows, IC, OC, workspace, gelu_pre);
+  } else {
+    // dout32 [rows,OC] | weight32 [OC,IC], also the FP32 dweight | scratch [rows,IC]: the FP32 dinp and the
+    // FP32 inp, one after the other.
+    float* dout32 = workspace_for(workspace, rows * OC + OC * IC + rows * IC);
+    float* weight32 = dout32 + rows * OC;
+    float* scratch = weight32 + OC * IC;
+    widen(dout, dout32, rows * OC);
+    const auto input_gradient = [&] {
+      if (dinp == nullptr) return;
+      widen(weight, weight32, OC * IC);
+      gemm<float>(CblasNoTrans, CblasNoTrans, rows, IC, OC, dout32, OC, weight32, IC, 0.0f, scratch, IC);
+      if (gelu)
+        gelu_backward_epilogue(dinp, scratch, gelu_pre, rows * IC);
+      else
+        accumulate_rounded(dinp, scratch, rows * IC);
+    };
+    if (!gelu) input_gradient();
+    widen(inp, scratch, rows * IC);
+    gemm<float>(CblasTrans, CblasNoTrans, OC, IC, rows, dout32, OC, scratch, IC, 0.0f, weight32, IC);
+    accumulate_rounded(dweight, weight32, OC * IC);
+    if (gelu) input_gradient();
+    if (dbias != nullptr) add_column_sums(dbias, dout32, rows, OC);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int64_t rows, int64_t IC,
+                    int64_t OC, std::vector<float>& workspace) {
+  check_sizes("matmul_forward", rows, IC, OC);
+  if (rows == 0 || OC == 0) return;
+  MPT_CHECK(out != nullptr, "matmul_forward: out is null");
+  MPT_CHECK(inp != nullptr, "matmul_forward: inp is null");
+  MPT_CHECK(weight != nullptr, "matmul_forward: weight is null");
+  matmul_forward_impl<T>(out, inp, weight, bias, rows, IC, OC, workspace, nullptr);
+}
+
+template <typename T>
+void matmul_gelu_forward(T* pre, T* out, const T* inp, const T* weight, const T* bias, int64_t rows,
+                         int64_t IC, int64_t OC, std::vector<float>& workspace) {
+  check_sizes("matmul_gelu_forward", rows, IC, OC);
+  if (rows == 0 || OC == 0) return;
+  MPT_CHECK(pre != nullptr, "matmul_gelu_forward: pre is null");
+  MPT_CHECK(out != nullptr, "matmul_gelu_forward: out is null");
+  MPT_CHECK(out != pre, "matmul_gelu_forward: out must not alias pre (the backward reads pre)");
+  MPT_CHECK(inp != nullptr, "matmul_gelu_forward: inp is null");
+  MPT_CHECK(weight != nullptr, "matmul_gelu_forward: weight is null");
+  matmul_forward_impl<T>(pre, inp, weight, bias, rows, IC, OC, workspace, out);
 }
 
 template <typename T>
@@ -244,40 +380,33 @@ void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
   MPT_CHECK(dout != nullptr, "matmul_backward: dout is null");
   MPT_CHECK(inp != nullptr, "matmul_backward: inp is null");
   MPT_CHECK(dinp == nullptr || weight != nullptr, "matmul_backward: weight is null but dinp is requested");
+  matmul_backward_impl<T>(dinp, dweight, dbias, dout, inp, weight, rows, IC, OC, workspace, nullptr);
+}
 
-  if constexpr (kNativeBlas<T>) {
-    // beta = 1: BLAS adds into the existing gradients.
-    if (dinp != nullptr)
-      gemm<T>(CblasNoTrans, CblasNoTrans, rows, IC, OC, dout, OC, weight, IC, T(1), dinp, IC);
-    gemm<T>(CblasTrans, CblasNoTrans, OC, IC, rows, dout, OC, inp, IC, T(1), dweight, IC);
-    if (dbias != nullptr) add_column_sums(dbias, dout, rows, OC);
-  } else if (use_native_bf16<T>(IC)) {
-    if constexpr (std::is_same_v<T, bf16>)
-      matmul_backward_native_bf16(dinp, dweight, dbias, dout, inp, weight, rows, IC, OC, workspace);
-  } else {
-    // dout32 [rows,OC] | weight32 [OC,IC], reused for the FP32 dweight | scratch [rows,IC]: the FP32 dinp,
-    // then the FP32 inp.
-    float* dout32 = workspace_for(workspace, rows * OC + OC * IC + rows * IC);
-    float* weight32 = dout32 + rows * OC;
-    float* scratch = weight32 + OC * IC;
-    widen(dout, dout32, rows * OC);
-    if (dinp != nullptr) {
-      widen(weight, weight32, OC * IC);
-      gemm<float>(CblasNoTrans, CblasNoTrans, rows, IC, OC, dout32, OC, weight32, IC, 0.0f, scratch, IC);
-      accumulate_rounded(dinp, scratch, rows * IC);
-    }
-    widen(inp, scratch, rows * IC);
-    gemm<float>(CblasTrans, CblasNoTrans, OC, IC, rows, dout32, OC, scratch, IC, 0.0f, weight32, IC);
-    accumulate_rounded(dweight, weight32, OC * IC);
-    if (dbias != nullptr) add_column_sums(dbias, dout32, rows, OC);
-  }
+template <typename T>
+void matmul_backward_gelu(T* dpre, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
+                          const T* pre, int64_t rows, int64_t IC, int64_t OC, std::vector<float>& workspace) {
+  check_sizes("matmul_backward_gelu", rows, IC, OC);
+  if (rows == 0 || OC == 0) return;
+  MPT_CHECK(dpre != nullptr, "matmul_backward_gelu: dpre is null");
+  MPT_CHECK(dweight != nullptr, "matmul_backward_gelu: dweight is null");
+  MPT_CHECK(dout != nullptr, "matmul_backward_gelu: dout is null");
+  MPT_CHECK(inp != nullptr, "matmul_backward_gelu: inp is null");
+  MPT_CHECK(weight != nullptr, "matmul_backward_gelu: weight is null");
+  MPT_CHECK(pre != nullptr, "matmul_backward_gelu: pre is null");
+  MPT_CHECK(dpre != pre, "matmul_backward_gelu: dpre must not alias pre");
+  matmul_backward_impl<T>(dpre, dweight, dbias, dout, inp, weight, rows, IC, OC, workspace, pre);
 }
 
 #define MPT_INSTANTIATE_MATMUL(T)                                                                       \
   template void matmul_forward<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t,          \
                                   std::vector<float>&);                                                 \
   template void matmul_backward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, \
-                                   std::vector<float>&);
+                                   std::vector<float>&);                                                \
+  template void matmul_gelu_forward<T>(T*, T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, \
+                                       std::vector<float>&);                                            \
+  template void matmul_backward_gelu<T>(T*, T*, T*, const T*, const T*, const T*, const T*, int64_t,    \
+                                        int64_t, int64_t, std::vector<float>&);
 MPT_INSTANTIATE_MATMUL(float)
 MPT_INSTANTIATE_MATMUL(half)
 MPT_INSTANTIATE_MATMUL(bf16)

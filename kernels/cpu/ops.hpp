@@ -110,6 +110,12 @@ void embedding_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, 
 template <typename T>
 void layernorm_forward(T* out, opmath_t<T>* mean, opmath_t<T>* rstd, const T* inp, const T* weight,
                        const T* bias, int64_t rows, int64_t C);
+/// residual[rows,C] = a + b (rounded once to T, as residual_forward), then layernorm_forward of the stored
+/// residual into out/mean/rstd, in one pass over the rows: bitwise the same as the two ops in sequence.
+/// residual may alias a or b.
+template <typename T>
+void residual_layernorm_forward(T* residual, T* out, opmath_t<T>* mean, opmath_t<T>* rstd, const T* a,
+                                const T* b, const T* weight, const T* bias, int64_t rows, int64_t C);
 template <typename T>
 void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
                         const opmath_t<T>* mean, const opmath_t<T>* rstd, int64_t rows, int64_t C);
@@ -122,6 +128,18 @@ void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int64_
 template <typename T>
 void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
                      int64_t rows, int64_t IC, int64_t OC, std::vector<float>& workspace);
+/// matmul_forward into pre (bias added, one rounding to T) and out = GELU(pre) in the same pass over the
+/// rows, GELU read from the stored pre: bitwise matmul_forward then gelu_forward.
+template <typename T>
+void matmul_gelu_forward(T* pre, T* out, const T* inp, const T* weight, const T* bias, int64_t rows,
+                         int64_t IC, int64_t OC, std::vector<float>& workspace);
+/// The backward of out = GELU(pre) feeding this linear layer (inp = GELU(pre)): dpre[rows,IC] =
+/// GELU'(pre) * round(dout @ weight) (OVERWRITTEN, one more rounding), dweight +=, dbias += as
+/// matmul_backward. Bitwise: zero g; matmul_backward(g, ...); zero dpre; gelu_backward(dpre, pre, g). The
+/// weight gradient is computed before dpre is written, so dpre may alias inp (not pre).
+template <typename T>
+void matmul_backward_gelu(T* dpre, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight,
+                          const T* pre, int64_t rows, int64_t IC, int64_t OC, std::vector<float>& workspace);
 
 /// Row-major C[M,N] = alpha op(A) op(B) + beta C through OpenBLAS (SGEMM for float, DGEMM for double), op =
 /// transpose when trans_*; sizes must fit int. K == 0 sets C to 0 when beta == 0 (BLAS rejects it). Called

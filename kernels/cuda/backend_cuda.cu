@@ -199,9 +199,36 @@ class CudaBackend final : public Backend {
                                static_cast<const S*>(weight), mean, rstd, rows, C, ws, bytes, stream());
     });
   }
+  void residual_layernorm_forward(void* residual, void* out, float* mean, float* rstd, const void* a,
+                                  const void* b, const void* weight, const void* bias, int64_t rows,
+                                  int64_t C, DType dtype) override {
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cuda::residual_layernorm_forward(static_cast<S*>(residual), static_cast<S*>(out), mean, rstd,
+                                       static_cast<const S*>(a), static_cast<const S*>(b),
+                                       static_cast<const S*>(weight), static_cast<const S*>(bias), rows, C,
+                                       stream());
+    });
+  }
   void matmul_forward(void* out, const void* inp, const void* weight, const void* bias, int64_t rows,
                       int64_t IC, int64_t OC, DType dtype) override {
     cuda::matmul_forward(blas_, out, inp, weight, bias, rows, IC, OC, dtype, stream());
+  }
+  /// The GEMM with its cuBLASLt bias epilogue, then the GELU kernel on the stored output (cuBLASLt's own
+  /// GELU epilogue is not the same tanh-GELU arithmetic, so it would break the bitwise contract).
+  void matmul_gelu_forward(void* pre, void* out, const void* inp, const void* weight, const void* bias,
+                           int64_t rows, int64_t IC, int64_t OC, DType dtype) override {
+    MPT_CHECK(out != pre, "cuda::matmul_gelu_forward: out must not alias pre (the backward reads pre)");
+    cuda::matmul_forward(blas_, pre, inp, weight, bias, rows, IC, OC, dtype, stream());
+    if (rows == 0 || OC == 0) return;
+    dispatch_float_dtype(dtype, [&]<typename S>() {
+      cuda::gelu_forward(static_cast<S*>(out), static_cast<const S*>(pre), rows * OC, stream());
+    });
+  }
+  void matmul_backward_gelu(void* dpre, void* dweight, void* dbias, const void* dout, const void* inp,
+                            const void* weight, const void* pre, int64_t rows, int64_t IC, int64_t OC,
+                            DType dtype) override {
+    cuda::matmul_backward_gelu(blas_, dpre, dweight, dbias, dout, inp, weight, pre, rows, IC, OC, dtype,
+                               stream());
   }
   void matmul_backward(void* dinp, void* dweight, void* dbias, const void* dout, const void* inp,
                        const void* weight, int64_t rows, int64_t IC, int64_t OC, DType dtype) override {

@@ -39,6 +39,14 @@ __global__ void gelu_backward_kernel(T* dinp, const T* inp, const T* dout, int64
 }
 
 template <typename T>
+__global__ void gelu_backward_inplace_kernel(T* dpre, const T* pre, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < n; i += int64_t{gridDim.x} * kThreads) {
+    const float grad = load_as_float(dpre, i) * common::gelu_tanh_derivative(load_as_float(pre, i));
+    store_from_float(dpre, i, 0.0f + grad);
+  }
+}
+
+template <typename T>
 __global__ void residual_forward_kernel(T* out, const T* a, const T* b, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < n; i += int64_t{gridDim.x} * kThreads)
     store_from_float(out, i, load_as_float(a, i) + load_as_float(b, i));
@@ -76,6 +84,15 @@ void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n, cudaStream_t
 }
 
 template <typename T>
+void gelu_backward_inplace(T* dpre, const T* pre, int64_t n, cudaStream_t stream) {
+  MPT_CHECK(n > 0, "cuda::gelu_backward_inplace: n must be positive, got {}", n);
+  MPT_CHECK(dpre != nullptr, "cuda::gelu_backward_inplace: dpre is null");
+  MPT_CHECK(pre != nullptr, "cuda::gelu_backward_inplace: pre is null");
+  gelu_backward_inplace_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(dpre, pre, n);
+  MPT_CUDA_LAUNCH_CHECK();
+}
+
+template <typename T>
 void residual_forward(T* out, const T* a, const T* b, int64_t n, cudaStream_t stream) {
   MPT_CHECK(n > 0, "cuda::residual_forward: n must be positive, got {}", n);
   MPT_CHECK(out != nullptr, "cuda::residual_forward: out is null");
@@ -107,6 +124,7 @@ void accumulate_f32(float* acc, const T* x, int64_t n, cudaStream_t stream) {
 #define MPT_INSTANTIATE_ELEMENTWISE(T)                                              \
   template void gelu_forward<T>(T*, const T*, int64_t, cudaStream_t);               \
   template void gelu_backward<T>(T*, const T*, const T*, int64_t, cudaStream_t);    \
+  template void gelu_backward_inplace<T>(T*, const T*, int64_t, cudaStream_t);      \
   template void residual_forward<T>(T*, const T*, const T*, int64_t, cudaStream_t); \
   template void accumulate<T>(T*, const T*, int64_t, cudaStream_t);                 \
   template void accumulate_f32<T>(float*, const T*, int64_t, cudaStream_t);

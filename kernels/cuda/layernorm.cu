@@ -2,7 +2,8 @@
 // backward; the device twin of kernels/cpu/layernorm.cpp.
 //
 // Forward: one warp per row, two passes over the row (mean, then the mean of squared deviations) with
-// warp-shuffle reductions, statistics saved in FP32.
+// warp-shuffle reductions, statistics saved in FP32. The residual-fused forward adds the residual in the
+// first pass and stores it, so the residual stream is read once.
 // Backward: the input gradient is one warp per row. dweight/dbias are sums over rows: rows are cut into a
 // number of blocks that depends only on `rows`; one kernel writes each block's FP32 partial sums (a thread
 // per channel walks the block's rows in order) to its own workspace slot, a second adds the partials in block
@@ -44,6 +45,42 @@ __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const
   const T* x = inp + row * C;
   float sum = 0.0f;
   for (int64_t i = lane; i < C; i += 32) sum += load_as_float(x, i);
+  const float m = warp_sum(sum) / static_cast<float>(C);
+  float sq = 0.0f;
+  for (int64_t i = lane; i < C; i += 32) {
+    const float d = load_as_float(x, i) - m;
+    sq += d * d;
+  }
+  const float s = 1.0f / sqrtf(warp_sum(sq) / static_cast<float>(C) + kEps);
+  T* y = out + row * C;
+  for (int64_t i = lane; i < C; i += 32) {
+    const float xhat = (load_as_float(x, i) - m) * s;
+    store_from_float(y, i, xhat * load_as_float(weight, i) + load_as_float(bias, i));
+  }
+  if (lane == 0) {
+    mean[row] = m;
+    rstd[row] = s;
+  }
+}
+
+/// residual = a + b (one rounding), then the forward of layernorm_forward_kernel on the stored residual. Each
+/// lane reads back only the elements it wrote, in the same lane order, so the statistics and outputs are
+/// bitwise those of residual_forward followed by layernorm_forward.
+template <typename T>
+__global__ void residual_layernorm_forward_kernel(T* residual, T* out, float* mean, float* rstd, const T* a,
+                                                  const T* b, const T* weight, const T* bias, int64_t rows,
+                                                  int64_t C) {
+  const int64_t row = blockIdx.x * int64_t{kWarpsPerBlock} + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  T* x = residual + row * C;
+  const T* xa = a + row * C;
+  const T* xb = b + row * C;
+  float sum = 0.0f;
+  for (int64_t i = lane; i < C; i += 32) {
+    store_from_float(x, i, load_as_float(xa, i) + load_as_float(xb, i));
+    sum += load_as_float(x, i);
+  }
   const float m = warp_sum(sum) / static_cast<float>(C);
   float sq = 0.0f;
   for (int64_t i = lane; i < C; i += 32) {
@@ -145,6 +182,25 @@ void layernorm_forward(T* out, float* mean, float* rstd, const T* inp, const T* 
   MPT_CUDA_LAUNCH_CHECK();
 }
 
+template <typename T>
+void residual_layernorm_forward(T* residual, T* out, float* mean, float* rstd, const T* a, const T* b,
+                                const T* weight, const T* bias, int64_t rows, int64_t C,
+                                cudaStream_t stream) {
+  MPT_CHECK(rows > 0, "cuda::residual_layernorm_forward: rows must be positive, got {}", rows);
+  MPT_CHECK(C > 0, "cuda::residual_layernorm_forward: C must be positive, got {}", C);
+  MPT_CHECK(residual != nullptr, "cuda::residual_layernorm_forward: residual is null");
+  MPT_CHECK(out != nullptr, "cuda::residual_layernorm_forward: out is null");
+  MPT_CHECK(mean != nullptr, "cuda::residual_layernorm_forward: mean is null");
+  MPT_CHECK(rstd != nullptr, "cuda::residual_layernorm_forward: rstd is null");
+  MPT_CHECK(a != nullptr, "cuda::residual_layernorm_forward: a is null");
+  MPT_CHECK(b != nullptr, "cuda::residual_layernorm_forward: b is null");
+  MPT_CHECK(weight != nullptr, "cuda::residual_layernorm_forward: weight is null");
+  MPT_CHECK(bias != nullptr, "cuda::residual_layernorm_forward: bias is null");
+  residual_layernorm_forward_kernel<T>
+      <<<row_grid(rows), kThreads, 0, stream>>>(residual, out, mean, rstd, a, b, weight, bias, rows, C);
+  MPT_CUDA_LAUNCH_CHECK();
+}
+
 size_t layernorm_backward_workspace_bytes(int64_t rows, int64_t C) {
   MPT_CHECK(rows > 0 && C > 0,
             "cuda::layernorm_backward_workspace_bytes: rows ({}) and C ({}) must be positive", rows, C);
@@ -190,7 +246,9 @@ void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* i
   template void layernorm_forward<T>(T*, float*, float*, const T*, const T*, const T*, int64_t, int64_t,    \
                                      cudaStream_t);                                                         \
   template void layernorm_backward<T>(T*, T*, T*, const T*, const T*, const T*, const float*, const float*, \
-                                      int64_t, int64_t, void*, size_t, cudaStream_t);
+                                      int64_t, int64_t, void*, size_t, cudaStream_t);                       \
+  template void residual_layernorm_forward<T>(T*, T*, float*, float*, const T*, const T*, const T*,         \
+                                              const T*, int64_t, int64_t, cudaStream_t);
 
 MPT_INSTANTIATE_LAYERNORM(float)
 MPT_INSTANTIATE_LAYERNORM(half)

@@ -18,6 +18,7 @@
 #include "cuda/dtype.cuh"
 #include "mptrain/cuda_blas.hpp"
 #include "mptrain/cuda_check.hpp"
+#include "mptrain/cuda_kernels.hpp"
 #include "mptrain/error.hpp"
 
 namespace mpt::cuda {
@@ -337,6 +338,38 @@ void matmul_forward(BlasContext& ctx, void* out, const void* inp, const void* we
   g.ab_type = g.c_type = type;
   g.bias = bias;
   ctx.state().gemm(g, stream);
+}
+
+void matmul_backward_gelu(BlasContext& ctx, void* dpre, void* dweight, void* dbias, const void* dout,
+                          const void* inp, const void* weight, const void* pre, int64_t rows, int64_t IC,
+                          int64_t OC, DType dtype, cudaStream_t stream) {
+  check_matmul_sizes("cuda::matmul_backward_gelu", rows, IC, OC);
+  const cudaDataType_t type = blas_type(dtype, "cuda::matmul_backward_gelu");
+  if (rows == 0 || OC == 0) return;
+  MPT_CHECK(dpre != nullptr, "cuda::matmul_backward_gelu: dpre is null");
+  MPT_CHECK(weight != nullptr, "cuda::matmul_backward_gelu: weight is null");
+  MPT_CHECK(pre != nullptr, "cuda::matmul_backward_gelu: pre is null");
+  MPT_CHECK(dpre != pre, "cuda::matmul_backward_gelu: dpre must not alias pre");
+  // The weight and bias gradients first: dpre may alias inp.
+  matmul_backward(ctx, nullptr, dweight, dbias, dout, inp, weight, rows, IC, OC, dtype, stream);
+  if (IC == 0) return;
+  // dpre[rows, IC] = dout[rows, OC] @ weight[OC, IC] (beta = 0: overwritten), then GELU' in place.
+  GemmCall g;
+  g.M = rows;
+  g.N = IC;
+  g.K = OC;
+  g.A = dout;
+  g.lda = OC;
+  g.B = weight;
+  g.ldb = IC;
+  g.C = dpre;
+  g.ldc = IC;
+  g.ab_type = g.c_type = type;
+  g.beta = 0.0f;
+  ctx.state().gemm(g, stream);
+  dispatch(dtype, "cuda::matmul_backward_gelu", [&]<typename T>() {
+    gelu_backward_inplace(static_cast<T*>(dpre), static_cast<const T*>(pre), rows * IC, stream);
+  });
 }
 
 void matmul_backward(BlasContext& ctx, void* dinp, void* dweight, void* dbias, const void* dout,
