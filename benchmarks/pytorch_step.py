@@ -7,7 +7,7 @@ The model is mptrain's (DESIGN.md): token + position embeddings, L pre-LN blocks
 multi-head attention with a fused QKV projection and an output projection, residual; LayerNorm, MLP 4C with
 tanh-GELU, residual), final LayerNorm, LM head tied to the token embedding over the vocabulary padded to a
 multiple of 128, mean cross-entropy over the V real columns; the same initialisation rules. The optimizer is
-torch.optim.AdamW with mptrain's defaults (lr 3e-3, betas 0.9/0.95, eps 1e-8, weight decay 0.1 on 2-D tensors
+torch.optim.AdamW with mptrain's defaults (lr 6e-3, betas 0.9/0.95, eps 1e-8, weight decay 0.1 on 2-D tensors
 only) after clipping the global grad norm to 1.0, as `mptrain train` does.
 
 AdamW is the fused kernel (fused=True) where the torch version has it (CPU: 2.4 and later), else the default;
@@ -178,12 +178,12 @@ def main():
     opt = None
     if a.fused_adamw:
         try:  # fused=True on the CPU since torch 2.4; older versions raise
-            opt = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
+            opt = torch.optim.AdamW(groups, lr=6e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
             adamw_kind = "fused"
         except (TypeError, RuntimeError, ValueError):
             opt = None
     if opt is None:
-        opt = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+        opt = torch.optim.AdamW(groups, lr=6e-3, betas=(0.9, 0.95), eps=1e-8)
     step_model = torch.compile(model) if a.compile else model
     scaler = make_grad_scaler() if a.precision == "fp16amp" else None
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16amp": torch.float16}[a.precision]
@@ -263,7 +263,7 @@ def main():
                    "accumulation": a.accumulation, "threads": a.threads, "warmup": a.warmup, "iters": a.iters,
                    "attention": "scaled_dot_product_attention" if HAS_SDPA else "masked softmax",
                    "adamw_kind": adamw_kind, "compile": a.compile, "torch_threads": torch.get_num_threads(),
-                   "adamw": {"lr": 3e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
+                   "adamw": {"lr": 6e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
                              "grad_clip": 1.0}},
         "machine": {"host": platform.node(), "cpu_model": cpu_model(), "logical_cores": os.cpu_count(),
                     "threads": a.threads, "torch": torch.__version__,

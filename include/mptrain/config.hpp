@@ -32,8 +32,8 @@ struct RunConfig {
   std::string sampling = "epoch";  ///< "epoch" (permuted windows) or "random" (hashed window starts)
 
   // Optimisation.
-  int64_t steps = 800;
-  float lr = 3e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
+  int64_t steps = 1500;
+  float lr = 6e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
   int64_t warmup_steps = 100;
   int64_t warmup_samples = 0;  ///< > 0: the warm-up in samples (else the samples of --warmup-steps steps)
   float min_lr_ratio = 0.1f;   ///< cosine decays to lr * min_lr_ratio at the last step
