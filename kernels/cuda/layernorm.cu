@@ -34,6 +34,28 @@ unsigned row_grid(int64_t rows) {
   return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
 
+/// The rest of one warp's row of the forward, given this lane's partial sum of the row x[0..C): the mean, the
+/// mean of squared deviations (second pass), y = (x - mean) * rstd * weight + bias, and the FP32 statistics.
+template <typename T>
+__device__ void normalize_row(const T* x, T* y, float* mean, float* rstd, const T* weight, const T* bias,
+                              int64_t row, int64_t C, int lane, float sum) {
+  const float m = warp_sum(sum) / static_cast<float>(C);
+  float sq = 0.0f;
+  for (int64_t i = lane; i < C; i += 32) {
+    const float d = load_as_float(x, i) - m;
+    sq += d * d;
+  }
+  const float s = 1.0f / sqrtf(warp_sum(sq) / static_cast<float>(C) + kEps);
+  for (int64_t i = lane; i < C; i += 32) {
+    const float xhat = (load_as_float(x, i) - m) * s;
+    store_from_float(y, i, xhat * load_as_float(weight, i) + load_as_float(bias, i));
+  }
+  if (lane == 0) {
+    mean[row] = m;
+    rstd[row] = s;
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -45,22 +67,7 @@ __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const
   const T* x = inp + row * C;
   float sum = 0.0f;
   for (int64_t i = lane; i < C; i += 32) sum += load_as_float(x, i);
-  const float m = warp_sum(sum) / static_cast<float>(C);
-  float sq = 0.0f;
-  for (int64_t i = lane; i < C; i += 32) {
-    const float d = load_as_float(x, i) - m;
-    sq += d * d;
-  }
-  const float s = 1.0f / sqrtf(warp_sum(sq) / static_cast<float>(C) + kEps);
-  T* y = out + row * C;
-  for (int64_t i = lane; i < C; i += 32) {
-    const float xhat = (load_as_float(x, i) - m) * s;
-    store_from_float(y, i, xhat * load_as_float(weight, i) + load_as_float(bias, i));
-  }
-  if (lane == 0) {
-    mean[row] = m;
-    rstd[row] = s;
-  }
+  normalize_row(x, out + row * C, mean, rstd, weight, bias, row, C, lane, sum);
 }
 
 /// residual = a + b (one rounding), then the forward of layernorm_forward_kernel on the stored residual. Each
@@ -81,22 +88,7 @@ __global__ void residual_layernorm_forward_kernel(T* residual, T* out, float* me
     store_from_float(x, i, load_as_float(xa, i) + load_as_float(xb, i));
     sum += load_as_float(x, i);
   }
-  const float m = warp_sum(sum) / static_cast<float>(C);
-  float sq = 0.0f;
-  for (int64_t i = lane; i < C; i += 32) {
-    const float d = load_as_float(x, i) - m;
-    sq += d * d;
-  }
-  const float s = 1.0f / sqrtf(warp_sum(sq) / static_cast<float>(C) + kEps);
-  T* y = out + row * C;
-  for (int64_t i = lane; i < C; i += 32) {
-    const float xhat = (load_as_float(x, i) - m) * s;
-    store_from_float(y, i, xhat * load_as_float(weight, i) + load_as_float(bias, i));
-  }
-  if (lane == 0) {
-    mean[row] = m;
-    rstd[row] = s;
-  }
+  normalize_row(x, out + row * C, mean, rstd, weight, bias, row, C, lane, sum);
 }
 
 /// dinp += the input gradient; one warp per row.

@@ -309,6 +309,24 @@ void launch_bias_grad(void* dbias, const void* dout, int64_t rows, int64_t OC, c
   MPT_CUDA_LAUNCH_CHECK();
 }
 
+/// dinp[rows, IC] = beta * dinp + dout[rows, OC] @ weight[OC, IC] (the input gradient of y = x W^T + b).
+void input_grad_gemm(BlasContext& ctx, void* dinp, const void* dout, const void* weight, int64_t rows,
+                     int64_t IC, int64_t OC, cudaDataType_t type, float beta, cudaStream_t stream) {
+  GemmCall g;
+  g.M = rows;
+  g.N = IC;
+  g.K = OC;
+  g.A = dout;
+  g.lda = OC;
+  g.B = weight;
+  g.ldb = IC;
+  g.C = dinp;
+  g.ldc = IC;
+  g.ab_type = g.c_type = type;
+  g.beta = beta;
+  ctx.state().gemm(g, stream);
+}
+
 }  // namespace
 
 void matmul_forward(BlasContext& ctx, void* out, const void* inp, const void* weight, const void* bias,
@@ -353,20 +371,8 @@ void matmul_backward_gelu(BlasContext& ctx, void* dpre, void* dweight, void* dbi
   // The weight and bias gradients first: dpre may alias inp.
   matmul_backward(ctx, nullptr, dweight, dbias, dout, inp, weight, rows, IC, OC, dtype, stream);
   if (IC == 0) return;
-  // dpre[rows, IC] = dout[rows, OC] @ weight[OC, IC] (beta = 0: overwritten), then GELU' in place.
-  GemmCall g;
-  g.M = rows;
-  g.N = IC;
-  g.K = OC;
-  g.A = dout;
-  g.lda = OC;
-  g.B = weight;
-  g.ldb = IC;
-  g.C = dpre;
-  g.ldc = IC;
-  g.ab_type = g.c_type = type;
-  g.beta = 0.0f;
-  ctx.state().gemm(g, stream);
+  // dpre = dout @ weight (beta = 0: overwritten), then GELU' in place.
+  input_grad_gemm(ctx, dpre, dout, weight, rows, IC, OC, type, 0.0f, stream);
   dispatch(dtype, "cuda::matmul_backward_gelu", [&]<typename T>() {
     gelu_backward_inplace(static_cast<T*>(dpre), static_cast<const T*>(pre), rows * IC, stream);
   });
@@ -385,20 +391,7 @@ void matmul_backward(BlasContext& ctx, void* dinp, void* dweight, void* dbias, c
             "cuda::matmul_backward: weight is null but dinp is requested");
   if (IC > 0) {
     if (dinp != nullptr) {
-      // dinp[rows, IC] += dout[rows, OC] @ weight[OC, IC]
-      GemmCall g;
-      g.M = rows;
-      g.N = IC;
-      g.K = OC;
-      g.A = dout;
-      g.lda = OC;
-      g.B = weight;
-      g.ldb = IC;
-      g.C = dinp;
-      g.ldc = IC;
-      g.ab_type = g.c_type = type;
-      g.beta = 1.0f;
-      ctx.state().gemm(g, stream);
+      input_grad_gemm(ctx, dinp, dout, weight, rows, IC, OC, type, 1.0f, stream);  // dinp += dout @ weight
     }
     // dweight[OC, IC] += dout^T @ inp, with dout stored [rows, OC]
     GemmCall g;
