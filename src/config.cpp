@@ -115,8 +115,11 @@ std::string with_flag_names(std::string message) {
 void RunConfig::validate() const {
   MPT_INPUT_CHECK(global_batch >= 1, "--global-batch must be >= 1, got {}", global_batch);
   MPT_INPUT_CHECK(micro_batch >= 1, "--micro-batch must be >= 1, got {}", micro_batch);
-  MPT_INPUT_CHECK(std::isfinite(memory_budget_gib) && memory_budget_gib >= 0.0,
-                  "--memory-budget must be >= 0 GiB (0: the default), got {}", memory_budget_gib);
+  // The ceiling keeps the budget in bytes within size_t (1 PiB is far above any node's memory).
+  MPT_INPUT_CHECK(
+      std::isfinite(memory_budget_gib) && memory_budget_gib >= 0.0 && memory_budget_gib <= 1048576.0,
+      "--memory-budget must be a finite number of GiB from 0 to 1048576 (0: the default), got {}",
+      memory_budget_gib);
   MPT_INPUT_CHECK(memory_budget_gib == 0.0 || micro_batch_auto,
                   "--memory-budget {} is only used with --micro-batch auto", memory_budget_gib);
   (void)parse_recompute(recompute);
@@ -146,7 +149,8 @@ void RunConfig::validate() const {
                   temperature);
   MPT_INPUT_CHECK(sample_tokens >= 0, "--sample-tokens must be >= 0, got {}", sample_tokens);
   MPT_INPUT_CHECK(std::isfinite(collective_timeout) && collective_timeout >= 0.0,
-                  "--collective-timeout must be >= 0 seconds (0: off), got {}", collective_timeout);
+                  "--collective-timeout must be a finite number of seconds >= 0 (0: off), got {}",
+                  collective_timeout);
   (void)parse_inject_overflow(inject_overflow);
   const bool name_ok =
       !run_name.empty() && run_name != "." && run_name != ".." &&

@@ -135,6 +135,12 @@ def _(c):
     return c.train("--memory-budget", "2")
 
 
+@case("flag_memory_budget_too_large", USAGE, "--memory-budget must be a finite number of GiB", "got 1e+30")
+def _(c):
+    # Above the ceiling, the budget in bytes would not fit size_t (it used to wrap to a budget of 0).
+    return c.train("--micro-batch", "auto", "--memory-budget", "1e30")
+
+
 @case("flag_unknown_recompute", USAGE, "--recompute", "full")
 def _(c):
     return c.train("--recompute", "full")
@@ -213,6 +219,11 @@ def _(c):
 @case("flag_collective_timeout_negative", USAGE, "--collective-timeout", "got -1")
 def _(c):
     return c.train("--collective-timeout", "-1")
+
+
+@case("flag_collective_timeout_infinite", USAGE, "--collective-timeout must be a finite number", "got inf")
+def _(c):
+    return c.train("--collective-timeout", "inf")
 
 
 # ---- JSON config -----------------------------------------------------------------------------------------
