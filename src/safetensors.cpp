@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include <nlohmann/json.hpp>
 
@@ -34,6 +35,34 @@ size_t product(const std::vector<int64_t>& shape) {
   size_t n = 1;
   for (int64_t d : shape) n *= static_cast<size_t>(d);
   return n;
+}
+
+/// The integers of the header field `field` of tensor `name`: a JSON array of integers that fit T. nlohmann's
+/// get<> would cast a float (12e32) or an out-of-range integer with static_cast, which is undefined.
+template <typename T>
+std::vector<T> header_integers(const nlohmann::json& entry, const char* field, const std::string& path,
+                               const std::string& name) {
+  const nlohmann::json& array = entry.at(field);
+  const auto bad = [&] {
+    return InputError(fmt::format("{}: tensor '{}' has a malformed {} (not an array of integers in range)",
+                                  path, name, field));
+  };
+  if (!array.is_array()) throw bad();
+  std::vector<T> values;
+  for (const nlohmann::json& v : array) {
+    if (v.is_number_unsigned()) {
+      const auto u = v.get<uint64_t>();
+      if (u > static_cast<uint64_t>(std::numeric_limits<T>::max())) throw bad();
+      values.push_back(static_cast<T>(u));
+    } else if (v.is_number_integer()) {
+      const auto i = v.get<int64_t>();
+      if (i < 0) throw bad();  // sizes and offsets are never negative
+      values.push_back(static_cast<T>(i));
+    } else {
+      throw bad();
+    }
+  }
+  return values;
 }
 
 [[noreturn]] void io_error(const std::string& what, const std::string& path) {
@@ -191,10 +220,15 @@ SafetensorsFile read_safetensors(const std::string& path) {
       }
       LoadedTensor t;
       t.dtype = parse_dtype(entry.at("dtype").get<std::string>(), path, name);
-      t.shape = entry.at("shape").get<std::vector<int64_t>>();
-      for (int64_t d : t.shape)
-        if (d < 0) throw InputError(fmt::format("{}: tensor '{}' has a negative dimension", path, name));
-      const auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
+      t.shape = header_integers<int64_t>(entry, "shape", path, name);
+      uint64_t elements = 1;  // checked so that elements x 8 bytes fits uint64_t
+      for (int64_t d : t.shape) {
+        const auto n = static_cast<uint64_t>(d);
+        if (n != 0 && elements > std::numeric_limits<uint64_t>::max() / 8 / n)
+          throw InputError(fmt::format("{}: tensor '{}' has a shape too large to address", path, name));
+        elements *= n;
+      }
+      const auto offsets = header_integers<uint64_t>(entry, "data_offsets", path, name);
       if (offsets.size() != 2 || offsets[0] > offsets[1])
         throw InputError(fmt::format("{}: tensor '{}' has malformed data offsets", path, name));
       if (offsets[1] > data_size)

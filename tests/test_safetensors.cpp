@@ -110,5 +110,39 @@ TEST_F(Safetensors, DamageIsAClearInputError) {
   expect_input_error(path("dtype"), "unsupported dtype");
 }
 
+/// A file holding `header` (its length as 8 little-endian bytes first) and 8 data bytes.
+void write_raw(const std::string& p, const std::string& header) {
+  std::vector<char> b(8);
+  for (int i = 0; i < 8; ++i) b[i] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+  b.insert(b.end(), header.begin(), header.end());
+  b.insert(b.end(), 8, '\0');
+  std::ofstream(p, std::ios::binary).write(b.data(), static_cast<std::streamsize>(b.size()));
+}
+
+TEST_F(Safetensors, HeaderNumbersMustBeIntegersInRange) {
+  // Floats, negatives and out-of-range integers where sizes and offsets go: nlohmann's get<> would cast
+  // them with static_cast (undefined for 12e32 -> uint64_t; found by the fuzzer).
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"({"t":{"dtype":"I32","shape":[2],"data_offsets":[12e32]}})", "malformed data_offsets"},
+      {R"({"t":{"dtype":"I32","shape":[2],"data_offsets":[0,8.5]}})", "malformed data_offsets"},
+      {R"({"t":{"dtype":"I32","shape":[2],"data_offsets":[-8,8]}})", "malformed data_offsets"},
+      {R"({"t":{"dtype":"I32","shape":[2],"data_offsets":"0,8"}})", "malformed data_offsets"},
+      {R"({"t":{"dtype":"I32","shape":[1.5],"data_offsets":[0,8]}})", "malformed shape"},
+      {R"({"t":{"dtype":"I32","shape":[-2],"data_offsets":[0,8]}})", "malformed shape"},
+      {R"({"t":{"dtype":"I32","shape":[1e300],"data_offsets":[0,8]}})", "malformed shape"},
+      {R"({"t":{"dtype":"I32","shape":[18446744073709551615],"data_offsets":[0,8]}})", "malformed shape"},
+      {R"({"t":{"dtype":"I32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", "too large"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    std::string name = std::to_string(i);  // (not "h" + ...: GCC 12 -Werror=restrict false positive)
+    name += ".safetensors";
+    const std::string p = path(name);
+    write_raw(p, cases[i].first);
+    expect_input_error(p, cases[i].second);
+  }
+  write_raw(path("ok"), R"({"t":{"dtype":"I32","shape":[2],"data_offsets":[0,8]}})");
+  EXPECT_EQ(read_safetensors(path("ok")).tensors.at("t").bytes.size(), 8u);
+}
+
 }  // namespace
 }  // namespace mpt
