@@ -51,7 +51,7 @@ void gelu_forward(T* out, const T* inp, int64_t n) {
     F x[kChunk];
     load_n(inp + begin, x, count);
     if constexpr (std::is_same_v<F, float>)
-      gelu_forward_f32(x, x, count);  // SLEEF tanh, vectorised
+      gelu_forward_f32(x, x, count);  // SLEEF exp sigmoid form, vectorised
     else
       for (int64_t i = 0; i < count; ++i) x[i] = common::gelu_tanh(x[i]);
     store_n<T>(x, out + begin, count);
@@ -79,7 +79,7 @@ void gelu_backward(T* dinp, const T* inp, const T* dout, int64_t n) {
     load_n(dout + begin, dy, count);
     load_n(dinp + begin, acc, count);
     if constexpr (std::is_same_v<F, float>)
-      gelu_backward_f32(acc, x, dy, count);  // SLEEF tanh, vectorised
+      gelu_backward_f32(acc, x, dy, count);  // SLEEF exp sigmoid form, vectorised
     else
       for (int64_t i = 0; i < count; ++i) acc[i] += dy[i] * common::gelu_tanh_derivative(x[i]);
     store_n<T>(acc, dinp + begin, count);

@@ -2,10 +2,12 @@
 //
 // The level comes from detected_simd_level() (the bulk converters' cpuid check, src/convert.cpp); the AVX2
 // level also needs FMA, which the AVX2 loops are compiled with, and falls back to scalar without it. The
-// scalar level calls SLEEF's scalar u10 functions, so every level has the same accuracy bound.
+// scalar level calls SLEEF's scalar u10 exp in the same formula, so every level has the same accuracy bound.
 #include "cpu/vecmath.hpp"
 
 #include <sleef.h>
+
+#include <algorithm>
 
 #include "mptrain/error.hpp"
 
@@ -45,18 +47,25 @@ SimdLevel effective_level(SimdLevel level) {
 #endif
 }
 
+/// s = 1 / (1 + exp(-2u)) = 0.5 (1 + tanh(u)) and e = exp(-2u), as the vector loops (vecmath_isa.hpp).
+struct Sigmoid {
+  float s, e;
+};
+Sigmoid gelu_sigmoid(float x, float x_sq) {
+  const float inner = kSqrt2OverPi * (x + kCubic * x_sq * x);
+  const float e = Sleef_expf_u10(std::min(-2.0f * inner, 88.0f));
+  return {1.0f / (1.0f + e), e};
+}
+
 float gelu_scalar(float x) {
-  const float x_sq = x * x;
-  const float t = Sleef_tanhf_u10(kSqrt2OverPi * (x + kCubic * x_sq * x));
-  return 0.5f * x * (1.0f + t);
+  return x * gelu_sigmoid(x, x * x).s;
 }
 
 float gelu_derivative_scalar(float x) {
   const float x_sq = x * x;
-  const float t = Sleef_tanhf_u10(kSqrt2OverPi * (x + kCubic * x_sq * x));
-  const float left = 0.5f * (1.0f + t);
-  const float right = (1.0f - t * t) * (kSqrt2OverPi * (1.0f + 3.0f * kCubic * x_sq));
-  return left + 0.5f * x * right;
+  const auto [s, e] = gelu_sigmoid(x, x_sq);
+  const float inner_derivative = kSqrt2OverPi * (1.0f + 3.0f * kCubic * x_sq);
+  return s + (x + x) * (e * s * s) * inner_derivative;
 }
 
 }  // namespace

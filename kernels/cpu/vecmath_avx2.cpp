@@ -1,4 +1,4 @@
-// AVX2 + FMA loops of kernels/cpu/vecmath.cpp (8 lanes, SLEEF's avx2 u10 tanh/exp). Compiled with -mavx2
+// AVX2 + FMA loops of kernels/cpu/vecmath.cpp (8 lanes, SLEEF's avx2 u10 exp). Compiled with -mavx2
 // -mfma (CMakeLists.txt) and called only when cpuid reports AVX2, F16C and FMA.
 #include <immintrin.h>
 #include <sleef.h>
@@ -18,7 +18,8 @@ struct Avx2 {
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static V tanh(V a) { return Sleef_tanhf8_u10avx2(a); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
   static V exp(V a) { return Sleef_expf8_u10avx2(a); }
   /// Pairwise: 8 -> 4 -> 2 -> 1 lanes, always in this order.
   static float hsum(V v) {

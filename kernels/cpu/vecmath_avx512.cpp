@@ -1,4 +1,4 @@
-// AVX-512F loops of kernels/cpu/vecmath.cpp (16 lanes, SLEEF's avx512f u10 tanh/exp). Compiled with
+// AVX-512F loops of kernels/cpu/vecmath.cpp (16 lanes, SLEEF's avx512f u10 exp). Compiled with
 // -mavx512f -mfma (CMakeLists.txt) and called only when cpuid reports AVX-512F and AVX-512BW.
 #include <immintrin.h>
 #include <sleef.h>
@@ -25,7 +25,8 @@ struct Avx512 {
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static V tanh(V a) { return Sleef_tanhf16_u10avx512f(a); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static V exp(V a) { return Sleef_expf16_u10avx512f(a); }
   /// Pairwise: 16 -> 8 -> 4 -> 2 -> 1 lanes, always in this order.
   static float hsum(V v) {

@@ -3,40 +3,50 @@
 // its own -m flags. Everything here has internal linkage and uses no std:: templates, so no function compiled
 // for AVX-512 can be merged by the linker into code that runs on a CPU without it.
 //
-// Isa provides: V (vector type), kLanes, load/store (unaligned), set1, add, sub, mul, tanh, exp (SLEEF u10)
-// and hsum (horizontal sum in a fixed lane order).
+// Isa provides: V (vector type), kLanes, load/store (unaligned), set1, add, sub, mul, div (IEEE), min,
+// exp (SLEEF u10) and hsum (horizontal sum in a fixed lane order).
 #pragma once
 
 #include <cstdint>
 
 namespace {
 
-// The constants and the order of operations of kernels/common/gelu.hpp.
+// The constants of kernels/common/gelu.hpp. The tanh is written as a logistic sigmoid,
+// 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)) = s, so one SLEEF exp and one IEEE division replace SLEEF's tanh
+// (several times the instructions: it works in double-float arithmetic), and 1 + tanh(u) is never formed as
+// a difference of nearly equal terms. GELU(x) = x s; GELU'(x) = s + 2 x s (1 - s) u'(x), with 1 - s = e s
+// for e = exp(-2u), so nothing cancels there either.
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kCubic = 0.044715f;
+// exp(88) < FLT_MAX: clamping -2u there keeps e s finite (e = inf would make e s = inf * 0) where s is
+// already below the smallest normal float, so the clamp changes no result by more than 2^-126 |x|.
+constexpr float kMaxExpArgument = 88.0f;
+
+/// The tanh argument u = sqrt(2/pi) (x + 0.044715 x^3), in the order of kernels/common/gelu.hpp.
+template <typename Isa>
+inline typename Isa::V gelu_inner_vec(typename Isa::V x, typename Isa::V x_sq) {
+  return Isa::mul(Isa::set1(kSqrt2OverPi), Isa::add(x, Isa::mul(Isa::mul(Isa::set1(kCubic), x_sq), x)));
+}
 
 template <typename Isa>
 inline typename Isa::V gelu_vec(typename Isa::V x) {
-  const auto x_sq = Isa::mul(x, x);
-  const auto inner =
-      Isa::mul(Isa::set1(kSqrt2OverPi), Isa::add(x, Isa::mul(Isa::mul(Isa::set1(kCubic), x_sq), x)));
-  const auto t = Isa::tanh(inner);
-  return Isa::mul(Isa::mul(Isa::set1(0.5f), x), Isa::add(Isa::set1(1.0f), t));
+  const auto inner = gelu_inner_vec<Isa>(x, Isa::mul(x, x));
+  const auto e = Isa::exp(Isa::min(Isa::mul(Isa::set1(-2.0f), inner), Isa::set1(kMaxExpArgument)));
+  const auto s = Isa::div(Isa::set1(1.0f), Isa::add(Isa::set1(1.0f), e));
+  return Isa::mul(x, s);
 }
 
 template <typename Isa>
 inline typename Isa::V gelu_derivative_vec(typename Isa::V x) {
   const auto one = Isa::set1(1.0f);
-  const auto half = Isa::set1(0.5f);
   const auto x_sq = Isa::mul(x, x);
-  const auto inner =
-      Isa::mul(Isa::set1(kSqrt2OverPi), Isa::add(x, Isa::mul(Isa::mul(Isa::set1(kCubic), x_sq), x)));
-  const auto t = Isa::tanh(inner);
+  const auto inner = gelu_inner_vec<Isa>(x, x_sq);
+  const auto e = Isa::exp(Isa::min(Isa::mul(Isa::set1(-2.0f), inner), Isa::set1(kMaxExpArgument)));
+  const auto s = Isa::div(one, Isa::add(one, e));
+  const auto s_one_minus_s = Isa::mul(Isa::mul(e, s), s);
   const auto inner_derivative =
       Isa::mul(Isa::set1(kSqrt2OverPi), Isa::add(one, Isa::mul(Isa::set1(3.0f * kCubic), x_sq)));
-  const auto left = Isa::mul(half, Isa::add(one, t));
-  const auto right = Isa::mul(Isa::sub(one, Isa::mul(t, t)), inner_derivative);
-  return Isa::add(left, Isa::mul(Isa::mul(half, x), right));
+  return Isa::add(s, Isa::mul(Isa::mul(Isa::add(x, x), s_one_minus_s), inner_derivative));
 }
 
 /// Copies `count` < kLanes floats into a kLanes buffer padded with `pad`.
