@@ -95,6 +95,18 @@ void add_column_sums(T* dbias, const opmath_t<T>* x, int64_t rows, int64_t cols)
   }
 }
 
+/// Every row of c[rows,OC] = bias[OC]: the C of a beta = 1 GEMM, so the bias is added by the GEMM kernel
+/// itself (C = A B + C) instead of in a pass of its own, and OpenBLAS skips the zero-fill it does for beta =
+/// 0 (sgemm_beta, 4% of the FP32 step). Where the GEMM sums K in one block (K <= 320 or so in OpenBLAS's
+/// AVX-512/AVX2 SGEMM, which covers K = C and K = 3C of the default model), each output is round(sum + bias),
+/// bitwise the product-then-bias result; with K split into blocks the bias joins the first block's partial
+/// sum, a different (equally deterministic, thread-count independent where the GEMM is) rounding.
+template <typename S>
+void prefill_bias(S* c, const S* bias, int64_t rows, int64_t OC) {
+#pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * OC, bias, static_cast<size_t>(OC) * sizeof(S));
+}
+
 /// out[rows,OC] = round(out32[r, :] + bias32) to T: the bias added in FP32, then one rounding per output
 /// (bias32 may be null). With gelu_out, also gelu_out = round(GELU(out)) from the stored (rounded) out, in
 /// the same pass over the row while it is in cache (out32 is clobbered).
@@ -265,20 +277,18 @@ template <typename T>
 void matmul_forward_impl(T* out, const T* inp, const T* weight, const T* bias, int64_t rows, int64_t IC,
                          int64_t OC, std::vector<float>& workspace, T* gelu_out) {
   if constexpr (kNativeBlas<T>) {
-    gemm<T>(CblasNoTrans, CblasTrans, rows, OC, IC, inp, IC, weight, IC, T(0), out, OC);
-    if (bias != nullptr || gelu_out != nullptr) {
+    // The bias goes in as the GEMM's C with beta = 1 (see prefill_bias).
+    if (bias != nullptr) prefill_bias(out, bias, rows, OC);
+    gemm<T>(CblasNoTrans, CblasTrans, rows, OC, IC, inp, IC, weight, IC, T(bias != nullptr ? 1 : 0), out, OC);
+    if (gelu_out != nullptr) {
 #pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
       for (int64_t r = 0; r < rows; ++r) {
-        T* o = out + r * OC;
-        if (bias != nullptr)
-          for (int64_t j = 0; j < OC; ++j) o[j] += bias[j];
-        if (gelu_out != nullptr) {
-          T* g = gelu_out + r * OC;
-          if constexpr (std::is_same_v<T, float>)
-            gelu_forward_f32(g, o, OC);
-          else
-            for (int64_t j = 0; j < OC; ++j) g[j] = common::gelu_tanh(o[j]);
-        }
+        const T* o = out + r * OC;
+        T* g = gelu_out + r * OC;
+        if constexpr (std::is_same_v<T, float>)
+          gelu_forward_f32(g, o, OC);
+        else
+          for (int64_t j = 0; j < OC; ++j) g[j] = common::gelu_tanh(o[j]);
       }
     }
   } else if (use_native_bf16<T>(IC)) {
@@ -291,10 +301,14 @@ void matmul_forward_impl(T* out, const T* inp, const T* weight, const T* bias, i
     float* bias32 = out32 + rows * OC;
     widen(inp, inp32, rows * IC);
     widen(weight, weight32, OC * IC);
-    if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
-    gemm<float>(CblasNoTrans, CblasTrans, rows, OC, IC, inp32, IC, weight32, IC, 0.0f, out32, OC);
-    // Bias added in FP32, then one rounding per output.
-    add_bias_and_round(out, out32, bias != nullptr ? bias32 : nullptr, rows, OC, gelu_out);
+    // Bias added in FP32 (as the GEMM's C), then one rounding per output.
+    if (bias != nullptr) {
+      convert(bias, bias32, static_cast<size_t>(OC));
+      prefill_bias(out32, bias32, rows, OC);
+    }
+    gemm<float>(CblasNoTrans, CblasTrans, rows, OC, IC, inp32, IC, weight32, IC,
+                bias != nullptr ? 1.0f : 0.0f, out32, OC);
+    add_bias_and_round(out, out32, nullptr, rows, OC, gelu_out);
   }
 }
 
