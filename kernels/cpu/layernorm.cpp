@@ -2,7 +2,8 @@
 // backward.
 //
 // Statistics are computed in opmath with two passes over the row (mean, then the mean of squared deviations),
-// and saved in opmath for the backward. Rows are independent and spread over OpenMP threads.
+// each a fixed-order 16-lane sum (cpu/lane_reduce.hpp; the backward's two row means likewise), and saved in
+// opmath for the backward. Rows are independent and spread over OpenMP threads.
 // residual_layernorm_forward adds the residual into the row buffer the LayerNorm then reads, so the residual
 // stream is read once instead of being written by one pass and read back by the next.
 //
@@ -17,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/lane_reduce.hpp"
 #include "cpu/ops.hpp"
 #include "mptrain/error.hpp"
 
@@ -39,14 +41,11 @@ inline void layernorm_row(T* out, opmath_t<T>* x, const opmath_t<T>* w, const op
                           opmath_t<T>& m_out, opmath_t<T>& s_out) {
   using F = opmath_t<T>;
   const F inv_C = F(1) / static_cast<F>(C);
-  F sum = 0;
-  for (int64_t i = 0; i < C; ++i) sum += x[i];
-  const F m = sum * inv_C;
-  F sq = 0;
-  for (int64_t i = 0; i < C; ++i) {
+  const F m = lane_sum<F>(C, [&](int64_t i) { return x[i]; }) * inv_C;
+  const F sq = lane_sum<F>(C, [&](int64_t i) {
     const F d = x[i] - m;
-    sq += d * d;
-  }
+    return d * d;
+  });
   const F s = F(1) / std::sqrt(sq * inv_C + static_cast<F>(kEps));
   for (int64_t i = 0; i < C; ++i) x[i] = (x[i] - m) * s * w[i] + b[i];
   store_n<T>(x, out, C);
@@ -165,14 +164,11 @@ void layernorm_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* i
         const F m = mean[r];
         const F s = rstd[r];
         // x becomes xhat; the two row means of the input gradient formula.
-        F dnorm_sum = 0;
-        F dnorm_xhat_sum = 0;
-        for (int64_t i = 0; i < C; ++i) {
-          x[i] = (x[i] - m) * s;
-          const F dnorm = dy[i] * w[i];
-          dnorm_sum += dnorm;
-          dnorm_xhat_sum += dnorm * x[i];
-        }
+        for (int64_t i = 0; i < C; ++i) x[i] = (x[i] - m) * s;
+        F dnorm_sum, dnorm_xhat_sum;
+        lane_sum2<F>(
+            C, [&](int64_t i) { return dy[i] * w[i]; }, [&](int64_t i) { return dy[i] * w[i] * x[i]; },
+            dnorm_sum, dnorm_xhat_sum);
         const F dnorm_mean = dnorm_sum * inv_C;
         const F dnorm_xhat_mean = dnorm_xhat_sum * inv_C;
         for (int64_t i = 0; i < C; ++i) {
