@@ -41,6 +41,10 @@ constexpr int64_t kBiasColumns = 64;                 // columns per task in the 
 // Below this many elements an elementwise pass stays on the calling thread: waking the OpenMP team costs more
 // than it saves, and on a loaded machine a descheduled worker stalls the whole join.
 constexpr int64_t kParallelMinElements = int64_t{1} << 15;
+/// blas_gemm's split of C outside a parallel region: at most this many blocks, of at least this many rows
+/// (or columns), so each block's packing of the shared operand is amortised over enough work.
+constexpr int64_t kGemmMaxBlocks = 16;
+constexpr int64_t kGemmMinBlock = 64;
 
 /// Widens n stored values to FP32 with the SIMD converters, in fixed chunks across threads.
 template <typename T>
@@ -245,6 +249,38 @@ void record_gemm_nanoseconds(int64_t nanoseconds) {
       .fetch_add(nanoseconds, std::memory_order_relaxed);
 }
 
+namespace {
+
+/// One single-threaded BLAS call (the caller is inside a parallel region, or runs alone).
+template <typename S>
+void blas_call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
+               const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
+  const auto i = [](int64_t x) { return static_cast<int>(x); };
+  const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans;
+  const CBLAS_TRANSPOSE tb = trans_b ? CblasTrans : CblasNoTrans;
+  if constexpr (std::is_same_v<S, float>)
+    cblas_sgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
+  else
+    cblas_dgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
+}
+
+/// The fixed split of a GEMM outside a parallel region: C's rows (when M >= N, else its columns) cut into
+/// `count` blocks of `size` (the last one shorter), from the shape alone.
+struct GemmSplit {
+  bool rows;
+  int64_t size;
+  int64_t count;
+};
+GemmSplit gemm_split(int64_t M, int64_t N) {
+  const bool rows = M >= N;
+  const int64_t extent = rows ? M : N;
+  const int64_t per_block = (extent + kGemmMaxBlocks - 1) / kGemmMaxBlocks;
+  const int64_t size = std::max(kGemmMinBlock, (per_block + 15) / 16 * 16);
+  return {rows, size, (extent + size - 1) / size};
+}
+
+}  // namespace
+
 template <typename S>
 void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
                const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
@@ -255,13 +291,29 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S al
       for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, S(0));
     return;
   }
-  const auto i = [](int64_t x) { return static_cast<int>(x); };
-  const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans;
-  const CBLAS_TRANSPOSE tb = trans_b ? CblasTrans : CblasNoTrans;
-  if constexpr (std::is_same_v<S, float>)
-    cblas_sgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
-  else
-    cblas_dgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
+  if (omp_in_parallel()) {
+    blas_call(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  } else {
+    // Our threads over fixed blocks of C, each a single-threaded BLAS call: the blocks and each block's
+    // arithmetic follow from the shape alone, so the result is the same for every thread count (OpenBLAS's
+    // own threaded SGEMM blocks K differently from its single-threaded one at some K, and on the 2-core
+    // Zen 4 VM it ran at 100-130 instead of ~195 GFLOP/s in about a third of the processes; see
+    // docs/DESIGN.md).
+    const GemmSplit split = gemm_split(M, N);
+#pragma omp parallel for schedule(static) if (split.count > 1)
+    for (int64_t b = 0; b < split.count; ++b) {
+      const int64_t begin = b * split.size;
+      if (split.rows) {
+        const int64_t m = std::min(split.size, M - begin);
+        const S* a = trans_a ? A + begin : A + begin * lda;
+        blas_call(trans_a, trans_b, m, N, K, alpha, a, lda, B, ldb, beta, C + begin * ldc, ldc);
+      } else {
+        const int64_t n = std::min(split.size, N - begin);
+        const S* b_block = trans_b ? B + begin * ldb : B + begin;
+        blas_call(trans_a, trans_b, M, n, K, alpha, A, lda, b_block, ldb, beta, C + begin, ldc);
+      }
+    }
+  }
   record_gemm_nanoseconds(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
 }
@@ -432,12 +484,20 @@ double measure_sgemm_flops(int n, int repeats) {
   const auto elements = static_cast<size_t>(n) * static_cast<size_t>(n);
   std::vector<float> a(elements, 0.5f), b(elements, 0.25f), c(elements, 0.0f);
   double best = 0.0;
+  // The faster of the two ways to run it on all threads: OpenBLAS's own threaded SGEMM, and blas_gemm's fixed
+  // blocks of single-threaded calls (as the model runs its GEMMs; at this square shape each block repacks all
+  // of B, so it is the slower one when OpenBLAS's threading runs well).
   for (int r = 0; r < repeats; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f,
-                c.data(), n);
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, 2.0 * n * static_cast<double>(elements) / seconds);
+    for (const bool blocks : {false, true}) {
+      const auto t0 = std::chrono::steady_clock::now();
+      if (blocks)
+        blas_gemm<float>(false, false, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+      else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f,
+                    c.data(), n);
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      best = std::max(best, 2.0 * n * static_cast<double>(elements) / seconds);
+    }
   }
   return best;
 }

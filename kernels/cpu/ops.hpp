@@ -143,7 +143,9 @@ void matmul_backward_gelu(T* dpre, T* dweight, T* dbias, const T* dout, const T*
 
 /// Row-major C[M,N] = alpha op(A) op(B) + beta C through OpenBLAS (SGEMM for float, DGEMM for double), op =
 /// transpose when trans_*; sizes must fit int. K == 0 sets C to 0 when beta == 0 (BLAS rejects it). Called
-/// inside an OpenMP parallel region it runs on the calling thread (OpenBLAS's OpenMP build).
+/// inside an OpenMP parallel region it is one BLAS call on the calling thread (OpenBLAS's OpenMP build);
+/// outside one, C is cut into fixed blocks (from the shape alone), each a single-threaded BLAS call, spread
+/// over the OpenMP threads, so the result does not depend on the thread count.
 template <typename S>
 void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
                const S* B, int64_t ldb, S beta, S* C, int64_t ldc);
@@ -152,7 +154,8 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S al
 /// region, by omp_in_parallel).
 void record_gemm_nanoseconds(int64_t nanoseconds);
 
-/// FLOP/s of an n x n x n SGEMM on the current OpenMP thread count (best of `repeats`).
+/// FLOP/s of an n x n x n SGEMM on the current OpenMP thread count: the best of `repeats` runs each of
+/// OpenBLAS's threaded SGEMM and of blas_gemm (as the model runs its GEMMs).
 double measure_sgemm_flops(int n, int repeats);
 
 /// `workspace` (grow-only) holds the per-thread [T, hs] operands and the [T, T] probabilities; the overload
