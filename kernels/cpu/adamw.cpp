@@ -2,6 +2,7 @@
 // model's storage type (phase 7). Element math: kernels/common/adamw.hpp.
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "cpu/ops.hpp"
 
@@ -10,26 +11,37 @@ namespace mpt::cpu {
 template <typename T>
 void adamw(float* master, float* m, float* v, const T* grads, std::span<const AdamWSegment> segments,
            const common::AdamWStep& step) {
-  for (const AdamWSegment& s : segments) {
-    float* p = master + s.shard_offset;
-    float* ms = m + s.shard_offset;
-    float* vs = v + s.shard_offset;
-    const T* g = grads + s.flat_offset;
-    // Fixed chunks across threads; each converts its gradients with the SIMD bulk converters first.
-    constexpr size_t kChunk = 2048;
-    const auto chunks = static_cast<long long>((s.num_elements + kChunk - 1) / kChunk);
-#pragma omp parallel for schedule(static)
-    for (long long c = 0; c < chunks; ++c) {
-      const size_t begin = static_cast<size_t>(c) * kChunk;
-      const size_t count = std::min(kChunk, s.num_elements - begin);
-      float gf[kChunk];
-      if constexpr (std::is_same_v<T, float>)
-        std::memcpy(gf, g + begin, count * sizeof(float));
-      else
-        convert(g + begin, gf, count);
-      for (size_t i = 0; i < count; ++i)
-        common::adamw_update(p[begin + i], ms[begin + i], vs[begin + i], gf[i], s.decay, step);
-    }
+  // Fixed chunks of every segment, all in one parallel loop (one fork/join per step, not one per tensor);
+  // each chunk converts its gradients with the SIMD bulk converters first.
+  constexpr size_t kChunk = 2048;
+  struct Chunk {
+    const AdamWSegment* segment;
+    size_t begin;
+  };
+  std::vector<Chunk> chunks;
+  for (const AdamWSegment& s : segments)
+    for (size_t begin = 0; begin < s.num_elements; begin += kChunk) chunks.push_back({&s, begin});
+  // A local copy: the element loop's stores to p, m, v cannot alias it, so the compiler hoists the step's
+  // constants and vectorises the loop (sqrtps/divps, the same IEEE results as the scalar instructions).
+  const common::AdamWStep st = step;
+#pragma omp parallel for schedule(static) if (chunks.size() > 1)
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const AdamWSegment& s = *chunks[c].segment;
+    const size_t begin = chunks[c].begin;
+    const size_t count = std::min(kChunk, s.num_elements - begin);
+    float* p = master + s.shard_offset + begin;
+    float* ms = m + s.shard_offset + begin;
+    float* vs = v + s.shard_offset + begin;
+    const T* g = grads + s.flat_offset + begin;
+    float gf[kChunk];
+    if constexpr (std::is_same_v<T, float>)
+      std::memcpy(gf, g, count * sizeof(float));
+    else
+      convert(g, gf, count);
+    if (s.decay)
+      for (size_t i = 0; i < count; ++i) common::adamw_update(p[i], ms[i], vs[i], gf[i], true, st);
+    else
+      for (size_t i = 0; i < count; ++i) common::adamw_update(p[i], ms[i], vs[i], gf[i], false, st);
   }
 }
 
