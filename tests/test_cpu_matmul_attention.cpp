@@ -719,7 +719,11 @@ TEST(AttentionDeterminism, SameBitsForAnyThreadCount) {
 /// The linear layer forward and backward (FP32 weights as storage T) at odd sizes on 1, 2 and 3 threads:
 /// bitwise the same. For bf16 on a CPU with AVX512_BF16/AMX this is oneDNN's native matmul. The inner
 /// dimensions include K = 330, 400 and 1204 (forward IC, input-gradient OC, weight-gradient rows), where
-/// OpenBLAS's own threaded SGEMM rounded differently from its single-threaded one on Zen 4.
+/// OpenBLAS's own threaded SGEMM rounded differently from its single-threaded one on Zen 4, and a weight
+/// gradient with a long inner dimension and a small output (2048 rows into 48 x 64), where a library could
+/// split K over the threads; and token-row GEMMs of >= 1024 rows with a long K and a narrow output, which run
+/// on oneDNN's f32 matmul where the CPU has AVX-512. Up to 16 threads (more than this machine's cores: the
+/// libraries split work by the thread count, not the cores).
 template <typename T>
 void check_matmul_thread_independent(size_t rows, size_t IC, size_t OC) {
   std::mt19937 rng(kSeed + 70 + static_cast<unsigned>(IC));
@@ -739,7 +743,7 @@ void check_matmul_thread_independent(size_t rows, size_t IC, size_t OC) {
   };
   const int saved = omp_get_max_threads();
   const std::vector<T> one = run(1);
-  for (int threads : {2, 3}) {
+  for (int threads : {2, 3, 8, 16}) {
     const std::vector<T> many = run(threads);
     EXPECT_EQ(std::memcmp(one.data(), many.data(), one.size() * sizeof(T)), 0)
         << sizeof(T) << "-byte matmul results differ on " << threads << " threads at rows " << rows << ", IC "
@@ -754,7 +758,8 @@ TEST(MatmulDeterminism, SameBitsForAnyThreadCount) {
   struct Shape {
     size_t rows, IC, OC;
   };
-  for (const Shape s : {Shape{257, 67, 201}, Shape{130, 330, 400}, Shape{1204, 37, 1204}}) {
+  for (const Shape s : {Shape{257, 67, 201}, Shape{130, 330, 400}, Shape{1204, 37, 1204}, Shape{2048, 64, 48},
+                        Shape{1024, 1030, 37}, Shape{1031, 40, 1100}}) {
     check_matmul_thread_independent<float>(s.rows, s.IC, s.OC);
     check_matmul_thread_independent<half>(s.rows, s.IC, s.OC);
     check_matmul_thread_independent<bf16>(s.rows, s.IC, s.OC);

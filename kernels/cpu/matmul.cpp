@@ -74,10 +74,31 @@ void accumulate_rounded(T* g, const float* r, int64_t n) {
   }
 }
 
+/// Which GEMM of the linear layer a call is: the token-row GEMMs (forward, input gradient: C's rows are the
+/// rows of tokens, K is a layer width) or the weight gradient (K is the rows of tokens).
+enum class LinearGemm { token_rows, weight_gradient };
+
+/// Token-row GEMMs with at least this many rows run on oneDNN's f32 matmul where it is preferred.
+constexpr int64_t kOnednnMinRows = 1024;
+
+/// The linear layer's GEMMs (C = op(A) op(B) + beta C, beta 0 or 1). FP32 token-row GEMMs of >= 1024 rows
+/// go to oneDNN's f32 matmul where it is the faster library (onednn_f32_preferred): with that many rows
+/// of output it splits only M and N over the threads, so its result does not depend on the thread count
+/// (MatmulDeterminism checks 1-16 threads). Everything else, the weight gradient included (a long K into a
+/// small output, which oneDNN splits over the threads and then sums in a thread-count dependent order), and
+/// FP64 run on blas_gemm. oneDNN's sum post-op adds C to the finished FP32 sum, so with beta = 1 each output
+/// is round(sum + C), as OpenBLAS gives for K in one block.
 template <typename S>
-void gemm(CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int64_t M, int64_t N, int64_t K, const S* A,
-          int64_t lda, const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
-  blas_gemm<S>(trans_a == CblasTrans, trans_b == CblasTrans, M, N, K, S(1), A, lda, B, ldb, beta, C, ldc);
+void gemm(LinearGemm kind, CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int64_t M, int64_t N, int64_t K,
+          const S* A, int64_t lda, const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
+  const bool ta = trans_a == CblasTrans, tb = trans_b == CblasTrans;
+  if constexpr (std::is_same_v<S, float>) {
+    if (kind == LinearGemm::token_rows && M >= kOnednnMinRows && N > 0 && K > 0 && onednn_f32_preferred()) {
+      onednn_gemm<float>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+      return;
+    }
+  }
+  blas_gemm<S>(ta, tb, M, N, K, S(1), A, lda, B, ldb, beta, C, ldc);
 }
 
 /// dbias[j] = round(dbias[j] + sum over rows of x[r, j]), summed in opmath. Each task owns a fixed chunk of
@@ -331,7 +352,8 @@ void matmul_forward_impl(T* out, const T* inp, const T* weight, const T* bias, i
   if constexpr (kNativeBlas<T>) {
     // The bias goes in as the GEMM's C with beta = 1 (see prefill_bias).
     if (bias != nullptr) prefill_bias(out, bias, rows, OC);
-    gemm<T>(CblasNoTrans, CblasTrans, rows, OC, IC, inp, IC, weight, IC, T(bias != nullptr ? 1 : 0), out, OC);
+    gemm<T>(LinearGemm::token_rows, CblasNoTrans, CblasTrans, rows, OC, IC, inp, IC, weight, IC,
+            T(bias != nullptr ? 1 : 0), out, OC);
     if (gelu_out != nullptr) {
 #pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
       for (int64_t r = 0; r < rows; ++r) {
@@ -358,7 +380,7 @@ void matmul_forward_impl(T* out, const T* inp, const T* weight, const T* bias, i
       convert(bias, bias32, static_cast<size_t>(OC));
       prefill_bias(out32, bias32, rows, OC);
     }
-    gemm<float>(CblasNoTrans, CblasTrans, rows, OC, IC, inp32, IC, weight32, IC,
+    gemm<float>(LinearGemm::token_rows, CblasNoTrans, CblasTrans, rows, OC, IC, inp32, IC, weight32, IC,
                 bias != nullptr ? 1.0f : 0.0f, out32, OC);
     add_bias_and_round(out, out32, nullptr, rows, OC, gelu_out);
   }
@@ -376,11 +398,13 @@ void matmul_backward_impl(T* dinp, T* dweight, T* dbias, const T* dout, const T*
     // product alone and overwrites dinp.
     const auto input_gradient = [&] {
       if (dinp == nullptr) return;
-      gemm<T>(CblasNoTrans, CblasNoTrans, rows, IC, OC, dout, OC, weight, IC, T(gelu ? 0 : 1), dinp, IC);
+      gemm<T>(LinearGemm::token_rows, CblasNoTrans, CblasNoTrans, rows, IC, OC, dout, OC, weight, IC,
+              T(gelu ? 0 : 1), dinp, IC);
       if (gelu) gelu_backward_epilogue(dinp, dinp, gelu_pre, rows * IC);
     };
     if (!gelu) input_gradient();
-    gemm<T>(CblasTrans, CblasNoTrans, OC, IC, rows, dout, OC, inp, IC, T(1), dweight, IC);
+    gemm<T>(LinearGemm::weight_gradient, CblasTrans, CblasNoTrans, OC, IC, rows, dout, OC, inp, IC, T(1),
+            dweight, IC);
     if (gelu) input_gradient();
     if (dbias != nullptr) add_column_sums(dbias, dout, rows, OC);
   } else if (use_native_bf16<T>(IC)) {
@@ -396,7 +420,8 @@ void matmul_backward_impl(T* dinp, T* dweight, T* dbias, const T* dout, const T*
     const auto input_gradient = [&] {
       if (dinp == nullptr) return;
       widen(weight, weight32, OC * IC);
-      gemm<float>(CblasNoTrans, CblasNoTrans, rows, IC, OC, dout32, OC, weight32, IC, 0.0f, scratch, IC);
+      gemm<float>(LinearGemm::token_rows, CblasNoTrans, CblasNoTrans, rows, IC, OC, dout32, OC, weight32, IC,
+                  0.0f, scratch, IC);
       if (gelu)
         gelu_backward_epilogue(dinp, scratch, gelu_pre, rows * IC);
       else
@@ -404,7 +429,8 @@ void matmul_backward_impl(T* dinp, T* dweight, T* dbias, const T* dout, const T*
     };
     if (!gelu) input_gradient();
     widen(inp, scratch, rows * IC);
-    gemm<float>(CblasTrans, CblasNoTrans, OC, IC, rows, dout32, OC, scratch, IC, 0.0f, weight32, IC);
+    gemm<float>(LinearGemm::weight_gradient, CblasTrans, CblasNoTrans, OC, IC, rows, dout32, OC, scratch, IC,
+                0.0f, weight32, IC);
     accumulate_rounded(dweight, weight32, OC * IC);
     if (gelu) input_gradient();
     if (dbias != nullptr) add_column_sums(dbias, dout32, rows, OC);

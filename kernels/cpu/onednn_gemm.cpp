@@ -34,6 +34,18 @@ bool onednn_native_bf16() {
   return native;
 }
 
+bool onednn_f32_preferred() {
+  static const bool preferred = [] {
+    const char* env = std::getenv("MPTRAIN_ONEDNN_F32");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+    const dnnl::cpu_isa isa = dnnl::get_effective_cpu_isa();
+    return isa == dnnl::cpu_isa::avx512_core || isa == dnnl::cpu_isa::avx512_core_vnni ||
+           isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;
+  }();
+  return preferred;
+}
+
 template <typename S>
 void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
                  const S* B, int64_t ldb, float beta, float* C, int64_t ldc) {
