@@ -1,9 +1,10 @@
 // CPU fused softmax cross-entropy over padded logits, with the logits gradient written in the same pass.
 //
 // Per row: the row is read once into an opmath buffer, the statistics (max over the V real columns, sum of
-// exp(x - max) in column order) come from the buffer, and only then is the gradient row written. Because a
-// row is fully read before any of it is written, dlogits may alias logits (in place, as llm.c does to save
-// the largest activation). Rows are independent, so results do not depend on the thread count.
+// exp(x - max): FP32 through SLEEF's vector exp in fixed lanes) come from the buffer, and only then is the
+// gradient row written. Because a row is fully read before any of it is written, dlogits may alias logits (in
+// place, as llm.c does to save the largest activation). Rows are independent, so results do not depend on the
+// thread count.
 #include <omp.h>
 
 #include <algorithm>
@@ -11,12 +12,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/lane_reduce.hpp"
 #include "cpu/ops.hpp"
+#include "cpu/vecmath.hpp"
 #include "mptrain/error.hpp"
 
 namespace mpt::cpu {
-
-namespace {}  // namespace
 
 template <typename T>
 void crossentropy_forward_backward(T* dlogits, opmath_t<T>* losses, const T* logits, const int32_t* targets,
@@ -46,13 +47,17 @@ void crossentropy_forward_backward(T* dlogits, opmath_t<T>* losses, const T* log
       load_n(logits + r * Vp, e, V);
       const int64_t target = targets[r];
       const F x_target = e[target];
-      // Stats: e becomes exp(x - max), summed in column order.
-      F row_max = e[0];
-      for (int64_t j = 1; j < V; ++j) row_max = std::max(row_max, e[j]);
+      // Stats: e becomes exp(x - max): FP32 through SLEEF's vector exp, summed in its fixed lane order
+      // (cpu/vecmath.hpp); FP64 with std::exp in column order.
+      const F row_max = lane_max(e, V);
       F sum = 0;
-      for (int64_t j = 0; j < V; ++j) {
-        e[j] = std::exp(e[j] - row_max);
-        sum += e[j];
+      if constexpr (std::is_same_v<F, float>) {
+        sum = exp_shifted_sum_f32(e, row_max, V);
+      } else {
+        for (int64_t j = 0; j < V; ++j) {
+          e[j] = std::exp(e[j] - row_max);
+          sum += e[j];
+        }
       }
       losses[r] = std::log(sum) + row_max - x_target;
       // Write: (softmax - onehot) * dloss for the real columns, zeros for the padding.

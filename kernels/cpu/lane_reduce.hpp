@@ -10,6 +10,7 @@
 // chain of 128 dependent adds (4 cycles each), 16 lanes cut it to 8 plus the tree.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace mpt::cpu {
@@ -53,6 +54,21 @@ inline void lane_sum2(int64_t n, TermA&& term_a, TermB&& term_b, F& sum_a, F& su
   }
   sum_a = lane_detail::combine(a);
   sum_b = lane_detail::combine(b);
+}
+
+/// max over i < n of x[i] (n >= 1), in lanes as lane_sum; exact, so the order matters only for NaN (a NaN
+/// may or may not win, as with a sequential std::max: callers whose results a NaN poisons anyway).
+template <typename F>
+inline F lane_max(const F* x, int64_t n) {
+  F acc[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) acc[l] = x[0];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] = std::max(acc[l], x[i + l]);
+  for (int64_t l = 0; i + l < n; ++l) acc[l] = std::max(acc[l], x[i + l]);
+  for (int64_t w = kLanes / 2; w >= 1; w /= 2)
+    for (int64_t l = 0; l < w; ++l) acc[l] = std::max(acc[l], acc[l + w]);
+  return acc[0];
 }
 
 }  // namespace mpt::cpu
