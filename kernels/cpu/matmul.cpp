@@ -74,6 +74,18 @@ void accumulate_rounded(T* g, const float* r, int64_t n) {
   }
 }
 
+/// Every row of c[rows,OC] = bias[OC]: the C of a beta = 1 GEMM, so the bias is added by the GEMM kernel
+/// itself (C = A B + C) instead of in a pass of its own, and OpenBLAS skips the zero-fill it does for beta =
+/// 0 (sgemm_beta, 4% of the FP32 step). Where the GEMM sums K in one block (K <= 320 or so in OpenBLAS's
+/// AVX-512/AVX2 SGEMM, which covers K = C and K = 3C of the default model), each output is round(sum + bias),
+/// bitwise the product-then-bias result; with K split into blocks the bias joins the first block's partial
+/// sum, a different (equally deterministic, thread-count independent where the GEMM is) rounding.
+template <typename S>
+void prefill_bias(S* c, const S* bias, int64_t rows, int64_t OC, int64_t ldc) {
+#pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc, bias, static_cast<size_t>(OC) * sizeof(S));
+}
+
 /// Which GEMM of the linear layer a call is: the token-row GEMMs (forward, input gradient: C's rows are the
 /// rows of tokens, K is a layer width) or the weight gradient (K is the rows of tokens).
 enum class LinearGemm { token_rows, weight_gradient };
@@ -88,15 +100,23 @@ constexpr int64_t kOnednnMinRows = 1024;
 /// small output, which oneDNN splits over the threads and then sums in a thread-count dependent order), and
 /// FP64 run on blas_gemm. oneDNN's sum post-op adds C to the finished FP32 sum, so with beta = 1 each output
 /// is round(sum + C), as OpenBLAS gives for K in one block.
+///
+/// With `bias` ([N], forward only; beta must be 0) every row of C also gets + bias in the same single
+/// rounding: oneDNN's bias argument, or on BLAS the bias rows as C with beta = 1 (prefill_bias).
 template <typename S>
 void gemm(LinearGemm kind, CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int64_t M, int64_t N, int64_t K,
-          const S* A, int64_t lda, const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
+          const S* A, int64_t lda, const S* B, int64_t ldb, S beta, S* C, int64_t ldc,
+          const S* bias = nullptr) {
   const bool ta = trans_a == CblasTrans, tb = trans_b == CblasTrans;
   if constexpr (std::is_same_v<S, float>) {
     if (kind == LinearGemm::token_rows && M >= kOnednnMinRows && N > 0 && K > 0 && onednn_f32_preferred()) {
-      onednn_gemm<float>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+      onednn_gemm<float>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc, bias);
       return;
     }
+  }
+  if (bias != nullptr) {
+    prefill_bias(C, bias, M, N, ldc);
+    beta = S(1);
   }
   blas_gemm<S>(ta, tb, M, N, K, S(1), A, lda, B, ldb, beta, C, ldc);
 }
@@ -118,18 +138,6 @@ void add_column_sums(T* dbias, const opmath_t<T>* x, int64_t rows, int64_t cols)
     }
     for (int64_t j = 0; j < n; ++j) dbias[j0 + j] = store<T>(load<T>(dbias[j0 + j]) + acc[j]);
   }
-}
-
-/// Every row of c[rows,OC] = bias[OC]: the C of a beta = 1 GEMM, so the bias is added by the GEMM kernel
-/// itself (C = A B + C) instead of in a pass of its own, and OpenBLAS skips the zero-fill it does for beta =
-/// 0 (sgemm_beta, 4% of the FP32 step). Where the GEMM sums K in one block (K <= 320 or so in OpenBLAS's
-/// AVX-512/AVX2 SGEMM, which covers K = C and K = 3C of the default model), each output is round(sum + bias),
-/// bitwise the product-then-bias result; with K split into blocks the bias joins the first block's partial
-/// sum, a different (equally deterministic, thread-count independent where the GEMM is) rounding.
-template <typename S>
-void prefill_bias(S* c, const S* bias, int64_t rows, int64_t OC) {
-#pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * OC, bias, static_cast<size_t>(OC) * sizeof(S));
 }
 
 /// out[rows,OC] = round(out32[r, :] + bias32) to T: the bias added in FP32, then one rounding per output
@@ -350,10 +358,8 @@ template <typename T>
 void matmul_forward_impl(T* out, const T* inp, const T* weight, const T* bias, int64_t rows, int64_t IC,
                          int64_t OC, std::vector<float>& workspace, T* gelu_out) {
   if constexpr (kNativeBlas<T>) {
-    // The bias goes in as the GEMM's C with beta = 1 (see prefill_bias).
-    if (bias != nullptr) prefill_bias(out, bias, rows, OC);
-    gemm<T>(LinearGemm::token_rows, CblasNoTrans, CblasTrans, rows, OC, IC, inp, IC, weight, IC,
-            T(bias != nullptr ? 1 : 0), out, OC);
+    gemm<T>(LinearGemm::token_rows, CblasNoTrans, CblasTrans, rows, OC, IC, inp, IC, weight, IC, T(0), out,
+            OC, bias);
     if (gelu_out != nullptr) {
 #pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
       for (int64_t r = 0; r < rows; ++r) {
@@ -375,13 +381,10 @@ void matmul_forward_impl(T* out, const T* inp, const T* weight, const T* bias, i
     float* bias32 = out32 + rows * OC;
     widen(inp, inp32, rows * IC);
     widen(weight, weight32, OC * IC);
-    // Bias added in FP32 (as the GEMM's C), then one rounding per output.
-    if (bias != nullptr) {
-      convert(bias, bias32, static_cast<size_t>(OC));
-      prefill_bias(out32, bias32, rows, OC);
-    }
-    gemm<float>(LinearGemm::token_rows, CblasNoTrans, CblasTrans, rows, OC, IC, inp32, IC, weight32, IC,
-                bias != nullptr ? 1.0f : 0.0f, out32, OC);
+    // Bias added in FP32 by the GEMM, then one rounding per output.
+    if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
+    gemm<float>(LinearGemm::token_rows, CblasNoTrans, CblasTrans, rows, OC, IC, inp32, IC, weight32, IC, 0.0f,
+                out32, OC, bias != nullptr ? bias32 : nullptr);
     add_bias_and_round(out, out32, nullptr, rows, OC, gelu_out);
   }
 }

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <unordered_map>
 
 #include <oneapi/dnnl/dnnl.hpp>
 
@@ -48,7 +49,7 @@ bool onednn_f32_preferred() {
 
 template <typename S>
 void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
-                 const S* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+                 const S* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias) {
   using dnnl::memory;
   MPT_CHECK(M > 0 && N > 0 && K > 0, "onednn_gemm: sizes must be positive (M = {}, N = {}, K = {})", M, N, K);
   MPT_CHECK(beta == 0.0f || beta == 1.0f, "onednn_gemm: beta must be 0 or 1, got {}", beta);
@@ -66,12 +67,17 @@ void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
       ops.append_sum(beta);
       attr.set_post_ops(ops);
     }
-    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, engine);
+    const memory::desc bias_md({1, N}, memory::data_type::f32, memory::dims{N, 1});
+    const dnnl::matmul::primitive_desc pd(bias != nullptr ? dnnl::matmul::desc(a_md, b_md, bias_md, c_md)
+                                                          : dnnl::matmul::desc(a_md, b_md, c_md),
+                                          attr, engine);
     const dnnl::matmul prim(pd);  // from oneDNN's primitive cache after the first call with this shape
     dnnl::stream stream(engine);
-    prim.execute(stream, {{DNNL_ARG_SRC, memory(a_md, engine, const_cast<S*>(A))},
-                          {DNNL_ARG_WEIGHTS, memory(b_md, engine, const_cast<S*>(B))},
-                          {DNNL_ARG_DST, memory(c_md, engine, C)}});
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(a_md, engine, const_cast<S*>(A))},
+                                         {DNNL_ARG_WEIGHTS, memory(b_md, engine, const_cast<S*>(B))},
+                                         {DNNL_ARG_DST, memory(c_md, engine, C)}};
+    if (bias != nullptr) args.emplace(DNNL_ARG_BIAS, memory(bias_md, engine, const_cast<float*>(bias)));
+    prim.execute(stream, args);
     stream.wait();
   } catch (const dnnl::error& e) {
     MPT_CHECK(false, "onednn_gemm: oneDNN failed for M = {}, N = {}, K = {}: {}", M, N, K, e.what());
@@ -81,8 +87,8 @@ void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
 }
 
 template void onednn_gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
-                                 int64_t, float, float*, int64_t);
+                                 int64_t, float, float*, int64_t, const float*);
 template void onednn_gemm<bf16>(bool, bool, int64_t, int64_t, int64_t, const bf16*, int64_t, const bf16*,
-                                int64_t, float, float*, int64_t);
+                                int64_t, float, float*, int64_t, const float*);
 
 }  // namespace mpt::cpu

@@ -28,10 +28,12 @@ bool onednn_f32_preferred();
 
 /// Row-major C[M,N] (FP32) = op(A) op(B) + beta C through a oneDNN matmul, op(X) = X^T when trans_x; A is
 /// [M,K] (or [K,M] transposed) with leading dimension lda, B is [K,N] (or [N,K]) with ldb; S is float or
-/// bf16; beta is 0 or 1. Runs on omp_get_max_threads() threads; must not be called inside a parallel region.
-/// Sizes must be positive. Throws mpt::Error when oneDNN rejects the call.
+/// bf16; beta is 0 or 1. With `bias` (FP32 [N], may be null) every row also gets + bias, added by oneDNN to
+/// the finished FP32 sum (its matmul bias argument), so each output is round(sum + bias) in one rounding.
+/// Runs on omp_get_max_threads() threads; must not be called inside a parallel region. Sizes must be
+/// positive. Throws mpt::Error when oneDNN rejects the call.
 template <typename S>
 void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
-                 const S* B, int64_t ldb, float beta, float* C, int64_t ldc);
+                 const S* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias = nullptr);
 
 }  // namespace mpt::cpu
