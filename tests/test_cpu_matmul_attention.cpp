@@ -721,9 +721,10 @@ TEST(AttentionDeterminism, SameBitsForAnyThreadCount) {
 /// dimensions include K = 330, 400 and 1204 (forward IC, input-gradient OC, weight-gradient rows), where
 /// OpenBLAS's own threaded SGEMM rounded differently from its single-threaded one on Zen 4, and a weight
 /// gradient with a long inner dimension and a small output (2048 rows into 48 x 64), where a library could
-/// split K over the threads; and token-row GEMMs of >= 1024 rows with a long K and a narrow output, which run
-/// on oneDNN's f32 matmul where the CPU has AVX-512. Up to 16 threads (more than this machine's cores: the
-/// libraries split work by the thread count, not the cores).
+/// split K over the threads (one block of C: checks that the library's own threading stays off); and
+/// 1024+-row GEMMs with a long K and a narrow output. FP32 runs on oneDNN's f32 matmul where the CPU has
+/// AVX-512. Up to 16 threads (more than this machine's cores: the libraries split work by the thread count,
+/// not the cores).
 template <typename T>
 void check_matmul_thread_independent(size_t rows, size_t IC, size_t OC) {
   std::mt19937 rng(kSeed + 70 + static_cast<unsigned>(IC));

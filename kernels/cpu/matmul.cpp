@@ -43,7 +43,7 @@ constexpr int64_t kBiasColumns = 64;                 // columns per task in the 
 constexpr int64_t kParallelMinElements = int64_t{1} << 15;
 /// blas_gemm's split of C outside a parallel region: at most this many blocks, of at least this many rows
 /// (or columns), so each block's packing of the shared operand is amortised over enough work.
-constexpr int64_t kGemmMaxBlocks = 16;
+constexpr int64_t kGemmMaxBlocks = 8;
 constexpr int64_t kGemmMinBlock = 64;
 
 /// Widens n stored values to FP32 with the SIMD converters, in fixed chunks across threads.
@@ -74,6 +74,52 @@ void accumulate_rounded(T* g, const float* r, int64_t n) {
   }
 }
 
+/// One single-threaded BLAS call (the caller is inside a parallel region, or runs alone).
+template <typename S>
+void blas_call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
+               const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
+  const auto i = [](int64_t x) { return static_cast<int>(x); };
+  const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans;
+  const CBLAS_TRANSPOSE tb = trans_b ? CblasTrans : CblasNoTrans;
+  if constexpr (std::is_same_v<S, float>)
+    cblas_sgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
+  else
+    cblas_dgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
+}
+
+/// The fixed split of a GEMM outside a parallel region: C's rows (when M >= N, else its columns) cut into
+/// `count` blocks of `size` (the last one shorter), from the shape alone: at most kGemmMaxBlocks, of at least
+/// kGemmMinBlock rows (or columns), so each block's packing of the operand all blocks share is amortised.
+struct GemmSplit {
+  bool rows;
+  int64_t size;
+  int64_t count;
+};
+GemmSplit gemm_split(int64_t M, int64_t N) {
+  const bool rows = M >= N;
+  const int64_t extent = rows ? M : N;
+  const int64_t per_block = (extent + kGemmMaxBlocks - 1) / kGemmMaxBlocks;
+  const int64_t size = std::max(kGemmMinBlock, (per_block + 15) / 16 * 16);
+  return {rows, size, (extent + size - 1) / size};
+}
+
+/// Calls block(rows, begin, length) for every block of gemm_split(M, N) (rows: the block is C's rows [begin,
+/// begin + length), else its columns), spread over the OpenMP threads; each block must be computed by
+/// single-threaded library calls, which is what OpenBLAS and oneDNN do inside a parallel region.
+template <typename Block>
+void for_each_gemm_block(int64_t M, int64_t N, Block&& block) {
+  const GemmSplit split = gemm_split(M, N);
+  const int64_t extent = split.rows ? M : N;
+  // Always a parallel region, even for one block: inside an active one the libraries run on the calling
+  // thread, outside it they would use their own threading (with 1 thread the region is inactive, and so is
+  // their threading).
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < split.count; ++b) {
+    const int64_t begin = b * split.size;
+    block(split.rows, begin, std::min(split.size, extent - begin));
+  }
+}
+
 /// Every row of c[rows,OC] = bias[OC]: the C of a beta = 1 GEMM, so the bias is added by the GEMM kernel
 /// itself (C = A B + C) instead of in a pass of its own, and OpenBLAS skips the zero-fill it does for beta =
 /// 0 (sgemm_beta, 4% of the FP32 step). Where the GEMM sums K in one block (K <= 320 or so in OpenBLAS's
@@ -86,31 +132,40 @@ void prefill_bias(S* c, const S* bias, int64_t rows, int64_t OC, int64_t ldc) {
   for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc, bias, static_cast<size_t>(OC) * sizeof(S));
 }
 
-/// Which GEMM of the linear layer a call is: the token-row GEMMs (forward, input gradient: C's rows are the
-/// rows of tokens, K is a layer width) or the weight gradient (K is the rows of tokens).
-enum class LinearGemm { token_rows, weight_gradient };
+/// onednn_gemm over the fixed blocks of C (for_each_gemm_block), one single-threaded matmul per block: FP32
+/// C[M,N] = op(A) op(B) + beta C (+ bias[N] on every row when bias is given), S float or bf16.
+template <typename S>
+void onednn_blocks(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B,
+                   int64_t ldb, float beta, float* C, int64_t ldc, const float* bias = nullptr) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for_each_gemm_block(M, N, [&](bool rows, int64_t begin, int64_t n) {
+    if (rows)
+      onednn_gemm<S>(ta, tb, n, N, K, ta ? A + begin : A + begin * lda, lda, B, ldb, beta, C + begin * ldc,
+                     ldc, bias);
+    else
+      onednn_gemm<S>(ta, tb, M, n, K, A, lda, tb ? B + begin * ldb : B + begin, ldb, beta, C + begin, ldc,
+                     bias != nullptr ? bias + begin : nullptr);
+  });
+  record_gemm_nanoseconds(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+}
 
-/// Token-row GEMMs with at least this many rows run on oneDNN's f32 matmul where it is preferred.
-constexpr int64_t kOnednnMinRows = 1024;
-
-/// The linear layer's GEMMs (C = op(A) op(B) + beta C, beta 0 or 1). FP32 token-row GEMMs of >= 1024 rows
-/// go to oneDNN's f32 matmul where it is the faster library (onednn_f32_preferred): with that many rows
-/// of output it splits only M and N over the threads, so its result does not depend on the thread count
-/// (MatmulDeterminism checks 1-16 threads). Everything else, the weight gradient included (a long K into a
-/// small output, which oneDNN splits over the threads and then sums in a thread-count dependent order), and
-/// FP64 run on blas_gemm. oneDNN's sum post-op adds C to the finished FP32 sum, so with beta = 1 each output
-/// is round(sum + C), as OpenBLAS gives for K in one block.
+/// The linear layer's GEMMs (C = op(A) op(B) + beta C, beta 0 or 1). FP32 runs on oneDNN's f32 matmul where
+/// it is the faster library (onednn_f32_preferred), else, and FP64, on blas_gemm. oneDNN runs over the same
+/// fixed blocks of C as blas_gemm, one single-threaded matmul per block, so the result does not depend on the
+/// thread count: left to its own threading, oneDNN splits a weight gradient's long K over the threads and
+/// sums the parts in a thread-count dependent order (MatmulDeterminism). oneDNN's sum post-op adds C to the
+/// finished FP32 sum, so with beta = 1 each output is round(sum + C), as OpenBLAS gives for K in one block.
 ///
 /// With `bias` ([N], forward only; beta must be 0) every row of C also gets + bias in the same single
 /// rounding: oneDNN's bias argument, or on BLAS the bias rows as C with beta = 1 (prefill_bias).
 template <typename S>
-void gemm(LinearGemm kind, CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int64_t M, int64_t N, int64_t K,
-          const S* A, int64_t lda, const S* B, int64_t ldb, S beta, S* C, int64_t ldc,
-          const S* bias = nullptr) {
+void gemm(CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int64_t M, int64_t N, int64_t K, const S* A,
+          int64_t lda, const S* B, int64_t ldb, S beta, S* C, int64_t ldc, const S* bias = nullptr) {
   const bool ta = trans_a == CblasTrans, tb = trans_b == CblasTrans;
   if constexpr (std::is_same_v<S, float>) {
-    if (kind == LinearGemm::token_rows && M >= kOnednnMinRows && N > 0 && K > 0 && onednn_f32_preferred()) {
-      onednn_gemm<float>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc, bias);
+    if (M > 0 && N > 0 && K > 0 && onednn_f32_preferred()) {
+      onednn_blocks(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc, bias);
       return;
     }
   }
@@ -229,7 +284,7 @@ void matmul_forward_native_bf16(bf16* out, const bf16* inp, const bf16* weight, 
   float* out32 = workspace_for(workspace, rows * OC + OC);
   float* bias32 = out32 + rows * OC;
   if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
-  onednn_gemm<bf16>(false, true, rows, OC, IC, inp, IC, weight, IC, 0.0f, out32, OC);
+  onednn_blocks<bf16>(false, true, rows, OC, IC, inp, IC, weight, IC, 0.0f, out32, OC);
   add_bias_and_round(out, out32, bias != nullptr ? bias32 : nullptr, rows, OC, gelu_out);
 }
 
@@ -244,14 +299,14 @@ void matmul_backward_native_bf16(bf16* dinp, bf16* dweight, bf16* dbias, const b
   // With the GELU epilogue the weight gradient goes first, so dinp may alias inp.
   const auto input_gradient = [&] {
     if (dinp == nullptr) return;
-    onednn_gemm<bf16>(false, false, rows, IC, OC, dout, OC, weight, IC, 0.0f, dinp32, IC);
+    onednn_blocks<bf16>(false, false, rows, IC, OC, dout, OC, weight, IC, 0.0f, dinp32, IC);
     if (gelu_pre != nullptr)
       gelu_backward_epilogue(dinp, dinp32, gelu_pre, rows * IC);
     else
       accumulate_rounded(dinp, dinp32, rows * IC);
   };
   if (gelu_pre == nullptr) input_gradient();
-  onednn_gemm<bf16>(true, false, OC, IC, rows, dout, OC, inp, IC, 0.0f, dweight32, IC);
+  onednn_blocks<bf16>(true, false, OC, IC, rows, dout, OC, inp, IC, 0.0f, dweight32, IC);
   accumulate_rounded(dweight, dweight32, OC * IC);
   if (gelu_pre != nullptr) input_gradient();
   if (dbias != nullptr) {
@@ -278,38 +333,6 @@ void record_gemm_nanoseconds(int64_t nanoseconds) {
       .fetch_add(nanoseconds, std::memory_order_relaxed);
 }
 
-namespace {
-
-/// One single-threaded BLAS call (the caller is inside a parallel region, or runs alone).
-template <typename S>
-void blas_call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
-               const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
-  const auto i = [](int64_t x) { return static_cast<int>(x); };
-  const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans;
-  const CBLAS_TRANSPOSE tb = trans_b ? CblasTrans : CblasNoTrans;
-  if constexpr (std::is_same_v<S, float>)
-    cblas_sgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
-  else
-    cblas_dgemm(CblasRowMajor, ta, tb, i(M), i(N), i(K), alpha, A, i(lda), B, i(ldb), beta, C, i(ldc));
-}
-
-/// The fixed split of a GEMM outside a parallel region: C's rows (when M >= N, else its columns) cut into
-/// `count` blocks of `size` (the last one shorter), from the shape alone.
-struct GemmSplit {
-  bool rows;
-  int64_t size;
-  int64_t count;
-};
-GemmSplit gemm_split(int64_t M, int64_t N) {
-  const bool rows = M >= N;
-  const int64_t extent = rows ? M : N;
-  const int64_t per_block = (extent + kGemmMaxBlocks - 1) / kGemmMaxBlocks;
-  const int64_t size = std::max(kGemmMinBlock, (per_block + 15) / 16 * 16);
-  return {rows, size, (extent + size - 1) / size};
-}
-
-}  // namespace
-
 template <typename S>
 void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
                const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
@@ -328,20 +351,14 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S al
     // own threaded SGEMM blocks K differently from its single-threaded one at some K, and on the 2-core
     // Zen 4 VM it ran at 100-130 instead of ~195 GFLOP/s in about a third of the processes; see
     // docs/DESIGN.md).
-    const GemmSplit split = gemm_split(M, N);
-#pragma omp parallel for schedule(static) if (split.count > 1)
-    for (int64_t b = 0; b < split.count; ++b) {
-      const int64_t begin = b * split.size;
-      if (split.rows) {
-        const int64_t m = std::min(split.size, M - begin);
-        const S* a = trans_a ? A + begin : A + begin * lda;
-        blas_call(trans_a, trans_b, m, N, K, alpha, a, lda, B, ldb, beta, C + begin * ldc, ldc);
-      } else {
-        const int64_t n = std::min(split.size, N - begin);
-        const S* b_block = trans_b ? B + begin * ldb : B + begin;
-        blas_call(trans_a, trans_b, M, n, K, alpha, A, lda, b_block, ldb, beta, C + begin, ldc);
-      }
-    }
+    for_each_gemm_block(M, N, [&](bool rows, int64_t begin, int64_t n) {
+      if (rows)
+        blas_call(trans_a, trans_b, n, N, K, alpha, trans_a ? A + begin : A + begin * lda, lda, B, ldb, beta,
+                  C + begin * ldc, ldc);
+      else
+        blas_call(trans_a, trans_b, M, n, K, alpha, A, lda, trans_b ? B + begin * ldb : B + begin, ldb, beta,
+                  C + begin, ldc);
+    });
   }
   record_gemm_nanoseconds(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
@@ -358,8 +375,7 @@ template <typename T>
 void matmul_forward_impl(T* out, const T* inp, const T* weight, const T* bias, int64_t rows, int64_t IC,
                          int64_t OC, std::vector<float>& workspace, T* gelu_out) {
   if constexpr (kNativeBlas<T>) {
-    gemm<T>(LinearGemm::token_rows, CblasNoTrans, CblasTrans, rows, OC, IC, inp, IC, weight, IC, T(0), out,
-            OC, bias);
+    gemm<T>(CblasNoTrans, CblasTrans, rows, OC, IC, inp, IC, weight, IC, T(0), out, OC, bias);
     if (gelu_out != nullptr) {
 #pragma omp parallel for schedule(static) if (rows * OC >= kParallelMinElements)
       for (int64_t r = 0; r < rows; ++r) {
@@ -383,8 +399,8 @@ void matmul_forward_impl(T* out, const T* inp, const T* weight, const T* bias, i
     widen(weight, weight32, OC * IC);
     // Bias added in FP32 by the GEMM, then one rounding per output.
     if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
-    gemm<float>(LinearGemm::token_rows, CblasNoTrans, CblasTrans, rows, OC, IC, inp32, IC, weight32, IC, 0.0f,
-                out32, OC, bias != nullptr ? bias32 : nullptr);
+    gemm<float>(CblasNoTrans, CblasTrans, rows, OC, IC, inp32, IC, weight32, IC, 0.0f, out32, OC,
+                bias != nullptr ? bias32 : nullptr);
     add_bias_and_round(out, out32, nullptr, rows, OC, gelu_out);
   }
 }
@@ -401,13 +417,11 @@ void matmul_backward_impl(T* dinp, T* dweight, T* dbias, const T* dout, const T*
     // product alone and overwrites dinp.
     const auto input_gradient = [&] {
       if (dinp == nullptr) return;
-      gemm<T>(LinearGemm::token_rows, CblasNoTrans, CblasNoTrans, rows, IC, OC, dout, OC, weight, IC,
-              T(gelu ? 0 : 1), dinp, IC);
+      gemm<T>(CblasNoTrans, CblasNoTrans, rows, IC, OC, dout, OC, weight, IC, T(gelu ? 0 : 1), dinp, IC);
       if (gelu) gelu_backward_epilogue(dinp, dinp, gelu_pre, rows * IC);
     };
     if (!gelu) input_gradient();
-    gemm<T>(LinearGemm::weight_gradient, CblasTrans, CblasNoTrans, OC, IC, rows, dout, OC, inp, IC, T(1),
-            dweight, IC);
+    gemm<T>(CblasTrans, CblasNoTrans, OC, IC, rows, dout, OC, inp, IC, T(1), dweight, IC);
     if (gelu) input_gradient();
     if (dbias != nullptr) add_column_sums(dbias, dout, rows, OC);
   } else if (use_native_bf16<T>(IC)) {
@@ -423,8 +437,7 @@ void matmul_backward_impl(T* dinp, T* dweight, T* dbias, const T* dout, const T*
     const auto input_gradient = [&] {
       if (dinp == nullptr) return;
       widen(weight, weight32, OC * IC);
-      gemm<float>(LinearGemm::token_rows, CblasNoTrans, CblasNoTrans, rows, IC, OC, dout32, OC, weight32, IC,
-                  0.0f, scratch, IC);
+      gemm<float>(CblasNoTrans, CblasNoTrans, rows, IC, OC, dout32, OC, weight32, IC, 0.0f, scratch, IC);
       if (gelu)
         gelu_backward_epilogue(dinp, scratch, gelu_pre, rows * IC);
       else
@@ -432,8 +445,7 @@ void matmul_backward_impl(T* dinp, T* dweight, T* dbias, const T* dout, const T*
     };
     if (!gelu) input_gradient();
     widen(inp, scratch, rows * IC);
-    gemm<float>(LinearGemm::weight_gradient, CblasTrans, CblasNoTrans, OC, IC, rows, dout32, OC, scratch, IC,
-                0.0f, weight32, IC);
+    gemm<float>(CblasTrans, CblasNoTrans, OC, IC, rows, dout32, OC, scratch, IC, 0.0f, weight32, IC);
     accumulate_rounded(dweight, weight32, OC * IC);
     if (gelu) input_gradient();
     if (dbias != nullptr) add_column_sums(dbias, dout32, rows, OC);

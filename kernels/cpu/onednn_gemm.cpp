@@ -9,6 +9,8 @@
 #include <type_traits>
 #include <unordered_map>
 
+#include <omp.h>
+
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include "cpu/ops.hpp"
@@ -82,8 +84,10 @@ void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
   } catch (const dnnl::error& e) {
     MPT_CHECK(false, "onednn_gemm: oneDNN failed for M = {}, N = {}, K = {}: {}", M, N, K, e.what());
   }
-  record_gemm_nanoseconds(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+  // Inside a parallel region the caller (matmul.cpp's blocks) records the whole GEMM.
+  if (!omp_in_parallel())
+    record_gemm_nanoseconds(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
 }
 
 template void onednn_gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*,

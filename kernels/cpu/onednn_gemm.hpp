@@ -30,8 +30,9 @@ bool onednn_f32_preferred();
 /// [M,K] (or [K,M] transposed) with leading dimension lda, B is [K,N] (or [N,K]) with ldb; S is float or
 /// bf16; beta is 0 or 1. With `bias` (FP32 [N], may be null) every row also gets + bias, added by oneDNN to
 /// the finished FP32 sum (its matmul bias argument), so each output is round(sum + bias) in one rounding.
-/// Runs on omp_get_max_threads() threads; must not be called inside a parallel region. Sizes must be
-/// positive. Throws mpt::Error when oneDNN rejects the call.
+/// Runs on omp_get_max_threads() threads, or on the calling thread alone inside a parallel region (oneDNN's
+/// OpenMP runtime; the primitive is then oneDNN's single-threaded one, whose result depends on the shape
+/// alone). Sizes must be positive. Throws mpt::Error when oneDNN rejects the call.
 template <typename S>
 void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
                  const S* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias = nullptr);
