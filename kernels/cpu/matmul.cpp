@@ -525,17 +525,20 @@ double measure_sgemm_flops(int n, int repeats) {
   const auto elements = static_cast<size_t>(n) * static_cast<size_t>(n);
   std::vector<float> a(elements, 0.5f), b(elements, 0.25f), c(elements, 0.0f);
   double best = 0.0;
-  // The faster of the two ways to run it on all threads: OpenBLAS's own threaded SGEMM, and blas_gemm's fixed
-  // blocks of single-threaded calls (as the model runs its GEMMs; at this square shape each block repacks all
-  // of B, so it is the slower one when OpenBLAS's threading runs well).
+  // The fastest way to run it on all threads: OpenBLAS's own threaded SGEMM, blas_gemm's fixed blocks of
+  // single-threaded calls, and oneDNN's f32 matmul with its own threading where the model uses oneDNN (at
+  // this square shape each block repacks all of B, so the model's blocked way is the slower one).
   for (int r = 0; r < repeats; ++r) {
-    for (const bool blocks : {false, true}) {
+    for (const int way : {0, 1, 2}) {
+      if (way == 2 && !onednn_f32_preferred()) continue;
       const auto t0 = std::chrono::steady_clock::now();
-      if (blocks)
-        blas_gemm<float>(false, false, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
-      else
+      if (way == 0)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f,
                     c.data(), n);
+      else if (way == 1)
+        blas_gemm<float>(false, false, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+      else
+        onednn_gemm<float>(false, false, n, n, n, a.data(), n, b.data(), n, 0.0f, c.data(), n);
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       best = std::max(best, 2.0 * n * static_cast<double>(elements) / seconds);
     }

@@ -3,13 +3,10 @@
 // runs it on a stream over the caller's memory (no copies).
 #include "cpu/onednn_gemm.hpp"
 
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <unordered_map>
-
-#include <omp.h>
 
 #include <oneapi/dnnl/dnnl.hpp>
 
@@ -57,7 +54,6 @@ void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
   MPT_CHECK(beta == 0.0f || beta == 1.0f, "onednn_gemm: beta must be 0 or 1, got {}", beta);
   constexpr memory::data_type dt =
       std::is_same_v<S, float> ? memory::data_type::f32 : memory::data_type::bf16;
-  const auto t0 = std::chrono::steady_clock::now();
   try {
     dnnl::engine& engine = cpu_engine();
     const memory::desc a_md({M, K}, dt, trans_a ? memory::dims{1, lda} : memory::dims{lda, 1});
@@ -84,10 +80,6 @@ void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
   } catch (const dnnl::error& e) {
     MPT_CHECK(false, "onednn_gemm: oneDNN failed for M = {}, N = {}, K = {}: {}", M, N, K, e.what());
   }
-  // Inside a parallel region the caller (matmul.cpp's blocks) records the whole GEMM.
-  if (!omp_in_parallel())
-    record_gemm_nanoseconds(
-        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
 }
 
 template void onednn_gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*,

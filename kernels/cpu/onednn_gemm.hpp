@@ -32,7 +32,8 @@ bool onednn_f32_preferred();
 /// the finished FP32 sum (its matmul bias argument), so each output is round(sum + bias) in one rounding.
 /// Runs on omp_get_max_threads() threads, or on the calling thread alone inside a parallel region (oneDNN's
 /// OpenMP runtime; the primitive is then oneDNN's single-threaded one, whose result depends on the shape
-/// alone). Sizes must be positive. Throws mpt::Error when oneDNN rejects the call.
+/// alone). Sizes must be positive. Throws mpt::Error when oneDNN rejects the call. Not counted in
+/// gemm_seconds() (mptrain/cpu_profile.hpp): its caller in matmul.cpp times the whole blocked GEMM.
 template <typename S>
 void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
                  const S* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias = nullptr);

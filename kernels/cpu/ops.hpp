@@ -155,7 +155,8 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S al
 void record_gemm_nanoseconds(int64_t nanoseconds);
 
 /// FLOP/s of an n x n x n SGEMM on the current OpenMP thread count: the best of `repeats` runs each of
-/// OpenBLAS's threaded SGEMM and of blas_gemm (as the model runs its GEMMs).
+/// OpenBLAS's threaded SGEMM, blas_gemm (fixed blocks) and, where the linear layer uses it, oneDNN's f32
+/// matmul.
 double measure_sgemm_flops(int n, int repeats);
 
 /// `workspace` (grow-only) holds the per-thread [T, hs] operands and the [T, T] probabilities; the overload
