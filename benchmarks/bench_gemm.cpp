@@ -120,9 +120,12 @@ void register_dtype(const char* dtype) {
   }
 }
 
-// ---- The GEMM libraries alone, on the three GEMMs of the linear layer: which one the CPU backend uses ----
+// ---- The GEMM libraries alone, on the three GEMMs of the linear layer: which one the CPU backend uses.
+// openblas_f32: OpenBLAS in blas_gemm's fixed blocks of single-threaded calls (the model's FP32 GEMM on CPUs
+// without AVX-512); onednn_f32 and onednn_bf16: oneDNN with its own threading; mptrain_f32: linear_gemm, the
+// model's FP32 GEMM as it runs (oneDNN in the fixed blocks where the CPU has AVX-512). ----
 
-enum class Library { openblas_f32, onednn_f32, onednn_bf16 };
+enum class Library { openblas_f32, onednn_f32, onednn_bf16, mptrain_f32 };
 
 /// One of the linear layer's GEMMs, C = op(A) op(B): forward out = inp W^T [rows,OC]; dinp = dout W
 /// [rows,IC]; dweight = dout^T inp [OC,IC].
@@ -150,6 +153,10 @@ void bench_library(benchmark::State& state, Library lib, Gemm g, int threads) {
         mpt::cpu::onednn_gemm<float>(g.trans_a, g.trans_b, g.M, g.N, g.K, a.data(), lda, b.data(), ldb, 0.0f,
                                      c.data(), g.N);
         break;
+      case Library::mptrain_f32:
+        mpt::cpu::linear_gemm<float>(g.trans_a, g.trans_b, g.M, g.N, g.K, a.data(), lda, b.data(), ldb, 0.0f,
+                                     c.data(), g.N);
+        break;
       case Library::onednn_bf16:
         mpt::cpu::onednn_gemm<bf16>(g.trans_a, g.trans_b, g.M, g.N, g.K, a16.data(), lda, b16.data(), ldb,
                                     0.0f, c.data(), g.N);
@@ -165,7 +172,8 @@ void bench_library(benchmark::State& state, Library lib, Gemm g, int threads) {
 void register_libraries() {
   const std::pair<Library, const char*> libs[] = {{Library::openblas_f32, "openblas_f32"},
                                                   {Library::onednn_f32, "onednn_f32"},
-                                                  {Library::onednn_bf16, "onednn_bf16"}};
+                                                  {Library::onednn_bf16, "onednn_bf16"},
+                                                  {Library::mptrain_f32, "mptrain_f32"}};
   for (const Shape& s : kShapes) {
     const Gemm gemms[] = {{"forward", false, true, s.rows, s.OC, s.IC},
                           {"dinp", false, false, s.rows, s.IC, s.OC},

@@ -368,6 +368,19 @@ template void blas_gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, con
 template void blas_gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
                                 const double*, int64_t, double, double*, int64_t);
 
+template <typename S>
+void linear_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
+                 const S* B, int64_t ldb, S beta, S* C, int64_t ldc, const S* bias) {
+  MPT_CHECK(beta == S(0) || beta == S(1), "linear_gemm: beta must be 0 or 1");
+  MPT_CHECK(bias == nullptr || beta == S(0), "linear_gemm: a bias needs beta = 0");
+  gemm<S>(trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N, K, A, lda, B, ldb,
+          beta, C, ldc, bias);
+}
+template void linear_gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
+                                 int64_t, float, float*, int64_t, const float*);
+template void linear_gemm<double>(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t,
+                                  const double*, int64_t, double, double*, int64_t, const double*);
+
 namespace {
 
 /// matmul_forward, and with gelu_out also the GELU of the stored output in the same pass over the rows.

@@ -150,6 +150,16 @@ template <typename S>
 void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
                const S* B, int64_t ldb, S beta, S* C, int64_t ldc);
 
+/// The linear layer's GEMM (the one matmul_forward/backward run): row-major C[M,N] = op(A) op(B) + beta C
+/// (+ bias[N] on every row when bias is non-null, which needs beta = 0), beta 0 or 1, float or double, called
+/// outside a parallel region. C is cut into blas_gemm's fixed blocks over the OpenMP threads, each block one
+/// single-threaded call of oneDNN's f32 matmul where onednn_f32_preferred() (cpu/onednn_gemm.hpp), else of
+/// OpenBLAS (the bias then goes in as C's rows with beta = 1); each output is round(sum + C or bias), the
+/// same for every thread count. Throws mpt::Error for another beta, or a bias with beta = 1.
+template <typename S>
+void linear_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
+                 const S* B, int64_t ldb, S beta, S* C, int64_t ldc, const S* bias = nullptr);
+
 /// Adds one GEMM call's duration to gemm_seconds() (mptrain/cpu_profile.hpp) (outside or inside a parallel
 /// region, by omp_in_parallel).
 void record_gemm_nanoseconds(int64_t nanoseconds);
