@@ -51,17 +51,7 @@ void check_shape(const char* op, int64_t B, int64_t T_, int64_t C, int64_t NH) {
 /// row[0..n) = exp(row[i] - max) / sum, the softmax of n >= 1 scores; FP32 through SLEEF's vector exp.
 template <typename A>
 void softmax_row(A* row, int64_t n) {
-  A max_score = -std::numeric_limits<A>::infinity();
-  for (int64_t i = 0; i < n; ++i) max_score = std::max(max_score, row[i]);
-  A sum = 0;
-  if constexpr (std::is_same_v<A, float>) {
-    sum = exp_shifted_sum_f32(row, max_score, n);
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      row[i] = std::exp(row[i] - max_score);
-      sum += row[i];
-    }
-  }
+  const A sum = exp_shifted_sum(row, lane_max(row, n), n);
   const A inv_sum = A(1) / sum;
   for (int64_t i = 0; i < n; ++i) row[i] *= inv_sum;
 }

@@ -50,15 +50,7 @@ void crossentropy_forward_backward(T* dlogits, opmath_t<T>* losses, const T* log
       // Stats: e becomes exp(x - max): FP32 through SLEEF's vector exp, summed in its fixed lane order
       // (cpu/vecmath.hpp); FP64 with std::exp in column order.
       const F row_max = lane_max(e, V);
-      F sum = 0;
-      if constexpr (std::is_same_v<F, float>) {
-        sum = exp_shifted_sum_f32(e, row_max, V);
-      } else {
-        for (int64_t j = 0; j < V; ++j) {
-          e[j] = std::exp(e[j] - row_max);
-          sum += e[j];
-        }
-      }
+      const F sum = exp_shifted_sum(e, row_max, V);
       losses[r] = std::log(sum) + row_max - x_target;
       // Write: (softmax - onehot) * dloss for the real columns, zeros for the padding.
       if (dlogits != nullptr) {

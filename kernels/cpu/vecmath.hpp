@@ -15,7 +15,9 @@
 // the array, hence not on the thread count. Different levels may differ in the last bit.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "mptrain/dtype.hpp"
 
@@ -33,5 +35,21 @@ void gelu_backward_f32(float* acc, const float* inp, const float* dout, int64_t 
 /// for the same inputs on every run). The softmax's exponential: shift is the row maximum. x[i] = -inf gives
 /// 0. Returns 0 for n == 0.
 float exp_shifted_sum_f32(float* x, float shift, int64_t n, SimdLevel level = detected_simd_level());
+
+/// exp_shifted_sum_f32 for float; for double, x[i] = std::exp(x[i] - shift) summed in index order (the
+/// FP64 reference path). The softmax's and the cross-entropy's exponential.
+template <typename F>
+inline F exp_shifted_sum(F* x, F shift, int64_t n) {
+  if constexpr (std::is_same_v<F, float>) {
+    return exp_shifted_sum_f32(x, shift, n);
+  } else {
+    F sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = std::exp(x[i] - shift);
+      sum += x[i];
+    }
+    return sum;
+  }
+}
 
 }  // namespace mpt::cpu
