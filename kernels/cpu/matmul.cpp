@@ -1,13 +1,18 @@
-// CPU linear layer (torch.nn.Linear): out = inp @ weight^T + bias and its backward, on OpenBLAS, and for BF16
-// on oneDNN's native BF16 matmul where the CPU has AVX512_BF16 or AMX (kernels/cpu/onednn_gemm.hpp: FP32
-// accumulation, results into FP32 scratch, then the same bias add and single rounding as the FP32-copy path).
+// CPU linear layer (torch.nn.Linear): out = inp @ weight^T + bias and its backward. The FP32 GEMMs run on
+// oneDNN's f32 matmul where its ISA is AVX-512 (kernels/cpu/onednn_gemm.hpp), else on OpenBLAS SGEMM (DGEMM
+// for double); BF16 runs on oneDNN's native BF16 matmul where the CPU has AVX512_BF16 or AMX (FP32
+// accumulation, results into FP32 scratch, then the same single rounding as the FP32-copy path). Every GEMM
+// outside a parallel region is cut into fixed blocks of C (gemm_split: from the shape alone), each block one
+// single-threaded library call in our own OpenMP loop, so no result depends on the thread count (see
+// docs/DESIGN.md for why neither library's own threading is used).
 //
-// float and double call SGEMM/DGEMM on the operands directly. FP16/BF16 follow the numerics contract
+// float and double run the GEMMs on the operands directly. FP16/BF16 follow the numerics contract
 // (DESIGN.md): the operands are widened to FP32 in the caller's grow-only workspace with the SIMD bulk
-// converters, SGEMM accumulates in FP32, and each result is rounded once to the storage type (for gradients:
-// g = round(g + result), so FP16 results with |x| >= 65520 become inf exactly as on a GPU). The bias gradient
-// is a column sum in FP32 (FP64 for double) over fixed column chunks, each summed in row order, so it does
-// not depend on the thread count.
+// converters, the FP32 GEMM accumulates in FP32, and each result is rounded once to the storage type (for
+// gradients: g = round(g + result), so FP16 results with |x| >= 65520 become inf exactly as on a GPU). The
+// forward's bias is added by the GEMM itself (oneDNN's bias argument, or C prefilled with it and beta = 1 on
+// OpenBLAS): one rounding of sum + bias. The bias gradient is a column sum in FP32 (FP64 for double) over
+// fixed column chunks, each summed in row order, so it does not depend on the thread count.
 //
 // Fused GELU (the MLP's c_fc and c_proj): matmul_gelu_forward applies the GELU in the bias pass over each
 // output row, and matmul_backward_gelu multiplies the input-gradient GEMM result by GELU' in one chunked pass
@@ -22,6 +27,7 @@
 #include <chrono>
 #include <climits>
 #include <cstring>
+#include <exception>
 #include <type_traits>
 
 #include <cblas.h>
@@ -106,18 +112,26 @@ GemmSplit gemm_split(int64_t M, int64_t N) {
 /// Calls block(rows, begin, length) for every block of gemm_split(M, N) (rows: the block is C's rows [begin,
 /// begin + length), else its columns), spread over the OpenMP threads; each block must be computed by
 /// single-threaded library calls, which is what OpenBLAS and oneDNN do inside a parallel region.
+/// An exception a block throws (oneDNN rejecting a call) is rethrown after the parallel loop.
 template <typename Block>
 void for_each_gemm_block(int64_t M, int64_t N, Block&& block) {
   const GemmSplit split = gemm_split(M, N);
   const int64_t extent = split.rows ? M : N;
+  std::exception_ptr error;
   // Always a parallel region, even for one block: inside an active one the libraries run on the calling
   // thread, outside it they would use their own threading (with 1 thread the region is inactive, and so is
   // their threading).
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < split.count; ++b) {
     const int64_t begin = b * split.size;
-    block(split.rows, begin, std::min(split.size, extent - begin));
+    try {
+      block(split.rows, begin, std::min(split.size, extent - begin));
+    } catch (...) {
+#pragma omp critical(mpt_gemm_block_error)
+      if (!error) error = std::current_exception();
+    }
   }
+  if (error) std::rethrow_exception(error);
 }
 
 /// Every row of c[rows,OC] = bias[OC]: the C of a beta = 1 GEMM, so the bias is added by the GEMM kernel
