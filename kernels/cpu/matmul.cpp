@@ -164,6 +164,17 @@ void onednn_blocks(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const S* A
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
 }
 
+/// onednn_gemm with beta = 0 on oneDNN's own threading, timed for gemm_seconds(): the native BF16 path (as in
+/// the previous rounds; the fixed blocks are used only for FP32, see onednn_f32_preferred).
+template <typename S>
+void onednn_timed(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B,
+                  int64_t ldb, float* C, int64_t ldc) {
+  const auto t0 = std::chrono::steady_clock::now();
+  onednn_gemm<S>(ta, tb, M, N, K, A, lda, B, ldb, 0.0f, C, ldc);
+  record_gemm_nanoseconds(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+}
+
 /// The linear layer's GEMMs (C = op(A) op(B) + beta C, beta 0 or 1). FP32 runs on oneDNN's f32 matmul where
 /// it is the faster library (onednn_f32_preferred), else, and FP64, on blas_gemm. oneDNN runs over the same
 /// fixed blocks of C as blas_gemm, one single-threaded matmul per block, so the result does not depend on the
@@ -298,7 +309,7 @@ void matmul_forward_native_bf16(bf16* out, const bf16* inp, const bf16* weight, 
   float* out32 = workspace_for(workspace, rows * OC + OC);
   float* bias32 = out32 + rows * OC;
   if (bias != nullptr) convert(bias, bias32, static_cast<size_t>(OC));
-  onednn_blocks<bf16>(false, true, rows, OC, IC, inp, IC, weight, IC, 0.0f, out32, OC);
+  onednn_timed<bf16>(false, true, rows, OC, IC, inp, IC, weight, IC, out32, OC);
   add_bias_and_round(out, out32, bias != nullptr ? bias32 : nullptr, rows, OC, gelu_out);
 }
 
@@ -313,14 +324,14 @@ void matmul_backward_native_bf16(bf16* dinp, bf16* dweight, bf16* dbias, const b
   // With the GELU epilogue the weight gradient goes first, so dinp may alias inp.
   const auto input_gradient = [&] {
     if (dinp == nullptr) return;
-    onednn_blocks<bf16>(false, false, rows, IC, OC, dout, OC, weight, IC, 0.0f, dinp32, IC);
+    onednn_timed<bf16>(false, false, rows, IC, OC, dout, OC, weight, IC, dinp32, IC);
     if (gelu_pre != nullptr)
       gelu_backward_epilogue(dinp, dinp32, gelu_pre, rows * IC);
     else
       accumulate_rounded(dinp, dinp32, rows * IC);
   };
   if (gelu_pre == nullptr) input_gradient();
-  onednn_blocks<bf16>(true, false, OC, IC, rows, dout, OC, inp, IC, 0.0f, dweight32, IC);
+  onednn_timed<bf16>(true, false, OC, IC, rows, dout, OC, inp, IC, dweight32, IC);
   accumulate_rounded(dweight, dweight32, OC * IC);
   if (gelu_pre != nullptr) input_gradient();
   if (dbias != nullptr) {
