@@ -83,10 +83,17 @@ extern "C" void on_stop_signal(int signal_number) {
 /// SIGTERM only under srun (SLURM_JOB_ID and SLURM_STEP_ID set), where it is the deadline warning. Under
 /// mpirun SIGTERM keeps its default action: mpirun kills the ranks a moment later anyway.
 void install_stop_handlers() {
+  // The handler runs on an alternate stack (this thread's; other threads have none and use their own): the
+  // kernel's signal frame then never lands below the interrupted code's stack pointer.
+  static std::vector<char> alternate(size_t{1} << 16);
+  stack_t stack{};
+  stack.ss_sp = alternate.data();
+  stack.ss_size = alternate.size();
+  MPT_CHECK(sigaltstack(&stack, nullptr) == 0, "cannot install the signal stack");
   struct sigaction action {};
   action.sa_handler = on_stop_signal;
   sigemptyset(&action.sa_mask);
-  action.sa_flags = SA_RESTART;
+  action.sa_flags = SA_RESTART | SA_ONSTACK;
   MPT_CHECK(sigaction(SIGUSR1, &action, nullptr) == 0, "cannot install the SIGUSR1 handler");
   if (std::getenv("SLURM_JOB_ID") && std::getenv("SLURM_STEP_ID"))
     MPT_CHECK(sigaction(SIGTERM, &action, nullptr) == 0, "cannot install the SIGTERM handler");

@@ -1,10 +1,10 @@
 // CPU linear layer (torch.nn.Linear): out = inp @ weight^T + bias and its backward. The FP32 GEMMs run on
-// oneDNN's f32 matmul where its ISA is AVX-512 (kernels/cpu/onednn_gemm.hpp), else on OpenBLAS SGEMM (DGEMM
-// for double); BF16 runs on oneDNN's native BF16 matmul where the CPU has AVX512_BF16 or AMX (FP32
-// accumulation, results into FP32 scratch, then the same single rounding as the FP32-copy path). Every GEMM
-// outside a parallel region is cut into fixed blocks of C (gemm_split: from the shape alone), each block one
-// single-threaded library call in our own OpenMP loop, so no result depends on the thread count (see
-// docs/DESIGN.md for why neither library's own threading is used).
+// OpenBLAS SGEMM (DGEMM for double), or with MPTRAIN_ONEDNN_F32=1 on an AVX-512 CPU on oneDNN's f32 matmul
+// (kernels/cpu/onednn_gemm.hpp), cut into fixed blocks of C (gemm_split: from the shape alone), each block
+// one single-threaded library call in our own OpenMP loop, so no result depends on the thread count (see
+// docs/DESIGN.md for why the libraries' own threading is not used there). BF16 runs on oneDNN's native BF16
+// matmul where the CPU has AVX512_BF16 or AMX (FP32 accumulation, results into FP32 scratch, then the same
+// single rounding as the FP32-copy path), on oneDNN's own threading.
 //
 // float and double run the GEMMs on the operands directly. FP16/BF16 follow the numerics contract
 // (DESIGN.md): the operands are widened to FP32 in the caller's grow-only workspace with the SIMD bulk
