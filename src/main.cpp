@@ -7,7 +7,9 @@
 // only one rank sees mid-run (an I/O error) aborts the whole job through MPI_Abort, as does the collective
 // watchdog (--collective-timeout) when a rank freezes; it guards the first collective too, where Open MPI
 // connects the ranks and hangs when it picks an interface that does not connect the hosts. SIGUSR1 (and
-// SIGTERM under srun) stops training gracefully: a checkpoint at the next step boundary, exit 0.
+// SIGTERM under srun) stops training gracefully: a checkpoint at the next step boundary, exit 0. Those
+// signals are blocked before MPI starts its threads and taken by one thread of our own
+// (mptrain/stop_signal.hpp).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -18,6 +20,7 @@
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/error.hpp"
 #include "mptrain/hash.hpp"
+#include "mptrain/stop_signal.hpp"
 #include "mptrain/trainer.hpp"
 
 namespace {
@@ -50,6 +53,9 @@ void debug_delay_first_collective(int rank) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // First, before MPI_Init and OpenMP start threads: every thread then inherits the block, and no compute
+  // thread runs a signal handler (in oneDNN's GEMM kernels its frame would land on the heap).
+  mpt::block_stop_signals();
   mpt::MpiSession mpi(&argc, &argv);
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -78,6 +84,7 @@ int main(int argc, char** argv) {
     if (help) return 0;
     // The agreed timeout from here on (the same value: the ranks agree on the flags).
     comm.set_timeout_seconds(config.collective_timeout);
+    if (config.command != "train") mpt::unblock_stop_signals();  // their default action: the process ends
     if (config.command == "eval") return mpt::run_eval(config, comm);
     if (config.command == "sample") return mpt::run_sample(config, comm);
     if (config.command == "export") return mpt::run_export(config, comm);

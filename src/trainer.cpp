@@ -27,6 +27,7 @@
 #include "mptrain/model.hpp"
 #include "mptrain/run_lock.hpp"
 #include "mptrain/runtime.hpp"
+#include "mptrain/stop_signal.hpp"
 #include "mptrain/tokenizer.hpp"
 
 namespace mpt {
@@ -70,40 +71,6 @@ void check_ranks_agree(Communicator& comm, uint64_t hash, const std::string& wha
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-/// The graceful-stop request: the number of the signal that asked for it (0: none). Written only by the
-/// async-signal-safe handler below, read at step boundaries.
-volatile std::sig_atomic_t g_stop_signal = 0;
-
-extern "C" void on_stop_signal(int signal_number) {
-  g_stop_signal = signal_number;
-}
-
-/// SIGUSR1 (what `mpirun` forwards and `sbatch --signal=USR1@T` sends) always asks for a graceful stop;
-/// SIGTERM only under srun (SLURM_JOB_ID and SLURM_STEP_ID set), where it is the deadline warning. Under
-/// mpirun SIGTERM keeps its default action: mpirun kills the ranks a moment later anyway.
-void install_stop_handlers() {
-  // The handler runs on an alternate stack (this thread's; other threads have none and use their own): the
-  // kernel's signal frame then never lands below the interrupted code's stack pointer.
-  static std::vector<char> alternate(size_t{1} << 16);
-  stack_t stack{};
-  stack.ss_sp = alternate.data();
-  stack.ss_size = alternate.size();
-  MPT_CHECK(sigaltstack(&stack, nullptr) == 0, "cannot install the signal stack");
-  struct sigaction action {};
-  action.sa_handler = on_stop_signal;
-  sigemptyset(&action.sa_mask);
-  action.sa_flags = SA_RESTART | SA_ONSTACK;
-  MPT_CHECK(sigaction(SIGUSR1, &action, nullptr) == 0, "cannot install the SIGUSR1 handler");
-  if (std::getenv("SLURM_JOB_ID") && std::getenv("SLURM_STEP_ID"))
-    MPT_CHECK(sigaction(SIGTERM, &action, nullptr) == 0, "cannot install the SIGTERM handler");
-}
-
-const char* signal_label(int signal_number) {
-  if (signal_number == SIGUSR1) return "SIGUSR1";
-  if (signal_number == SIGTERM) return "SIGTERM";
-  return "signal";
-}
 
 /// Writes +inf or NaN into one gradient element (the --inject-overflow fault), through the backend so it
 /// works wherever the gradients live: stage 1 the first element of the first tensor in the full gradients,
@@ -634,7 +601,7 @@ void set_up_training(TrainingRun& run) {
   if (c.checkpoint_dir.empty()) c.checkpoint_dir = fmt::format("runs/{}/checkpoints", c.run_name);
   run.run_dir = fmt::format("runs/{}", c.run_name);
   run.inject.spec = parse_inject_overflow(c.inject_overflow);
-  install_stop_handlers();
+  watch_stop_signals();  // SIGUSR1 (SIGTERM under srun): a graceful stop at the next step boundary
   run.s.start_runtime();
   lock_run(run);
   agree_on_memory_budget(run);
@@ -803,7 +770,7 @@ StepResult train_step(TrainingRun& run, int64_t step) {
     micro_batch(run, step, k);                    //    one starts 3 bucket by bucket as backward fills them
   engine.sync_grads();  // 3. reduce-scatter (or all-reduce) of the buckets not started yet
   run.inject.after_backward(run.s, step, /*reduced=*/true);
-  engine.check_grads(g_stop_signal != 0);  // 4. found_inf and block sums of my shard (and my stop request)
+  engine.check_grads(stop_signal() != 0);  // 4. found_inf and block sums of my shard (and my stop request)
   engine.agree();                          // 5. found_inf and the stop request agreed by all ranks
   engine.update();                         // 6. norm, clip, AdamW, loss scale (skip on found_inf)
   engine.gather_params();                  // 7. my slices of the weights cast, then all-gathered
@@ -919,7 +886,7 @@ bool checkpoint(TrainingRun& run, int64_t step, const StepResult& r) {
         "step %6lld/%lld | graceful stop (%s): every rank stopped after this step; checkpoint %s "
         "written, continue with --resume auto\n",
         static_cast<long long>(step + 1), static_cast<long long>(c.steps),
-        signal_label(g_stop_signal != 0 ? static_cast<int>(g_stop_signal) : SIGUSR1), path.c_str());
+        stop_signal_name(stop_signal() != 0 ? stop_signal() : SIGUSR1), path.c_str());
   std::fflush(stdout);
   return true;
 }
