@@ -1,10 +1,10 @@
 // CPU linear layer (torch.nn.Linear): out = inp @ weight^T + bias and its backward. The FP32 GEMMs run on
-// OpenBLAS SGEMM (DGEMM for double), or with MPTRAIN_ONEDNN_F32=1 on an AVX-512 CPU on oneDNN's f32 matmul
-// (kernels/cpu/onednn_gemm.hpp), cut into fixed blocks of C (gemm_split: from the shape alone), each block
-// one single-threaded library call in our own OpenMP loop, so no result depends on the thread count (see
-// docs/DESIGN.md for why the libraries' own threading is not used there). BF16 runs on oneDNN's native BF16
-// matmul where the CPU has AVX512_BF16 or AMX (FP32 accumulation, results into FP32 scratch, then the same
-// single rounding as the FP32-copy path), on oneDNN's own threading.
+// oneDNN's f32 matmul on an AVX-512 CPU (kernels/cpu/onednn_gemm.hpp; MPTRAIN_ONEDNN_F32=0 opts out), else
+// on OpenBLAS SGEMM (DGEMM for double), cut into fixed blocks of C (gemm_split: from the shape alone), each
+// block one single-threaded library call in our own OpenMP loop, so no result depends on the thread count
+// (see docs/DESIGN.md for why the libraries' own threading is not used there). BF16 runs on oneDNN's native
+// BF16 matmul where the CPU has AVX512_BF16 or AMX (FP32 accumulation, results into FP32 scratch, then the
+// same single rounding as the FP32-copy path), on oneDNN's own threading.
 //
 // float and double run the GEMMs on the operands directly. FP16/BF16 follow the numerics contract
 // (DESIGN.md): the operands are widened to FP32 in the caller's grow-only workspace with the SIMD bulk
@@ -109,12 +109,25 @@ GemmSplit gemm_split(int64_t M, int64_t N) {
   return {rows, size, (extent + size - 1) / size};
 }
 
-/// Calls block(rows, begin, length) for every block of gemm_split(M, N) (rows: the block is C's rows [begin,
-/// begin + length), else its columns), spread over the OpenMP threads; each block must be computed by
-/// single-threaded library calls, which is what OpenBLAS and oneDNN do inside a parallel region.
-/// An exception a block throws (oneDNN rejecting a call) is rethrown after the parallel loop.
-template <typename Block>
-void for_each_gemm_block(int64_t M, int64_t N, Block&& block) {
+/// One block of C = op(A) op(B) as for_each_gemm_block cuts it: M x N of C at C, the matching rows of op(A)
+/// (at A) and columns of op(B) (at B), with the whole GEMM's leading dimensions; `column` is the block's
+/// first column of C (for a bias per column).
+template <typename SA, typename SC>
+struct GemmBlock {
+  int64_t M, N;
+  const SA* A;
+  const SA* B;
+  SC* C;
+  int64_t column;
+};
+
+/// Calls block(GemmBlock) for every block of gemm_split(M, N) of C = op(A) op(B) (op(X) = Xᵀ when tx),
+/// spread over the OpenMP threads; each block must be computed by single-threaded library calls, which is
+/// what OpenBLAS and oneDNN do inside a parallel region. An exception a block throws (oneDNN rejecting a
+/// call) is rethrown after the parallel loop.
+template <typename SA, typename SC, typename Block>
+void for_each_gemm_block(bool ta, bool tb, int64_t M, int64_t N, const SA* A, int64_t lda, const SA* B,
+                         int64_t ldb, SC* C, int64_t ldc, Block&& block) {
   const GemmSplit split = gemm_split(M, N);
   const int64_t extent = split.rows ? M : N;
   std::exception_ptr error;
@@ -124,14 +137,27 @@ void for_each_gemm_block(int64_t M, int64_t N, Block&& block) {
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < split.count; ++b) {
     const int64_t begin = b * split.size;
+    const int64_t n = std::min(split.size, extent - begin);
     try {
-      block(split.rows, begin, std::min(split.size, extent - begin));
+      if (split.rows)  // rows [begin, begin + n) of C and of op(A)
+        block(GemmBlock<SA, SC>{n, N, ta ? A + begin : A + begin * lda, B, C + begin * ldc, 0});
+      else  // columns [begin, begin + n) of C and of op(B)
+        block(GemmBlock<SA, SC>{M, n, A, tb ? B + begin * ldb : B + begin, C + begin, begin});
     } catch (...) {
 #pragma omp critical(mpt_gemm_block_error)
       if (!error) error = std::current_exception();
     }
   }
   if (error) std::rethrow_exception(error);
+}
+
+/// Runs gemm() and adds its wall time to gemm_seconds() (mptrain/cpu_profile.hpp).
+template <typename Gemm>
+void timed_gemm(Gemm&& gemm) {
+  const auto t0 = std::chrono::steady_clock::now();
+  gemm();
+  record_gemm_nanoseconds(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
 }
 
 /// Every row of c[rows,OC] = bias[OC]: the C of a beta = 1 GEMM, so the bias is added by the GEMM kernel
@@ -151,17 +177,12 @@ void prefill_bias(S* c, const S* bias, int64_t rows, int64_t OC, int64_t ldc) {
 template <typename S>
 void onednn_blocks(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B,
                    int64_t ldb, float beta, float* C, int64_t ldc, const float* bias = nullptr) {
-  const auto t0 = std::chrono::steady_clock::now();
-  for_each_gemm_block(M, N, [&](bool rows, int64_t begin, int64_t n) {
-    if (rows)
-      onednn_gemm<S>(ta, tb, n, N, K, ta ? A + begin : A + begin * lda, lda, B, ldb, beta, C + begin * ldc,
-                     ldc, bias);
-    else
-      onednn_gemm<S>(ta, tb, M, n, K, A, lda, tb ? B + begin * ldb : B + begin, ldb, beta, C + begin, ldc,
-                     bias != nullptr ? bias + begin : nullptr);
+  timed_gemm([&] {
+    for_each_gemm_block(ta, tb, M, N, A, lda, B, ldb, C, ldc, [&](const GemmBlock<S, float>& b) {
+      onednn_gemm<S>(ta, tb, b.M, b.N, K, b.A, lda, b.B, ldb, beta, b.C, ldc,
+                     bias != nullptr ? bias + b.column : nullptr);
+    });
   });
-  record_gemm_nanoseconds(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
 }
 
 /// onednn_gemm with beta = 0 on oneDNN's own threading, timed for gemm_seconds(): the native BF16 path (as in
@@ -169,10 +190,7 @@ void onednn_blocks(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const S* A
 template <typename S>
 void onednn_timed(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B,
                   int64_t ldb, float* C, int64_t ldc) {
-  const auto t0 = std::chrono::steady_clock::now();
-  onednn_gemm<S>(ta, tb, M, N, K, A, lda, B, ldb, 0.0f, C, ldc);
-  record_gemm_nanoseconds(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+  timed_gemm([&] { onednn_gemm<S>(ta, tb, M, N, K, A, lda, B, ldb, 0.0f, C, ldc); });
 }
 
 /// The linear layer's GEMMs (C = op(A) op(B) + beta C, beta 0 or 1). FP32 runs on oneDNN's f32 matmul where
@@ -362,31 +380,23 @@ template <typename S>
 void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
                const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  const auto t0 = std::chrono::steady_clock::now();
-  if (K == 0) {
-    if (beta == S(0))
-      for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, S(0));
-    return;
-  }
-  if (omp_in_parallel()) {
-    blas_call(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  } else {
-    // Our threads over fixed blocks of C, each a single-threaded BLAS call: the blocks and each block's
-    // arithmetic follow from the shape alone, so the result is the same for every thread count (OpenBLAS's
-    // own threaded SGEMM blocks K differently from its single-threaded one at some K, and on the 2-core
-    // Zen 4 VM it ran at 100-130 instead of ~195 GFLOP/s in about a third of the processes; see
-    // docs/DESIGN.md).
-    for_each_gemm_block(M, N, [&](bool rows, int64_t begin, int64_t n) {
-      if (rows)
-        blas_call(trans_a, trans_b, n, N, K, alpha, trans_a ? A + begin : A + begin * lda, lda, B, ldb, beta,
-                  C + begin * ldc, ldc);
-      else
-        blas_call(trans_a, trans_b, M, n, K, alpha, A, lda, trans_b ? B + begin * ldb : B + begin, ldb, beta,
-                  C + begin, ldc);
-    });
-  }
-  record_gemm_nanoseconds(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+  timed_gemm([&] {
+    if (K == 0) {
+      if (beta == S(0))
+        for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, S(0));
+    } else if (omp_in_parallel()) {
+      blas_call(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    } else {
+      // Our threads over fixed blocks of C, each a single-threaded BLAS call: the blocks and each block's
+      // arithmetic follow from the shape alone, so the result is the same for every thread count (OpenBLAS's
+      // own threaded SGEMM blocks K differently from its single-threaded one at some K, and on the 2-core
+      // Zen 4 VM it ran at 100-130 instead of ~195 GFLOP/s in about a third of the processes; see
+      // docs/DESIGN.md).
+      for_each_gemm_block(trans_a, trans_b, M, N, A, lda, B, ldb, C, ldc, [&](const GemmBlock<S, S>& b) {
+        blas_call(trans_a, trans_b, b.M, b.N, K, alpha, b.A, lda, b.B, ldb, beta, b.C, ldc);
+      });
+    }
+  });
 }
 template void blas_gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
                                const float*, int64_t, float, float*, int64_t);

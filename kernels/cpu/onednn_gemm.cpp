@@ -55,11 +55,8 @@ bool onednn_native_bf16() {
 
 bool onednn_f32_preferred() {
   static const bool preferred = [] {
-    // Opt-in: with oneDNN's f32 matmul in the step, 2-rank fault tests that signal the ranks (SIGUSR1,
-    // SIGTERM) aborted about once in 30 runs with a corrupted heap inside dnnl_primitive_execute; not
-    // understood yet.
     const char* env = std::getenv("MPTRAIN_ONEDNN_F32");
-    if (env == nullptr || std::strcmp(env, "1") != 0) return false;
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
     const dnnl::cpu_isa isa = dnnl::get_effective_cpu_isa();
     return isa == dnnl::cpu_isa::avx512_core || isa == dnnl::cpu_isa::avx512_core_vnni ||
            isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;
@@ -82,8 +79,9 @@ void onednn_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
     const memory::desc c_md({M, N}, memory::data_type::f32, memory::dims{ldc, 1});
     dnnl::primitive_attr attr;
     // The caller's scratchpad (a per-thread buffer below): matmul.cpp runs this from several OpenMP threads
-    // at once, and with oneDNN's default library-managed scratchpad concurrent executions share one buffer
-    // (it corrupted the heap in a fault test running 2-rank jobs side by side).
+    // at once, so each execution gets memory no other thread uses, whatever oneDNN's build chose for its
+    // library-managed scratchpad (shared unless built with DNNL_ENABLE_CONCURRENT_EXEC). (The heap corruption
+    // once blamed on sharing was a signal handler running inside oneDNN's kernels: mptrain/stop_signal.hpp.)
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     if (beta != 0.0f) {
       dnnl::post_ops ops;
