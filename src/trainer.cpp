@@ -881,12 +881,16 @@ bool checkpoint(TrainingRun& run, int64_t step, const StepResult& r) {
     std::printf("step %6lld/%lld | checkpoint %s\n", static_cast<long long>(step + 1),
                 static_cast<long long>(c.steps), path.c_str());
   if (!r.stop_requested || step + 1 == c.steps) return false;
+  // Which signal asked (the step agreed only that some rank asked): the largest signal number any rank
+  // received, so the line names SIGTERM sent to rank 1 alone too. Every rank gets here at the same step.
+  int32_t signal_number = stop_signal();
+  run.comm.all_reduce(std::span<int32_t>(&signal_number, 1), ReduceOp::max);
   if (run.root)
     std::printf(
         "step %6lld/%lld | graceful stop (%s): every rank stopped after this step; checkpoint %s "
         "written, continue with --resume auto\n",
-        static_cast<long long>(step + 1), static_cast<long long>(c.steps),
-        stop_signal_name(stop_signal() != 0 ? stop_signal() : SIGUSR1), path.c_str());
+        static_cast<long long>(step + 1), static_cast<long long>(c.steps), stop_signal_name(signal_number),
+        path.c_str());
   std::fflush(stdout);
   return true;
 }

@@ -15,7 +15,9 @@ namespace mpt {
 /// Blocks the graceful-stop signals (SIGUSR1, and SIGTERM under srun) in the calling thread with
 /// pthread_sigmask(2), so also in every thread it creates afterwards. Call it first in main(), before
 /// MPI_Init and the first OpenMP region start threads. A signal that arrives while blocked stays pending:
-/// watch_stop_signals() later turns it into a stop request. Never throws.
+/// watch_stop_signals() later turns it into a stop request (a graceful stop after the first step). One that
+/// arrives before main() (the first ~0.1 s of a rank, while the dynamic loader and the libraries'
+/// constructors run) still meets its default action: the rank ends. Never throws.
 void block_stop_signals();
 
 /// Undoes block_stop_signals() in the calling thread, for the commands that do not train (eval, sample,

@@ -13,6 +13,7 @@
                                    interface flag, nothing of the run written
   sigusr1_graceful_stop            SIGUSR1 to mpirun: the ranks agree in the step, write a checkpoint, exit 0
   sigterm_under_srun               SIGTERM to the ranks with SLURM_JOB_ID/SLURM_STEP_ID set: the same
+  sigterm_one_rank_under_srun      the same with SIGTERM to rank 1 alone: rank 0 names SIGTERM too
   sigusr1_storm                    SIGUSR1 sent to both ranks without a pause until they exit: one graceful stop,
                                    exit 0, a checkpoint that resumes; every thread but the sigwait one blocks it
   sigterm_without_srun             SIGTERM to a rank under plain mpirun: the default action (the job dies)
@@ -324,6 +325,13 @@ def signal_mask_problems(pid, signal_number):
         if name != "mpt-stop-signal" and not blocked >> (signal_number - 1) & 1:
             problems.append(f"thread {task} ({name}) of pid {pid}")
     return problems
+
+
+@case
+def sigterm_one_rank_under_srun(ctx):
+    # Only rank 1 gets the signal: the stop is agreed in the step, and rank 0's line still names SIGTERM.
+    return graceful(ctx, lambda job: os.kill(job.rank_pid(1), signal.SIGTERM), "SIGTERM",
+                    mpi=("-x", "SLURM_JOB_ID=4242", "-x", "SLURM_STEP_ID=0"))
 
 
 @case
