@@ -22,9 +22,9 @@ bool onednn_native_bf16();
 /// True when the linear layer's FP32 GEMMs (float storage, and the FP32 copies of FP16 and of BF16 without
 /// native BF16) run on oneDNN's f32 matmul instead of OpenBLAS SGEMM: where oneDNN's effective ISA is AVX-512
 /// (avx512_core or newer), on which `bench_gemm --benchmark_filter=gemm/` measured it 8-23% faster than
-/// OpenBLAS at the model's GEMMs (Zen 4, 2 threads), unless MPTRAIN_ONEDNN_F32=0 is set in the environment
-/// (OpenBLAS, for comparison). Its kernels point the stack pointer into the heap while they run, which is
-/// safe because no compute thread runs a signal handler (mptrain/stop_signal.hpp). Checked once.
+/// OpenBLAS at the model's GEMMs (Zen 4, 2 threads). MPTRAIN_ONEDNN_F32=0 in the environment forces OpenBLAS,
+/// =1 oneDNN on any CPU (for comparison). Its kernels point the stack pointer into the heap while they run,
+/// which is safe because no compute thread runs a signal handler (mptrain/stop_signal.hpp). Checked once.
 bool onednn_f32_preferred();
 
 /// Row-major C[M,N] (FP32) = op(A) op(B) + beta C through a oneDNN matmul, op(X) = X^T when trans_x; A is
