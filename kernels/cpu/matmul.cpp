@@ -121,28 +121,37 @@ struct GemmBlock {
   int64_t column;
 };
 
-/// Calls block(GemmBlock) for every block of gemm_split(M, N) of C = op(A) op(B) (op(X) = Xᵀ when tx),
-/// spread over the OpenMP threads; each block must be computed by single-threaded library calls, which is
-/// what OpenBLAS and oneDNN do inside a parallel region. An exception a block throws (oneDNN rejecting a
-/// call) is rethrown after the parallel loop.
+/// Calls block(GemmBlock) for every block of gemm_split(M, N) of C = op(A) op(B) (op(X) = Xᵀ when tx):
+/// spread over the OpenMP threads, or one after another on the calling thread inside an active parallel
+/// region (attention's per-head GEMMs), so a GEMM is the same library calls on the same blocks whatever the
+/// thread count and whether its caller's region is active (with 1 thread it is not). Each block must be
+/// computed by single-threaded library calls, which is what OpenBLAS and oneDNN do inside a parallel region.
+/// An exception a block throws (oneDNN rejecting a call) is rethrown after the loop.
 template <typename SA, typename SC, typename Block>
 void for_each_gemm_block(bool ta, bool tb, int64_t M, int64_t N, const SA* A, int64_t lda, const SA* B,
                          int64_t ldb, SC* C, int64_t ldc, Block&& block) {
   const GemmSplit split = gemm_split(M, N);
   const int64_t extent = split.rows ? M : N;
+  const auto run = [&](int64_t b) {
+    const int64_t begin = b * split.size;
+    const int64_t n = std::min(split.size, extent - begin);
+    if (split.rows)  // rows [begin, begin + n) of C and of op(A)
+      block(GemmBlock<SA, SC>{n, N, ta ? A + begin : A + begin * lda, B, C + begin * ldc, 0});
+    else  // columns [begin, begin + n) of C and of op(B)
+      block(GemmBlock<SA, SC>{M, n, A, tb ? B + begin * ldb : B + begin, C + begin, begin});
+  };
+  if (omp_in_parallel()) {
+    for (int64_t b = 0; b < split.count; ++b) run(b);
+    return;
+  }
   std::exception_ptr error;
   // Always a parallel region, even for one block: inside an active one the libraries run on the calling
   // thread, outside it they would use their own threading (with 1 thread the region is inactive, and so is
   // their threading).
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < split.count; ++b) {
-    const int64_t begin = b * split.size;
-    const int64_t n = std::min(split.size, extent - begin);
     try {
-      if (split.rows)  // rows [begin, begin + n) of C and of op(A)
-        block(GemmBlock<SA, SC>{n, N, ta ? A + begin : A + begin * lda, B, C + begin * ldc, 0});
-      else  // columns [begin, begin + n) of C and of op(B)
-        block(GemmBlock<SA, SC>{M, n, A, tb ? B + begin * ldb : B + begin, C + begin, begin});
+      run(b);
     } catch (...) {
 #pragma omp critical(mpt_gemm_block_error)
       if (!error) error = std::current_exception();
@@ -384,14 +393,14 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S al
     if (K == 0) {
       if (beta == S(0))
         for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, S(0));
-    } else if (omp_in_parallel()) {
-      blas_call(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     } else {
-      // Our threads over fixed blocks of C, each a single-threaded BLAS call: the blocks and each block's
-      // arithmetic follow from the shape alone, so the result is the same for every thread count (OpenBLAS's
-      // own threaded SGEMM blocks K differently from its single-threaded one at some K, and on the 2-core
-      // Zen 4 VM it ran at 100-130 instead of ~195 GFLOP/s in about a third of the processes; see
-      // docs/DESIGN.md).
+      // Fixed blocks of C, each a single-threaded BLAS call, over our threads (or on the calling thread
+      // inside a parallel region): the blocks and each block's arithmetic follow from the shape alone, so the
+      // result is the same for every thread count. OpenBLAS's own threaded SGEMM blocks K differently from
+      // its single-threaded one at some K, and on the 2-core Zen 4 VM it ran at 100-130 instead of ~195
+      // GFLOP/s in about a third of the processes (docs/DESIGN.md). A call on the whole C inside a parallel
+      // region is not the blocks' result with every kernel either: with OpenBLAS's Haswell kernels (AVX2
+      // CPUs) attention differed between 1 thread (inactive region: blocks) and 2 (one call).
       for_each_gemm_block(trans_a, trans_b, M, N, A, lda, B, ldb, C, ldc, [&](const GemmBlock<S, S>& b) {
         blas_call(trans_a, trans_b, b.M, b.N, K, alpha, b.A, lda, b.B, ldb, beta, b.C, ldc);
       });

@@ -142,10 +142,10 @@ void matmul_backward_gelu(T* dpre, T* dweight, T* dbias, const T* dout, const T*
                           const T* pre, int64_t rows, int64_t IC, int64_t OC, std::vector<float>& workspace);
 
 /// Row-major C[M,N] = alpha op(A) op(B) + beta C through OpenBLAS (SGEMM for float, DGEMM for double), op =
-/// transpose when trans_*; sizes must fit int. K == 0 sets C to 0 when beta == 0 (BLAS rejects it). Called
-/// inside an OpenMP parallel region it is one BLAS call on the calling thread (OpenBLAS's OpenMP build);
-/// outside one, C is cut into fixed blocks (from the shape alone), each a single-threaded BLAS call, spread
-/// over the OpenMP threads, so the result does not depend on the thread count.
+/// transpose when trans_*; sizes must fit int. K == 0 sets C to 0 when beta == 0 (BLAS rejects it). C is cut
+/// into fixed blocks (from the shape alone), each a single-threaded BLAS call (OpenBLAS's OpenMP build),
+/// spread over the OpenMP threads, or run one after another on the calling thread inside a parallel region,
+/// so the result depends neither on the thread count nor on whether the caller's region is active.
 template <typename S>
 void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A, int64_t lda,
                const S* B, int64_t ldb, S beta, S* C, int64_t ldc);
