@@ -83,6 +83,10 @@ Gemm make_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, int6
   };
   for (float& v : g.a) v = next();
   for (float& v : g.b) v = next();
+    // Inside a parallel region, as the storm's GEMMs run: oneDNN on the calling thread alone (its own
+    // threading may sum K in another order, e.g. its AVX2 kernels).
+#pragma omp parallel num_threads(2)
+#pragma omp single
   g.run(g.reference);
   return g;
 }
