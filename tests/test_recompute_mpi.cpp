@@ -14,29 +14,13 @@
 #include "mptrain/engine.hpp"
 #include "mptrain/memory_model.hpp"
 #include "mptrain/model.hpp"
+#include "tiny_gpt.hpp"
 
 namespace mpt {
 namespace {
 
-GPTConfig tiny_gpt() {
-  GPTConfig c;
-  c.vocab_size = 37;
-  c.max_seq_len = 8;
-  c.num_layers = 3;
-  c.num_heads = 2;
-  c.channels = 16;
-  return c;
-}
-
-/// What a run leaves behind, as raw bytes: the weights after every step, this rank's master shard and the
-/// loss sums.
-struct RunTrace {
-  std::vector<unsigned char> bytes;
-  void add(const void* p, size_t n) {
-    const auto* b = static_cast<const unsigned char*>(p);
-    bytes.insert(bytes.end(), b, b + n);
-  }
-};
+using test::RunTrace;
+using test::tiny_gpt;
 
 /// Two optimizer steps of K = 2 micro-batches of 2 sequences per rank (rank-dependent tokens), the last
 /// micro-batch's backward reporting each tensor to the engine (the buckets' reduce-scatters overlap it).

@@ -24,19 +24,13 @@
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/engine.hpp"
 #include "mptrain/model.hpp"
+#include "tiny_gpt.hpp"
 
 namespace mpt {
 namespace {
 
-GPTConfig tiny_gpt() {
-  GPTConfig c;
-  c.vocab_size = 37;
-  c.max_seq_len = 8;
-  c.num_layers = 3;
-  c.num_heads = 2;
-  c.channels = 16;
-  return c;
-}
+using test::RunTrace;
+using test::tiny_gpt;
 
 EngineConfig engine_config(DType dtype, int stage, bool main_grad) {
   EngineConfig ec;
@@ -49,14 +43,6 @@ EngineConfig engine_config(DType dtype, int stage, bool main_grad) {
   ec.zero_stage = stage;
   return ec;
 }
-
-struct RunTrace {
-  std::vector<unsigned char> bytes;
-  void add(const void* p, size_t n) {
-    const auto* b = static_cast<const unsigned char*>(p);
-    bytes.insert(bytes.end(), b, b + n);
-  }
-};
 
 std::vector<int32_t> tokens_of(int step, int rank, int64_t k, size_t n, uint32_t salt) {
   std::mt19937 rng(static_cast<uint32_t>(1000 * step + 10 * rank + k) + salt);
