@@ -17,6 +17,7 @@
 #include <string>
 #include <thread>
 
+#include "mptrain/backend.hpp"
 #include "mptrain/comm_mpi.hpp"
 #include "mptrain/error.hpp"
 #include "mptrain/hash.hpp"
@@ -67,7 +68,10 @@ int main(int argc, char** argv) {
   std::exception_ptr setup_error;
   try {
     help = !mpt::parse_command_line(argc, argv, config);
-    if (!help) config.validate();
+    if (!help) {
+      config.validate();
+      mpt::check_cpu_backend_environment();
+    }
     debug_delay_first_collective(rank);
   } catch (...) {
     setup_error = std::current_exception();

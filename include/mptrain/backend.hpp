@@ -380,8 +380,16 @@ void Table<E>::reset() noexcept {
   elements_.clear();
 }
 
-/// The CPU backend (OpenMP; thread count from OMP_NUM_THREADS / omp_set_num_threads).
+/// The CPU backend (OpenMP; thread count from OMP_NUM_THREADS / omp_set_num_threads). Throws what
+/// check_cpu_backend_environment() throws.
 std::unique_ptr<Backend> make_cpu_backend();
+
+/// Checks the CPU backend's environment switches, MPTRAIN_ONEDNN_F32 (oneDNN's f32 matmul instead of
+/// OpenBLAS SGEMM) and MPTRAIN_ONEDNN_BF16 (oneDNN's native BF16 matmul), each unset, empty, "auto", "0" or
+/// "1" (kernels/cpu/onednn_gemm.hpp). Throws mpt::InputError naming the variable for any other value, or for
+/// MPTRAIN_ONEDNN_BF16=1 on a CPU without native BF16. mptrain calls it on every rank at start-up, so a bad
+/// value ends the job there (exit 2) instead of at the first GEMM.
+void check_cpu_backend_environment();
 
 /// The CUDA backend on device `device` (cudaSetDevice), with its own non-blocking stream and cuBLASLt handle.
 /// Defined only in builds with MPTRAIN_WITH_CUDA. Throws mpt::Error when the device cannot be used.

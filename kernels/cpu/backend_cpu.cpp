@@ -7,6 +7,7 @@
 
 #include <omp.h>
 
+#include "cpu/onednn_gemm.hpp"
 #include "cpu/ops.hpp"
 #include "mptrain/error.hpp"
 
@@ -297,7 +298,13 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
+void check_cpu_backend_environment() {
+  (void)cpu::onednn_f32_preferred();
+  (void)cpu::onednn_native_bf16();
+}
+
 std::unique_ptr<Backend> make_cpu_backend() {
+  check_cpu_backend_environment();
   return std::make_unique<CpuBackend>();
 }
 

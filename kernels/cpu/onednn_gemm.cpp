@@ -4,7 +4,8 @@
 #include "cpu/onednn_gemm.hpp"
 
 #include <cstdlib>
-#include <cstring>
+#include <optional>
+#include <string_view>
 #include <type_traits>
 #include <unordered_map>
 
@@ -41,23 +42,38 @@ void* thread_scratchpad(size_t bytes) {
   return buffer.data;
 }
 
+/// The on/off switch in environment variable `name`: nullopt (the run-time choice) when it is unset, empty
+/// or "auto", false for "0", true for "1". Throws mpt::InputError naming the variable for anything else.
+std::optional<bool> environment_switch(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr) return std::nullopt;
+  const std::string_view value(env);
+  if (value.empty() || value == "auto") return std::nullopt;
+  if (value == "0" || value == "1") return value == "1";
+  throw InputError(MPT_FORMAT("{}={} is not one of 0, 1, auto", name, value));
+}
+
 }  // namespace
 
 bool onednn_native_bf16() {
   static const bool native = [] {
-    const char* env = std::getenv("MPTRAIN_ONEDNN_BF16");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    const std::optional<bool> forced = environment_switch("MPTRAIN_ONEDNN_BF16");
+    if (forced == false) return false;
     const dnnl::cpu_isa isa = dnnl::get_effective_cpu_isa();
-    return isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;
+    const bool native_isa = isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;
+    MPT_INPUT_CHECK(
+        forced != true || native_isa,
+        "MPTRAIN_ONEDNN_BF16=1, but oneDNN finds no native BF16 (AVX512_BF16 or AMX) on this CPU; "
+        "unset it, or set 0 or auto");
+    return native_isa;
   }();
   return native;
 }
 
 bool onednn_f32_preferred() {
   static const bool preferred = [] {
-    const char* env = std::getenv("MPTRAIN_ONEDNN_F32");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+    const std::optional<bool> forced = environment_switch("MPTRAIN_ONEDNN_F32");
+    if (forced.has_value()) return *forced;
     const dnnl::cpu_isa isa = dnnl::get_effective_cpu_isa();
     return isa == dnnl::cpu_isa::avx512_core || isa == dnnl::cpu_isa::avx512_core_vnni ||
            isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;

@@ -15,16 +15,19 @@
 namespace mpt::cpu {
 
 /// True when oneDNN runs BF16 matmul natively on this CPU (its effective ISA is avx512_core_bf16 or one
-/// with AMX), checked once. False also when MPTRAIN_ONEDNN_BF16=0 is set in the environment (the FP32-copy
-/// path, for comparison).
+/// with AMX), checked once. The environment's MPTRAIN_ONEDNN_BF16 (unset, empty or "auto": that choice) set
+/// to 0 gives false (the FP32-copy path, for comparison); set to 1 it requires native BF16. Throws
+/// mpt::InputError naming the variable for any other value, or for 1 on a CPU without native BF16 (again on
+/// every call, as nothing is cached then).
 bool onednn_native_bf16();
 
 /// True when the linear layer's FP32 GEMMs (float storage, and the FP32 copies of FP16 and of BF16 without
 /// native BF16) run on oneDNN's f32 matmul instead of OpenBLAS SGEMM: where oneDNN's effective ISA is AVX-512
 /// (avx512_core or newer), on which `bench_gemm --benchmark_filter=gemm/` measured it 8-23% faster than
 /// OpenBLAS at the model's GEMMs (Zen 4, 2 threads). MPTRAIN_ONEDNN_F32=0 in the environment forces OpenBLAS,
-/// =1 oneDNN on any CPU (for comparison). Its kernels point the stack pointer into the heap while they run,
-/// which is safe because no compute thread runs a signal handler (mptrain/stop_signal.hpp). Checked once.
+/// =1 oneDNN on any CPU (for comparison); unset, empty or "auto" is the choice above. Its kernels point the
+/// stack pointer into the heap while they run, which is safe because no compute thread runs a signal handler
+/// (mptrain/stop_signal.hpp). Checked once. Throws mpt::InputError naming the variable for any other value.
 bool onednn_f32_preferred();
 
 /// Row-major C[M,N] (FP32) = op(A) op(B) + beta C through a oneDNN matmul, op(X) = X^T when trans_x; A is

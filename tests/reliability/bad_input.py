@@ -430,6 +430,26 @@ def _(c):
                      "--global-batch", "8", "--micro-batch", "4", "--val-fraction", "0.1")
 
 
+# ---- environment -------------------------------------------------------------------------------------------
+@case("env_onednn_f32_word", USAGE, "MPTRAIN_ONEDNN_F32=yes", "0, 1, auto")
+def _(c):
+    return c.train(), {"extra_env": {"MPTRAIN_ONEDNN_F32": "yes"}}
+
+
+@case("env_onednn_bf16_on_one_rank", USAGE, "MPTRAIN_ONEDNN_BF16=on", "0, 1, auto")
+def _(c):
+    # Only rank 1 has the bad value (a host whose environment differs): it says so, and both ranks exit.
+    app = ["train", "--data", c.corpus, "--run-name", "bad", "--steps", "2", *TINY]
+    return [c.args.mpiexec, "--oversubscribe", "--bind-to", "none", "-n", "1", c.args.mptrain, *app, ":", "-n", "1",
+            "env", "MPTRAIN_ONEDNN_BF16=on", c.args.mptrain, *app]
+
+
+@case("env_onednn_bf16_forced_without_native", USAGE, "MPTRAIN_ONEDNN_BF16=1", "no native BF16")
+def _(c):
+    # oneDNN held to AVX2 stands for a CPU without AVX512_BF16 or AMX.
+    return c.train(), {"extra_env": {"MPTRAIN_ONEDNN_BF16": "1", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
 # ---- ranks started differently -------------------------------------------------------------------------------
 @case("ranks_different_flags", USAGE, "ranks disagree", "rank 1", "command line or config file")
 def _(c):
