@@ -16,6 +16,7 @@
 // for the cores and 2 threads ran 2-4x slower than 1 on a 2-core machine (OMP_WAIT_POLICY=passive also avoids
 // it).
 #include <cstdint>
+#include <cstdio>
 #include <random>
 #include <string>
 #include <utility>
@@ -27,7 +28,9 @@
 
 #include "cpu/onednn_gemm.hpp"
 #include "cpu/ops.hpp"
+#include "mptrain/backend.hpp"
 #include "mptrain/dtype.hpp"
+#include "mptrain/error.hpp"
 
 // OpenBLAS's thread-count setter, when the BLAS linked in is OpenBLAS (weak: null otherwise).
 extern "C" void openblas_set_num_threads(int num_threads) __attribute__((weak));
@@ -196,12 +199,24 @@ void register_libraries() {
   }
 }
 
-[[maybe_unused]] const bool kRegistered = [] {
+}  // namespace
+
+// Google Benchmark's main, after the check of the backend's environment switches (MPTRAIN_ONEDNN_F32,
+// MPTRAIN_ONEDNN_BF16), which the library rows read: a bad value is one error line and exit 2.
+int main(int argc, char** argv) {
+  try {
+    mpt::check_cpu_backend_environment();
+  } catch (const mpt::InputError& e) {
+    std::fprintf(stderr, "bench_gemm: %s\n", e.what());
+    return 2;
+  }
   register_libraries();
   register_dtype<float>("f32");
   register_dtype<half>("f16");
   register_dtype<bf16>("bf16");
-  return true;
-}();
-
-}  // namespace
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
